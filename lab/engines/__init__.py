@@ -1,0 +1,104 @@
+"""Engines: one module per model family, each wrapping the real model class.
+
+`build(spec)` is the only way in: it imports the family's module lazily, so a CPU-only install never
+imports what it does not use.
+"""
+from __future__ import annotations
+
+import importlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from lab.metrics import Timeline
+from lab.request import Request
+from lab.spec import VariantSpec
+
+# progress(stage, seconds_so_far): stage is "loading" or "warming up" / "compiling"
+Progress = Callable[[str, float], None]
+
+
+@dataclass
+class AudioChunk:
+    samples: np.ndarray         # float32 mono
+    sample_rate: int
+    index: int
+
+    @property
+    def audio_s(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+
+@dataclass
+class BuildReport:
+    load_s: float = 0.0
+    warmup_s: float = 0.0       # compile or warm-up; the first request after it is still reported as cold
+    params: int = 0
+    memory_bytes: int = 0       # weights and buffers held by the variant; what eviction frees
+    peak_mem_bytes: int = 0     # peak accelerator memory during build (CUDA), else resident host memory
+    tokenizer: str = ""         # which tokenizer the variant uses; "byte-level stand-in" for random/tiny
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Engine:
+    """A built variant. Subclasses set sample_rate and report, and implement stream()."""
+
+    spec: VariantSpec
+    sample_rate: int
+    report: BuildReport
+
+    def stream(self, request: Request, timeline: Timeline,
+               cancel: threading.Event | None = None) -> Iterator[AudioChunk]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Drop the model so its memory can be freed."""
+
+    def peak_memory_bytes(self) -> int:
+        """Peak accelerator memory; engines on the CPU report the process's peak resident memory."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def reset_peak_memory(self) -> None:
+        pass
+
+
+FAMILY_MODULES = {"csm": "lab.engines.csm", "pocket_tts": "lab.engines.pocket_tts", "hibari": "lab.engines.hibari"}
+
+
+def build(spec: VariantSpec, progress: Progress | None = None) -> Engine:
+    module = importlib.import_module(FAMILY_MODULES[spec.family])
+    return module.build(spec, progress or (lambda stage, s: None))
+
+
+class StageClock:
+    """Times build stages and reports them to a progress callback while they run."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+
+    def run(self, stage: str, fn: Callable[[], object]) -> tuple[object, float]:
+        t0 = time.perf_counter()
+        done = threading.Event()
+
+        def tick():
+            while not done.wait(0.5):
+                self.progress(stage, time.perf_counter() - t0)
+
+        self.progress(stage, 0.0)
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            out = fn()
+        finally:
+            done.set()
+        seconds = time.perf_counter() - t0
+        self.progress(stage, seconds)
+        return out, seconds

@@ -1,0 +1,88 @@
+"""hibari-tts: a real English voice whose ONNX weights ship inside the wheel, so it speaks offline.
+
+It streams per sentence: G2P for every sentence is the prefill, the ONNX acoustic model produces the
+first sentence's frames, and its DSP vocoder is the codec decode. It is the CPU reference row in every
+comparison because its audio is real speech on any machine.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Iterator
+
+import numpy as np
+
+from lab.engines import AudioChunk, BuildReport, Engine, StageClock
+from lab.errors import Cancelled, LabError, MissingPackageError
+from lab.metrics import Timeline
+from lab.request import Request
+from lab.spec import VariantSpec
+
+
+class HibariEngine(Engine):
+    def __init__(self, spec: VariantSpec, tts):
+        self.spec = spec
+        self.tts = tts
+        self.sample_rate = tts.sample_rate
+        self.report = BuildReport(tokenizer="hibari G2P (misaki phonemes)")
+
+    def stream(self, request: Request, timeline: Timeline, cancel: threading.Event | None = None
+               ) -> Iterator[AudioChunk]:
+        from hibari import dsp
+
+        timeline.mark("request")
+        rng = np.random.default_rng(request.seed)  # the vocoder's noise: seeded, so runs are bit-identical
+        timeline.mark("session")
+        sentences = [self.tts.ids(p) for p in self.tts.phonemize(request.text)]
+        timeline.mark("prefill")
+        timeline.mark("generator")
+        budget = int(request.max_audio_s * self.sample_rate)
+        for index, ids in enumerate(sentences):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            # The same two steps as Hibari.from_ids, split so the phases show model time and vocoder time.
+            out = self.tts.sess.run(None, {"ids": np.asarray([ids], np.int64), "speed": np.asarray([1.0], np.float32)})
+            timeline.frame()
+            if index == 0:
+                timeline.mark("first_frame")
+            audio = dsp.synth(*(o[0] for o in out), rng).astype(np.float32)[:budget]
+            budget -= len(audio)
+            if index == 0:
+                timeline.mark("first_decode")
+            timeline.chunk(len(audio) / self.sample_rate)
+            yield AudioChunk(audio, self.sample_rate, index)
+            if budget <= 0:
+                break
+        timeline.mark("end")
+
+    def close(self) -> None:
+        self.__dict__.pop("tts", None)
+
+
+def build(spec: VariantSpec, progress) -> HibariEngine:
+    try:
+        import hibari
+    except ImportError as e:
+        raise MissingPackageError("family", "hibari-tts", why="family: hibari needs it") from e
+    voice = spec.model_id.split(":", 1)[1] if ":" in spec.model_id else "heart"
+    if voice not in hibari.voices.VOICES:
+        raise LabError("model", f"hibari has no voice {voice!r}; use one of "
+                                f"{', '.join('hibari-tts:' + v for v in hibari.voices.VOICES)}")
+    clock = StageClock(progress)
+    try:
+        tts, load_s = clock.run("loading", lambda: hibari.Hibari(voice=voice))
+    except OSError as e:
+        raise LabError("model", f"hibari voice {voice!r} is not in the wheel and could not be downloaded; "
+                                f"use hibari-tts:heart, which ships inside it") from e
+    engine = HibariEngine(spec, tts)
+
+    def warm_up():
+        for _ in engine.stream(Request("Warm up."), Timeline()):
+            pass
+
+    _, warmup_s = clock.run("warming up", warm_up)
+    model_bytes = os.path.getsize(tts.model_path)
+    engine.report = BuildReport(load_s=load_s, warmup_s=warmup_s, memory_bytes=model_bytes,
+                                params=0, tokenizer="hibari G2P (misaki phonemes)",
+                                notes=["ONNX Runtime on 1 CPU thread; parameter count not exposed by the wheel"])
+    return engine

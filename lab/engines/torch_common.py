@@ -1,0 +1,123 @@
+"""What the torch engines share: dtype names, loading by hub id, quantization configs, memory, sampling.
+
+Each engine's own loop stays in its module (STYLE.md: two engines may repeat a few lines rather than
+share a clever abstraction); only what truly means the same thing for every torch model lives here.
+"""
+from __future__ import annotations
+
+import contextlib
+import resource
+import shutil
+import tempfile
+
+import torch
+
+from lab.errors import LabError, MissingPackageError  # noqa: F401  (LabError re-exported for engines)
+from lab.spec import VariantSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def attn_implementation(spec: VariantSpec) -> str:
+    # sdpa-flash is SDPA with the backend pinned at run time (see attention_context).
+    return "sdpa" if spec.attention == "sdpa-flash" else spec.attention
+
+
+def attention_context(spec: VariantSpec):
+    """PyTorch's own FlashAttention-2 kernel for `sdpa-flash`; otherwise SDPA picks its backend."""
+    if spec.attention != "sdpa-flash":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+
+
+def quantization_config(spec: VariantSpec, skip_modules: list[str]):
+    if spec.quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise MissingPackageError("quantization", "bitsandbytes") from e
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantization == "bnb-int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=DTYPES[spec.dtype], llm_int8_skip_modules=skip_modules)
+
+
+def from_pretrained(cls, spec: VariantSpec, source: str, skip_modules: list[str], **kwargs):
+    """The one loading path: by hub id or local directory, with attention, dtype and quantization."""
+    qconfig = quantization_config(spec, skip_modules)
+    try:
+        return cls.from_pretrained(
+            source, attn_implementation=attn_implementation(spec), dtype=DTYPES[spec.dtype],
+            quantization_config=qconfig, device_map=spec.device if qconfig is not None else None, **kwargs)
+    except OSError as e:
+        raise LabError("weights", f"{source!r} could not be loaded: the weights are not in the Hugging Face cache "
+                                  f"or at that path, and the hub is unreachable ({type(e).__name__}). Download them "
+                                  f"with `huggingface-cli download {source}`, or use weights: random for "
+                                  f"latency-only runs") from e
+
+
+def quantize_random(cls, model, spec: VariantSpec, skip_modules: list[str]):
+    """Random weights can only be quantized the way real ones are: save, then load with the bnb config."""
+    tmp = tempfile.mkdtemp(prefix="lab-random-")
+    try:
+        model.save_pretrained(tmp)
+        del model
+        return from_pretrained(cls, spec, tmp, skip_modules)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def memory_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def param_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def peak_memory_bytes(device: str) -> int:
+    """Peak accelerator memory on CUDA; on CPU the process's peak resident memory (all variants together)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def device_sync(device: str):
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def pick(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids on the device: argmax when temperature is 0, else seeded top-k sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class ByteTokenizer:
+    """Deterministic stand-in for random and tiny weights, which have no real tokenizer: UTF-8 bytes mapped
+    into the model's text vocabulary. Its ids mean nothing to a trained model; results name it."""
+
+    name = "byte-level stand-in (random/tiny weights)"
+
+    def __init__(self, vocab_size: int, bos_id: int | None = None, reserved: int = 4):
+        self.vocab_size, self.bos_id, self.reserved = vocab_size, bos_id, reserved
+
+    def __call__(self, text: str) -> list[int]:
+        span = self.vocab_size - self.reserved
+        ids = [self.reserved + b % span for b in text.encode("utf-8")]
+        return ([self.bos_id] if self.bos_id is not None and self.bos_id < self.vocab_size else []) + ids

@@ -1,0 +1,77 @@
+"""What this machine can run, probed once: GPU, optional packages, versions.
+
+Validation (lab.spec) asks this module instead of importing optional packages itself, so a missing
+package becomes a sentence ("bitsandbytes is not installed") and never an ImportError mid-build.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import subprocess
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def has_package(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+@functools.cache
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@functools.cache
+def git_commit() -> str:
+    if os.environ.get("LAB_COMMIT"):   # set where the tree travels without .git (the GPU machine)
+        return os.environ["LAB_COMMIT"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@functools.cache
+def environment() -> dict:
+    """The facts METRICS.md asks to record with every result."""
+    import torch
+
+    env = {
+        "device": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "flash_attn": _version("flash-attn") or _version("flash_attn"),
+        "bitsandbytes": _version("bitsandbytes"),
+        "gradio": _version("gradio"),
+        "onnxruntime": _version("onnxruntime"),
+        "hibari_tts": _version("hibari-tts"),
+        "commit": git_commit(),
+        "cuda": None,
+        "driver": None,
+    }
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name(0)
+        env["cuda"] = torch.version.cuda
+        try:
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return env

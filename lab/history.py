@@ -1,0 +1,54 @@
+"""Run records appended to a JSONL history that a crash cannot corrupt.
+
+Each record is one line written with a single os.write on an O_APPEND descriptor. A process killed
+mid-write can leave at most one partial last line: the reader skips it, and the next writer starts on
+a fresh line so the partial line never swallows a good record.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+_lock = threading.Lock()
+
+
+def append(path: str, record: dict) -> None:
+    line = (json.dumps(record, default=_jsonable) + "\n").encode()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with _lock:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size:
+                with open(path, "rb") as f:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":
+                        line = b"\n" + line   # close a partial line left by a killed writer
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                rec = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue   # a line cut short by a crash
+            if isinstance(rec, dict):
+                records.append(rec)
+    return records
+
+
+def _jsonable(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "__dict__"):
+        return obj.__dict__
+    return str(obj)

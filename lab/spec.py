@@ -1,0 +1,137 @@
+"""VariantSpec: the frozen, validated description of one inference variant.
+
+Validation runs before any build, so a combination that cannot work is refused with its reason
+instead of failing minutes into a weight download or a compile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+
+from lab import env
+from lab.errors import LabError, MissingPackageError
+
+FAMILIES = {
+    # family: default model, whether torch axes apply, which weights modes it has
+    "csm": {"model": "sesame/csm-1b", "torch": True, "weights": ("pretrained", "random", "tiny")},
+    "pocket_tts": {"model": "kyutai/pocket-tts", "torch": True, "weights": ("pretrained", "random", "tiny")},
+    "hibari": {"model": "hibari-tts:heart", "torch": False, "weights": ("pretrained",)},
+}
+CHOICES = {
+    "family": tuple(FAMILIES),
+    "weights": ("pretrained", "random", "tiny"),
+    "device": ("cpu", "cuda"),
+    "dtype": ("float32", "bfloat16", "float16"),
+    "attention": ("eager", "sdpa", "sdpa-flash", "flash_attention_2"),
+    "compile": ("off", "inductor", "cuda-graphs"),
+    "quantization": ("none", "bnb-int8", "bnb-nf4"),
+    "prefill": ("batched", "per-segment"),
+}
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    family: str
+    name: str = ""                  # the preset's name; a label, not part of the identity
+    description: str = ""
+    model: str = ""                 # hub id or local path; "" means the family's default
+    weights: str = "pretrained"
+    device: str = "cpu"
+    dtype: str = "float32"
+    attention: str = "sdpa"
+    compile: str = "off"
+    quantization: str = "none"
+    prefill: str = "batched"
+    first_chunk_frames: int = 1     # frames decoded before the first chunk is sent
+    chunk_growth: float = 2.0       # each later chunk is this many times the previous one...
+    max_chunk_frames: int = 8       # ...up to this many frames
+
+    @property
+    def key(self) -> str:
+        """Equal specs are one variant: the label fields do not count."""
+        ident = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("name", "description")}
+        ident["model"] = ident["model"] or FAMILIES[self.family]["model"]
+        return json.dumps(ident, sort_keys=True)
+
+    @property
+    def model_id(self) -> str:
+        return self.model or FAMILIES[self.family]["model"]
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.family}/{self.weights}/{self.attention}/{self.compile}/{self.quantization}"
+
+    def replace(self, **changes) -> "VariantSpec":
+        return validate(dataclasses.replace(self, **changes), where=self.name or "spec")
+
+
+def from_dict(data: dict, where: str = "spec") -> VariantSpec:
+    """Build and validate a spec from plain data (a YAML preset, CLI flags); unknown keys are refused."""
+    if not isinstance(data, dict):
+        raise LabError(where, f"expected a mapping of fields, got {type(data).__name__}")
+    known = {f.name: f for f in fields(VariantSpec)}
+    for key in data:
+        if key not in known:
+            close = [k for k in known if k.startswith(str(key)[:3])]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise LabError(where, f"unknown field {key!r}{hint}; known fields: {', '.join(known)}")
+    if "family" not in data:
+        raise LabError(where, f"family is required: one of {'|'.join(FAMILIES)}")
+    for key, value in data.items():
+        want = known[key].type
+        ok = {
+            "str": isinstance(value, str),
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        }[want]
+        if not ok:
+            raise LabError(where, f"{key}: expected {want}, got {type(value).__name__} {value!r}")
+    return validate(VariantSpec(**data), where)
+
+
+def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
+    """Refuse before any build what cannot work here, saying why and what to change."""
+    for field_name, allowed in CHOICES.items():
+        value = getattr(spec, field_name)
+        if value not in allowed:
+            raise LabError(where, f"{field_name}: {value!r} is not one of {'|'.join(allowed)}")
+    fam = FAMILIES[spec.family]
+    if spec.weights not in fam["weights"]:
+        raise LabError(where, f"weights: {spec.family} has no {spec.weights!r} config "
+                              f"(its weights ship with the package); use weights: pretrained")
+    if spec.first_chunk_frames < 1 or spec.max_chunk_frames < spec.first_chunk_frames:
+        raise LabError(where, "first_chunk_frames must be >= 1 and max_chunk_frames >= first_chunk_frames")
+    if spec.chunk_growth < 1.0:
+        raise LabError(where, f"chunk_growth: {spec.chunk_growth} would shrink chunks; use 1.0 or more")
+
+    if not fam["torch"]:
+        defaults = VariantSpec(family=spec.family)
+        for axis in ("device", "dtype", "attention", "compile", "quantization"):
+            if getattr(spec, axis) != getattr(defaults, axis):
+                raise LabError(where, f"{axis}: {spec.family} runs on ONNX Runtime on the CPU, so {axis} does not "
+                                      f"apply; remove the field")
+        return spec
+
+    if spec.device == "cuda" and not env.cuda_available():
+        raise LabError(where, "device: cuda was asked for but no GPU is visible to torch; use device: cpu")
+    if spec.quantization.startswith("bnb"):
+        if spec.device != "cuda":
+            raise LabError(where, f"quantization: {spec.quantization} needs a CUDA GPU (bitsandbytes kernels); "
+                                  f"use quantization: none on the CPU")
+        if not env.has_package("bitsandbytes"):
+            raise MissingPackageError(where, "bitsandbytes", why=f"quantization: {spec.quantization} needs it")
+        if spec.quantization == "bnb-int8" and spec.compile == "cuda-graphs":
+            raise LabError(where, "bnb-int8 cannot run inside a CUDA graph (LLM.int8 syncs with the host); "
+                                  "use compile: off, or quantization: bnb-nf4")
+    if spec.attention == "flash_attention_2":
+        if not env.has_package("flash_attn"):
+            raise MissingPackageError(where, "flash-attn", why="attention: flash_attention_2 needs it; "
+                                      "attention: sdpa-flash uses PyTorch's built-in FlashAttention-2 kernel instead")
+        if spec.device != "cuda" or spec.dtype == "float32":
+            raise LabError(where, "attention: flash_attention_2 needs device: cuda and dtype bfloat16 or float16")
+    if spec.attention == "sdpa-flash" and spec.dtype == "float32" and spec.device == "cuda":
+        raise LabError(where, "attention: sdpa-flash has no float32 kernel on CUDA; use dtype: bfloat16")
+    if spec.compile == "cuda-graphs":
+        raise LabError(where, "compile: cuda-graphs is not implemented yet; use compile: inductor or off")
+    return spec
