@@ -57,11 +57,13 @@ def run_once(engine, spec: VariantSpec, request: Request, cold: bool, run: int,
 
 
 def bench(specs: list[VariantSpec], request: Request, runs: int, out_dir: str, manager: ModelManager | None = None,
-          history_path: str | None = HISTORY_PATH, progress_bar: bool = True) -> dict:
+          history_path: str | None = HISTORY_PATH, progress_bar: bool = True, wav_dir: str | None = None) -> dict:
     from tqdm import tqdm
 
     manager = manager or ModelManager()
+    wav_dir = wav_dir or out_dir
     os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(wav_dir, exist_ok=True)
     results = {"env": env.environment(), "request": {"text": request.text, "seed": request.seed,
                "max_audio_s": request.max_audio_s}, "runs": [], "builds": {}, "errors": {}}
     bar = tqdm(total=len(specs) * (runs + 1), disable=not progress_bar, unit="run", file=sys.stderr)
@@ -76,7 +78,7 @@ def bench(specs: list[VariantSpec], request: Request, runs: int, out_dir: str, m
                 bar.set_description(f"{spec.name}: run {run}/{runs}")
                 record, audio = run_once(engine, spec, request, cold=run == 0, run=run)
                 record["env_commit"] = results["env"]["commit"]
-                write_wav(os.path.join(out_dir, f"{spec.name}-run{run}.wav"), audio, engine.sample_rate)
+                write_wav(os.path.join(wav_dir, f"{spec.name}-run{run}.wav"), audio, engine.sample_rate)
                 results["runs"].append(record)
                 if history_path:
                     history.append(history_path, record)
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=10.0, help="cap on audio length per run")
     p.add_argument("--weights", choices=["pretrained", "random", "tiny"], help="override every preset's weights")
     p.add_argument("--max-chars", type=int, default=MAX_TEXT_CHARS)
+    p.add_argument("--wavs", help="folder for the WAVs (default: --out)")
     p.add_argument("--history", default=HISTORY_PATH, help="JSONL file every run is appended to ('' for none)")
     args = p.parse_args(argv)
     try:
@@ -117,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     except LabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = bench(specs, request, args.runs, args.out, history_path=args.history or None)
+    results = bench(specs, request, args.runs, args.out, history_path=args.history or None, wav_dir=args.wavs)
     print(report.table(report.summary_rows(results["runs"]), results["builds"]))
     for name, err in results["errors"].items():
         print(f"error: {err}", file=sys.stderr)
-    print(f"wrote {args.out}/results.json, results.csv, chart.png and {len(results['runs'])} WAVs")
+    print(f"wrote {args.out}/results.json, results.csv, chart.png and {len(results['runs'])} WAVs in "
+          f"{args.wavs or args.out}")
     return 1 if results["errors"] and not results["runs"] else 0
 
 
