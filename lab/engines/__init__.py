@@ -15,7 +15,7 @@ import numpy as np
 
 from lab.metrics import Timeline
 from lab.request import Request
-from lab.spec import VariantSpec
+from lab.spec import VariantSpec  # noqa: F401  (tests use engines.VariantSpec)
 
 # progress(stage, seconds_so_far): stage is "loading" or "warming up" / "compiling"
 Progress = Callable[[str, float], None]

@@ -1,0 +1,275 @@
+"""PocketTTS (Kyutai's 100M-parameter CPU TTS) through transformers' `PocketTTSForConditionalGeneration`.
+
+PocketTTS has no audio vocabulary. Each frame (80 ms at 24 kHz) is one continuous latent:
+  1. the backbone (a causal transformer with a KV cache) runs on the previous latent; the prompt ends
+     with the audio BOS position, so the prefill itself yields the first frame's hidden state;
+  2. the flow head turns Gaussian noise (zeros when greedy) into the next latent, conditioned on that
+     hidden state, in `num_flow_steps` Euler steps;
+  3. the end-of-speech head reads the same hidden state: once its logit crosses `eos_threshold`,
+     `frames_after_eos` more frames let the codec close the utterance.
+This is `generate()`'s loop (generation_pocket_tts.py, `_sample`), written out so that frames can be
+decoded while the next ones are made. The latents are decoded chunk by chunk by the audio tokenizer
+(a Mimi-style codec without quantizer: latent projection, upsample, windowed transformer, SEANet) with
+its streaming state carried across chunks, so streamed audio equals whole-utterance decode.
+
+Temperature: 0 is the model's deterministic mode (`do_sample=False`: the flow starts from zero noise).
+Above 0 the noise is `sqrt(temperature)` times Gaussian draws from a generator seeded with
+`request.seed`, as `generate(do_sample=True)` does. `request.top_k` does not apply: there are no tokens.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import threading
+from typing import Iterator
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from lab.engines import AudioChunk, BuildReport, Engine, Progress, StageClock
+from lab.engines import torch_common as tc
+from lab.errors import Cancelled, LabError
+from lab.metrics import Timeline
+from lab.request import Request
+from lab.spec import VariantSpec
+from lab.streaming import StreamingMimiDecoder, chunk_frames
+
+# `generate`'s defaults when the checkpoint's generation config does not set them (_GENERATION_DEFAULTS).
+GENERATION_DEFAULTS = {"num_flow_steps": 1, "eos_threshold": -4.0, "min_frames_before_eos": 6}
+# PocketTTSProcessor's defaults: short texts get more frames after end of speech.
+SHORT_TEXT_MAX_WORDS, FRAMES_AFTER_EOS_SHORT_TEXT, FRAMES_AFTER_EOS = 4, 4, 2
+FADE_IN_S = 0.005  # the processor fades each waveform in: a fresh decoder state starts with a click
+# Kept out of bnb quantization: the flow head and the small projections around it are a sliver of the
+# weights, run at batch 1, and the adaLN modulation they compute is sensitive to rounding.
+QUANT_SKIP_MODULES = ["flow_head", "eos_head", "audio_latent_proj", "audio_prompt_proj", "loss_weighting"]
+
+
+def next_latent(model, outputs, noise: torch.Tensor, num_flow_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the backbone's last hidden state: the next normalised latent (1, latent_dim) and its
+    end-of-speech logit (1,), as `generate` computes them."""
+    condition = outputs.last_hidden_state[:, -1, :]
+    eos_logit = outputs.logits[:, -1, 0].float()
+    return model.sample_latent(condition, noise, num_flow_steps), eos_logit
+
+
+def frame_step(model, step_ids: torch.Tensor, prev_latent: torch.Tensor, cache, noise: torch.Tensor,
+               num_flow_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One frame: the backbone on the previous latent (one new cache position), then the flow head.
+    This is the function `compile: inductor` compiles; every variant runs it."""
+    outputs = model(input_ids=step_ids, audio_latents=prev_latent, cache=cache, use_cache=True)
+    return next_latent(model, outputs, noise, num_flow_steps)
+
+
+class PocketTTSEngine(Engine):
+    def __init__(self, spec: VariantSpec, model, codec, processor=None, fade_in_s: float = FADE_IN_S):
+        self.spec = spec
+        self.model, self.codec, self.processor = model, codec, processor
+        self.device = torch.device(spec.device)
+        self.sample_rate = int(codec.config.sampling_rate)
+        self.frame_samples = int(codec.config.frame_size)
+        self.fade_in_samples = int(fade_in_s * self.sample_rate)
+        self.decoder = StreamingMimiDecoder(codec)
+        gen = model.generation_config
+        setting = {k: getattr(gen, k, None) if getattr(gen, k, None) is not None else v
+                   for k, v in GENERATION_DEFAULTS.items()}
+        self.num_flow_steps = int(setting["num_flow_steps"])
+        self.min_frames_before_eos = int(setting["min_frames_before_eos"])
+        # Random weights have a random end-of-speech head: its logits sit near 0, above the -4 threshold,
+        # so every utterance would end at frame 6. Latency runs need full-length audio, so only trained
+        # weights listen to it. None turns the check (and its per-frame host sync) off.
+        self.eos_threshold: float | None = float(setting["eos_threshold"]) if spec.weights == "pretrained" else None
+        self.step = torch.compile(frame_step) if spec.compile == "inductor" else frame_step
+        self.stand_in = None if processor is not None else tc.ByteTokenizer(
+            vocab_size=min(self._placeholder_ids()), bos_id=None)
+        self.last_latents: torch.Tensor | None = None  # last request's latents (1, frames, latent_dim), codec space
+        self.report = BuildReport()
+
+    def _placeholder_ids(self) -> list[int]:
+        c = self.model.config
+        return [c.audio_prompt_bos_token_id, c.audio_prompt_token_id, c.audio_bos_token_id, c.audio_latent_token_id]
+
+    def encode_prompt(self, text: str) -> tuple[torch.Tensor, int]:
+        """The prompt ids (1, length), ending with the audio BOS position, and the frames to generate after
+        end of speech (the processor's rule: more for texts of few words)."""
+        if self.processor is not None:
+            conversation = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+            prompt = self.processor.apply_chat_template(conversation, tokenize=False)
+            inputs = self.processor(text=prompt, return_tensors="pt")
+            return inputs["input_ids"].to(self.device), int(inputs["frames_after_eos"][0])
+        ids = self.stand_in(text) + [self.model.config.audio_bos_token_id]
+        words = len(text.split())
+        frames_after_eos = FRAMES_AFTER_EOS_SHORT_TEXT if words <= SHORT_TEXT_MAX_WORDS else FRAMES_AFTER_EOS
+        return torch.tensor([ids], device=self.device), frames_after_eos
+
+    def max_frames(self, request: Request, prompt_ids: torch.Tensor) -> int:
+        """The request's audio budget, capped by `generate`'s own budget for this text length."""
+        num_text_tokens = int((~torch.isin(prompt_ids, torch.tensor(self._placeholder_ids(), device=self.device))).sum())
+        text_budget = math.ceil((num_text_tokens / 3 + 2) * self.model.config.frame_rate)
+        return max(1, min(int(request.max_audio_s * self.sample_rate) // self.frame_samples, text_budget))
+
+    def decode(self, latents: list[torch.Tensor], first: bool) -> np.ndarray:
+        """Normalised latents of one chunk -> float32 samples, continuing the codec's streaming state."""
+        codec_latents = self.model.denormalize_latents(torch.stack(latents, dim=1))  # (1, frames, latent_dim)
+        hidden = self.codec.latent_proj(codec_latents.to(self.codec.dtype).transpose(1, 2))
+        samples = self.decoder.decode_latents(hidden).float()
+        if first:
+            samples[: self.fade_in_samples] *= torch.linspace(0, 1, self.fade_in_samples, device=samples.device)
+        return samples.cpu().numpy()
+
+    @torch.no_grad()
+    def stream(self, request: Request, timeline: Timeline,
+               cancel: threading.Event | None = None) -> Iterator[AudioChunk]:
+        timeline.mark("request")
+        cfg, dtype = self.model.config, self.model.dtype
+        cache = DynamicCache(config=cfg)
+        generator = torch.Generator(self.device).manual_seed(request.seed)
+        noise_scale = math.sqrt(request.temperature)
+        self.decoder.reset()
+        timeline.mark("session")
+
+        prompt_ids, frames_after_eos = self.encode_prompt(request.text)
+        with tc.attention_context(self.spec):
+            outputs = self.model(input_ids=prompt_ids, cache=cache, use_cache=True)
+        timeline.mark("prefill")
+
+        max_frames = self.max_frames(request, prompt_ids)
+        step_ids = torch.full((1, 1), cfg.audio_latent_token_id, device=self.device)
+        zeros = torch.zeros(1, cfg.latent_dim, device=self.device, dtype=dtype)
+        chunk_sizes = chunk_frames(self.spec.first_chunk_frames, self.spec.chunk_growth, self.spec.max_chunk_frames)
+        chunk_target, pending, all_latents = next(chunk_sizes), [], []
+        frames_left = None  # frames still to make once end of speech is heard
+        timeline.mark("generator")
+
+        for frame in range(max_frames):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            noise = zeros if noise_scale == 0 else noise_scale * torch.randn(
+                1, cfg.latent_dim, device=self.device, dtype=dtype, generator=generator)
+            with tc.attention_context(self.spec):
+                if frame == 0:
+                    latent, eos_logit = next_latent(self.model, outputs, noise, self.num_flow_steps)
+                    del outputs
+                else:  # a fresh contiguous (1, 1, latent_dim) input, so a compiled step keeps one stride
+                    latent, eos_logit = self.step(self.model, step_ids, latent[:, None, :].clone(), cache, noise,
+                                                  self.num_flow_steps)
+            timeline.frame()
+            if frame == 0:
+                timeline.mark("first_frame")
+            pending.append(latent)
+            all_latents.append(latent)
+            # `generate`'s end-of-speech rule (PocketTTSEosThresholdCriteria); `.item()` syncs once a frame.
+            if frames_left is not None:
+                frames_left -= 1
+            elif (self.eos_threshold is not None and frame >= self.min_frames_before_eos
+                  and eos_logit.item() > self.eos_threshold):
+                frames_left = frames_after_eos
+            finished = frames_left == 0 or frame == max_frames - 1
+            if len(pending) < chunk_target and not finished:
+                continue
+
+            with tc.attention_context(self.spec):
+                samples = self.decode(pending, first=len(pending) == len(all_latents))
+            if len(pending) == len(all_latents):
+                timeline.mark("first_decode")
+            index, pending, chunk_target = len(timeline.chunks), [], next(chunk_sizes)
+            timeline.chunk(len(samples) / self.sample_rate)
+            yield AudioChunk(samples=samples, sample_rate=self.sample_rate, index=index)
+            if finished:
+                break
+        self.last_latents = self.model.denormalize_latents(torch.stack(all_latents, dim=1))
+
+    def close(self) -> None:
+        for name in ("model", "codec", "processor", "decoder", "step", "last_latents"):
+            if hasattr(self, name):
+                delattr(self, name)
+        gc.collect()
+        if self.spec.device == "cuda":
+            torch.cuda.empty_cache()
+
+    def peak_memory_bytes(self) -> int:
+        return torch.cuda.max_memory_allocated() if self.spec.device == "cuda" else 0
+
+    def reset_peak_memory(self) -> None:
+        if self.spec.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+
+def tiny_configs():
+    """A few-hundred-thousand-parameter model and codec with the real structure, for fast CPU tests.
+    The codec keeps the real 24 kHz rate and 1920-sample frames; its transformer window is shortened
+    to 24 positions (1.5 frames) so that a short stream already runs past it."""
+    from transformers import PocketTTSAudioTokenizerConfig, PocketTTSConfig
+
+    latent_dim = 8
+    model_config = PocketTTSConfig(
+        vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        latent_dim=latent_dim, max_position_embeddings=2048, audio_prompt_token_id=256, audio_latent_token_id=257,
+        audio_prompt_bos_token_id=258, audio_bos_token_id=259,
+        flow_head_config=dict(hidden_size=64, num_hidden_layers=2, latent_dim=latent_dim, condition_dim=64,
+                              frequency_embedding_size=32))
+    codec_config = PocketTTSAudioTokenizerConfig(
+        hidden_size=32, num_filters=4, upsample_groups=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=64, latent_dim=latent_dim, sliding_window=24, encoder_config=None)
+    return model_config, codec_config
+
+
+def _load(spec: VariantSpec):
+    """(model, codec, processor or None) on the spec's device, in its dtype, attention and quantization."""
+    from transformers import (AutoProcessor, PocketTTSAudioTokenizerConfig, PocketTTSAudioTokenizerModel,
+                              PocketTTSConfig, PocketTTSForConditionalGeneration)
+
+    cls, dtype = PocketTTSForConditionalGeneration, tc.DTYPES[spec.dtype]
+    if spec.weights == "pretrained":
+        model = tc.from_pretrained(cls, spec, spec.model_id, QUANT_SKIP_MODULES)
+        try:
+            # The processor holds the tokenizer, the chat template and the audio tokenizer (the codec).
+            processor = AutoProcessor.from_pretrained(spec.model_id, dtype=dtype)
+        except OSError as e:
+            raise LabError("weights", f"{spec.model_id!r}: the processor and audio tokenizer could not be loaded: not "
+                                      f"in the HF cache and the hub is unreachable ({type(e).__name__}); use weights: "
+                                      f"random for latency-only runs") from e
+        codec = processor.audio_tokenizer
+    else:
+        # Random init at real size (latency only: the audio is noise), or the tiny test config. The encoder
+        # half of the codec is left out: without voice cloning nothing is encoded.
+        model_config, codec_config = (
+            tiny_configs() if spec.weights == "tiny" else (PocketTTSConfig(), PocketTTSAudioTokenizerConfig(encoder_config=None)))
+        model = cls._from_config(model_config, attn_implementation=tc.attn_implementation(spec), dtype=dtype)
+        if spec.quantization != "none":
+            model = tc.quantize_random(cls, model, spec, QUANT_SKIP_MODULES)
+        codec = PocketTTSAudioTokenizerModel._from_config(
+            codec_config, attn_implementation=tc.attn_implementation(spec), dtype=dtype)
+        processor = None
+    if spec.quantization == "none":
+        model = model.to(spec.device)
+    return model.eval(), codec.to(spec.device, dtype).eval(), processor
+
+
+def build(spec: VariantSpec, progress: Progress) -> PocketTTSEngine:
+    clock = StageClock(progress)
+    tc.reset_peak_memory(spec.device)
+    (model, codec, processor), load_s = clock.run("loading", lambda: _load(spec))
+    fade_in_s = getattr(processor, "fade_in_duration", FADE_IN_S)
+    engine = PocketTTSEngine(spec, model, codec, processor, fade_in_s)
+
+    def warm_up():
+        # Eight frames: long enough for inductor to compile the step and recompile it once the cache
+        # length turns dynamic, so the first real request only pays for its own prefill.
+        request = Request(text="Warm up the frame loop.", seed=0, max_audio_s=8 * engine.frame_samples / engine.sample_rate)
+        for _ in engine.stream(request, Timeline(sync=tc.device_sync(spec.device))):
+            pass
+
+    _, warmup_s = clock.run("compiling" if spec.compile == "inductor" else "warming up", warm_up)
+    engine.report = BuildReport(
+        load_s=load_s, warmup_s=warmup_s,
+        params=tc.param_count(model) + tc.param_count(codec),
+        memory_bytes=tc.memory_bytes(model) + tc.memory_bytes(codec),
+        peak_mem_bytes=tc.peak_memory_bytes(spec.device),
+        tokenizer=(f"{type(processor.tokenizer).__name__} ({spec.model_id})" if processor is not None
+                   else tc.ByteTokenizer.name),
+        notes=[] if spec.weights == "pretrained" else [
+            f"{spec.weights} weights: latency only, the audio is noise; end-of-speech is ignored, so every "
+            f"request runs to max_audio_s (or the model's text-length budget)"],
+    )
+    return engine

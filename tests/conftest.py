@@ -1,0 +1,25 @@
+import os
+import sys
+
+# Never reach for a hub in tests: a pretrained load must fail fast with the lab's own message.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+from lab import engines  # noqa: E402
+from lab.spec import VariantSpec  # noqa: E402
+
+TINY_CSM = VariantSpec(family="csm", name="csm-tiny", weights="tiny", first_chunk_frames=1, chunk_growth=2.0,
+                       max_chunk_frames=4)
+
+
+@pytest.fixture(scope="session")
+def csm_tiny():
+    return engines.build(TINY_CSM)
+
+
+@pytest.fixture(scope="session")
+def hibari_engine():
+    return engines.build(VariantSpec(family="hibari", name="hibari"))

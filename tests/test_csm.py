@@ -1,0 +1,108 @@
+"""The CSM engine on tiny weights: streaming, codec continuity, determinism, equality with generate()."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from lab import engines
+from lab.errors import Cancelled, LabError
+from lab.metrics import Timeline, figures
+from lab.request import ContextTurn, Request
+
+TEXT = "Hello there, this is a streaming test."
+
+
+def run(engine, request, cancel=None):
+    tl = Timeline()
+    chunks = list(engine.stream(request, tl, cancel))
+    return chunks, tl
+
+
+def test_streams_several_chunks_and_the_first_arrives_before_generation_ends(csm_tiny):
+    chunks, tl = run(csm_tiny, Request(TEXT, max_audio_s=2.0))
+    assert len(chunks) >= 3
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    first_chunk_t = tl.chunks[0][0]
+    assert first_chunk_t < tl.frames[-1], "first audio must be on the host before the last frame is generated"
+    assert len(chunks[0].samples) == 1920            # first chunk after one 80 ms frame at 24 kHz
+    f = figures(tl)
+    assert f["audio_s"] == pytest.approx(2.0) and f["ttfb_ms"] < f["wall_s"] * 1e3
+
+
+def test_streamed_audio_equals_whole_utterance_decode(csm_tiny):
+    chunks, _ = run(csm_tiny, Request(TEXT, max_audio_s=2.0))
+    streamed = np.concatenate([c.samples for c in chunks])
+    with torch.no_grad():
+        whole = csm_tiny.model.codec_model.decode(csm_tiny.last_codes.T[None]).audio_values[0, 0].numpy()
+    assert streamed.shape == whole.shape
+    np.testing.assert_allclose(streamed, whole, atol=1e-5)
+    # and not trivially: the audio is not silence
+    assert np.abs(streamed).max() > 1e-3
+
+
+def test_greedy_runs_are_deterministic(csm_tiny):
+    a, _ = run(csm_tiny, Request(TEXT, max_audio_s=1.0))
+    codes_a = csm_tiny.last_codes.clone()
+    b, _ = run(csm_tiny, Request(TEXT, max_audio_s=1.0))
+    assert torch.equal(codes_a, csm_tiny.last_codes)
+    np.testing.assert_array_equal(np.concatenate([c.samples for c in a]), np.concatenate([c.samples for c in b]))
+
+
+def test_seeded_sampling_repeats_with_the_seed_and_changes_without(csm_tiny):
+    codes = {}
+    for seed in (1, 1, 2):
+        run(csm_tiny, Request(TEXT, max_audio_s=1.0, temperature=1.0, seed=seed))
+        codes.setdefault(seed, []).append(csm_tiny.last_codes.clone())
+    assert torch.equal(codes[1][0], codes[1][1])
+    assert not torch.equal(codes[1][0], codes[2][0])
+
+
+def test_frame_loop_gives_the_same_codes_as_transformers_generate(csm_tiny):
+    run(csm_tiny, Request(TEXT, max_audio_s=1.6))
+    ids = torch.tensor([csm_tiny.tokenizer(f"[0]{TEXT}")])
+    with torch.no_grad():
+        ref = csm_tiny.model.generate(input_ids=ids, do_sample=False, depth_decoder_do_sample=False,
+                                      max_new_tokens=len(csm_tiny.last_codes))
+    assert torch.equal(ref[0], csm_tiny.last_codes)
+
+
+def test_per_segment_prefill_matches_batched(csm_tiny):
+    t = np.arange(24000) / 24000
+    context = (ContextTurn("An earlier turn.", audio=(0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)),
+               ContextTurn("A reply without audio.", speaker=1))
+    req = Request(TEXT, max_audio_s=1.0, context=context)
+    _, tl_batched = run(csm_tiny, req)
+    batched = csm_tiny.last_codes.clone()
+    per_segment = engines.build(csm_tiny.spec.replace(prefill="per-segment"))
+    _, tl_seg = run(per_segment, req)
+    assert torch.equal(batched, per_segment.last_codes)
+    assert figures(tl_batched)["phases_ms"]["prefill"] > 0 and figures(tl_seg)["phases_ms"]["prefill"] > 0
+
+
+def test_cancel_stops_generation_promptly(csm_tiny):
+    cancel = threading.Event()
+    tl = Timeline()
+    got = []
+    with pytest.raises(Cancelled):
+        for chunk in csm_tiny.stream(Request(TEXT, max_audio_s=10.0), tl, cancel):
+            got.append(chunk)
+            cancel.set()
+    assert len(got) == 1
+    cancelled_at = tl.chunks[0][0]
+    assert len([f for f in tl.frames if f > cancelled_at]) <= 1   # at most the frame already under way
+
+
+def test_pretrained_weights_unreachable_say_so_and_suggest_random():
+    spec = engines.VariantSpec(family="csm", model="sesame/csm-1b-not-cached", weights="pretrained")
+    with pytest.raises(LabError) as e:
+        engines.build(spec)
+    assert e.value.where == "weights" and "weights: random" in e.value.message
+
+
+def test_inductor_compiles_the_same_step_and_matches_eager(csm_tiny):
+    compiled = engines.build(csm_tiny.spec.replace(compile="inductor"))
+    assert compiled.report.warmup_s > 0
+    run(csm_tiny, Request(TEXT, max_audio_s=1.0))
+    run(compiled, Request(TEXT, max_audio_s=1.0))
+    assert torch.equal(csm_tiny.last_codes, compiled.last_codes)

@@ -1,0 +1,31 @@
+import numpy as np
+
+from lab.metrics import Timeline, figures
+from lab.request import Request
+
+
+def test_hibari_speaks_a_sentence_as_non_silent_24khz_audio(hibari_engine):
+    text = "The lab measures how fast each voice starts talking."
+    tl = Timeline()
+    chunks = list(hibari_engine.stream(Request(text), tl))
+    audio = np.concatenate([c.samples for c in chunks])
+    assert chunks[0].sample_rate == 24000 and audio.dtype == np.float32
+    # About 9 words: a natural reading takes roughly 2 to 5 seconds.
+    assert 1.5 < len(audio) / 24000 < 6.0
+    assert np.sqrt(np.mean(audio ** 2)) > 0.01
+    f = figures(tl)
+    assert f["ttfb_ms"] > 0 and abs(sum(f["phases_ms"].values()) - f["ttfb_ms"]) < 1e-6
+
+
+def test_hibari_streams_one_chunk_per_sentence_and_respects_the_cap(hibari_engine):
+    text = "First sentence here. Second one follows. And a third."
+    chunks = list(hibari_engine.stream(Request(text), Timeline()))
+    assert len(chunks) == 3
+    capped = list(hibari_engine.stream(Request(text, max_audio_s=1.0), Timeline()))
+    assert sum(len(c.samples) for c in capped) <= 24000
+
+
+def test_hibari_same_seed_same_audio(hibari_engine):
+    a = np.concatenate([c.samples for c in hibari_engine.stream(Request("Same again.", seed=3), Timeline())])
+    b = np.concatenate([c.samples for c in hibari_engine.stream(Request("Same again.", seed=3), Timeline())])
+    np.testing.assert_array_equal(a, b)
