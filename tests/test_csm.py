@@ -106,3 +106,24 @@ def test_inductor_compiles_the_same_step_and_matches_eager(csm_tiny):
     run(csm_tiny, Request(TEXT, max_audio_s=1.0))
     run(compiled, Request(TEXT, max_audio_s=1.0))
     assert torch.equal(csm_tiny.last_codes, compiled.last_codes)
+
+
+def test_codes_stay_inside_the_codebook_even_when_special_ids_score_highest():
+    # Real CSM heads score 2051 ids for a 2048-entry codebook; random weights can rank a special id first,
+    # which must never reach the codec (it crashed the first GPU run before this guard).
+    from transformers import CsmConfig, CsmForConditionalGeneration
+
+    from lab.engines import csm
+
+    config = csm.tiny_config()
+    config_dict = config.to_dict()
+    config_dict.update(vocab_size=67)
+    config_dict["depth_decoder_config"]["vocab_size"] = 67
+    wide = CsmConfig(**config_dict)
+    model = CsmForConditionalGeneration._from_config(wide)
+    with torch.no_grad():
+        model.lm_head.weight[64:] = 10.0
+        model.depth_decoder.codebooks_head.weight[:, :, 64:] = 10.0
+    engine = csm.CsmEngine(engines.VariantSpec(family="csm", weights="tiny"), model, None)
+    chunks = list(engine.stream(Request(TEXT, max_audio_s=0.5), Timeline()))
+    assert chunks and int(engine.last_codes.max()) < 64

@@ -102,14 +102,17 @@ class CsmEngine(Engine):
     def _depth_frame(self, hidden: torch.Tensor, cache, temperature: float, top_k: int, generator) -> torch.Tensor:
         """One frame's codes (1, num_codebooks): codebook 0 from the backbone head, the rest from the depth decoder."""
         depth = self.model.depth_decoder
-        code = tc.pick(self.model.lm_head(hidden), temperature, top_k, generator)
+        # The heads score vocab_size ids (2051 for CSM-1B) but the codec has codebook_size entries (2048): the
+        # extra ids are specials, never audio, and would index past the codec's codebook.
+        audio_ids = self.config.codec_config.codebook_size
+        code = tc.pick(self.model.lm_head(hidden)[..., :audio_ids], temperature, top_k, generator)
         codes = [code]
         # Position 0 holds the backbone state, position 1 codebook 0, as generate() feeds them.
         ids = torch.stack([torch.zeros_like(code), code], dim=1)
         logits = depth(input_ids=ids, backbone_last_hidden_state=hidden, cache=cache, use_cache=True,
                        logits_to_keep=1).logits[:, -1]
         for _ in range(self.config.num_codebooks - 1):
-            code = tc.pick(logits, temperature, top_k, generator)
+            code = tc.pick(logits[..., :audio_ids], temperature, top_k, generator)
             codes.append(code)
             if len(codes) == self.config.num_codebooks:
                 break

@@ -82,7 +82,7 @@ class PocketTTSEngine(Engine):
         self.step = torch.compile(frame_step) if spec.compile == "inductor" else frame_step
         self.stand_in = None if processor is not None else tc.ByteTokenizer(
             vocab_size=min(self._placeholder_ids()), bos_id=None)
-        self.last_latents: torch.Tensor | None = None  # last request's latents (1, frames, latent_dim), codec space
+        self._latents: list[torch.Tensor] = []  # the latest request's normalised latents, one (1, latent_dim) a frame
         self.report = BuildReport()
 
     def _placeholder_ids(self) -> list[int]:
@@ -117,6 +117,12 @@ class PocketTTSEngine(Engine):
             samples[: self.fade_in_samples] *= torch.linspace(0, 1, self.fade_in_samples, device=samples.device)
         return samples.cpu().numpy()
 
+    @property
+    def last_latents(self) -> torch.Tensor:
+        """The latest request's latents in the codec's space, (1, frames, latent_dim): what `generate` returns as
+        `audio_latents` and what a whole-utterance decode takes."""
+        return self.model.denormalize_latents(torch.stack(self._latents, dim=1))
+
     @torch.no_grad()
     def stream(self, request: Request, timeline: Timeline,
                cancel: threading.Event | None = None) -> Iterator[AudioChunk]:
@@ -137,7 +143,8 @@ class PocketTTSEngine(Engine):
         step_ids = torch.full((1, 1), cfg.audio_latent_token_id, device=self.device)
         zeros = torch.zeros(1, cfg.latent_dim, device=self.device, dtype=dtype)
         chunk_sizes = chunk_frames(self.spec.first_chunk_frames, self.spec.chunk_growth, self.spec.max_chunk_frames)
-        chunk_target, pending, all_latents = next(chunk_sizes), [], []
+        chunk_target, chunk_index, pending = next(chunk_sizes), 0, []
+        self._latents = []
         frames_left = None  # frames still to make once end of speech is heard
         timeline.mark("generator")
 
@@ -157,7 +164,7 @@ class PocketTTSEngine(Engine):
             if frame == 0:
                 timeline.mark("first_frame")
             pending.append(latent)
-            all_latents.append(latent)
+            self._latents.append(latent)
             # `generate`'s end-of-speech rule (PocketTTSEosThresholdCriteria); `.item()` syncs once a frame.
             if frames_left is not None:
                 frames_left -= 1
@@ -169,18 +176,17 @@ class PocketTTSEngine(Engine):
                 continue
 
             with tc.attention_context(self.spec):
-                samples = self.decode(pending, first=len(pending) == len(all_latents))
-            if len(pending) == len(all_latents):
+                samples = self.decode(pending, first=chunk_index == 0)
+            if chunk_index == 0:
                 timeline.mark("first_decode")
-            index, pending, chunk_target = len(timeline.chunks), [], next(chunk_sizes)
             timeline.chunk(len(samples) / self.sample_rate)
-            yield AudioChunk(samples=samples, sample_rate=self.sample_rate, index=index)
+            yield AudioChunk(samples=samples, sample_rate=self.sample_rate, index=chunk_index)
             if finished:
-                break
-        self.last_latents = self.model.denormalize_latents(torch.stack(all_latents, dim=1))
+                return
+            chunk_index, pending, chunk_target = chunk_index + 1, [], next(chunk_sizes)
 
     def close(self) -> None:
-        for name in ("model", "codec", "processor", "decoder", "step", "last_latents"):
+        for name in ("model", "codec", "processor", "decoder", "step", "_latents"):
             if hasattr(self, name):
                 delattr(self, name)
         gc.collect()
@@ -235,11 +241,13 @@ def _load(spec: VariantSpec):
         # half of the codec is left out: without voice cloning nothing is encoded.
         model_config, codec_config = (
             tiny_configs() if spec.weights == "tiny" else (PocketTTSConfig(), PocketTTSAudioTokenizerConfig(encoder_config=None)))
-        model = cls._from_config(model_config, attn_implementation=tc.attn_implementation(spec), dtype=dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same variant gets the same weights in every build, without touching the caller's RNG
+            model = cls._from_config(model_config, attn_implementation=tc.attn_implementation(spec), dtype=dtype)
+            codec = PocketTTSAudioTokenizerModel._from_config(
+                codec_config, attn_implementation=tc.attn_implementation(spec), dtype=dtype)
         if spec.quantization != "none":
             model = tc.quantize_random(cls, model, spec, QUANT_SKIP_MODULES)
-        codec = PocketTTSAudioTokenizerModel._from_config(
-            codec_config, attn_implementation=tc.attn_implementation(spec), dtype=dtype)
         processor = None
     if spec.quantization == "none":
         model = model.to(spec.device)

@@ -1,0 +1,149 @@
+"""PocketTTS engine on tiny in-process weights (CPU): streaming, exactness against the model's own
+generate() and whole-utterance decode, seeding, end of speech, cancel, compile."""
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from lab.engines import pocket_tts
+from lab.errors import Cancelled, LabError
+from lab.metrics import PHASES, Timeline
+from lab.request import Request
+from lab.spec import VariantSpec
+
+TEXT = "The quick brown fox jumps over the lazy dog."   # more than four words: 2 frames after end of speech
+FRAME_S = 1920 / 24000
+
+
+def tiny_spec(**changes) -> VariantSpec:
+    return VariantSpec(family="pocket_tts", weights="tiny", first_chunk_frames=1, chunk_growth=2.0,
+                       max_chunk_frames=4, **changes)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = pocket_tts.build(tiny_spec(), lambda stage, seconds: None)
+    yield eng
+    eng.close()
+
+
+def run(engine, **request):
+    timeline = Timeline()
+    chunks = list(engine.stream(Request(text=TEXT, **request), timeline))
+    return chunks, timeline
+
+
+def audio_of(chunks) -> np.ndarray:
+    return np.concatenate([c.samples for c in chunks])
+
+
+def generate_latents(engine, temperature: float, seed: int, num_frames: int, eos_threshold: float):
+    """The model's own generate() for the engine's prompt: its latents in the codec's space."""
+    prompt_ids, frames_after_eos = engine.encode_prompt(TEXT)
+    torch.manual_seed(seed)  # generate() draws its noise from the global generator
+    with torch.no_grad():
+        out = engine.model.generate(
+            input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=num_frames,
+            do_sample=temperature > 0, temperature=temperature or None, frames_after_eos=frames_after_eos,
+            eos_threshold=eos_threshold, return_dict_in_generate=True)
+    return out.audio_latents[:, : int(out.audio_latents_mask.sum())]
+
+
+def test_first_chunk_arrives_while_frames_are_still_being_made(engine):
+    chunks, timeline = run(engine, max_audio_s=1.0)
+
+    assert len(chunks) >= 3
+    assert timeline.chunks[0][0] < timeline.frames[-1]
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert all(c.samples.dtype == np.float32 and c.sample_rate == 24000 for c in chunks)
+    # 1.0 s asked for: whole 80 ms frames, no more
+    assert sum(c.audio_s for c in chunks) == pytest.approx(12 * FRAME_S)
+    stamps = [(name, t) for name, t in timeline.events]
+    assert [name for name, _ in stamps] == ["request", *PHASES]
+    assert [t for _, t in stamps] == sorted(t for _, t in stamps)
+
+
+def test_streamed_chunks_equal_whole_utterance_decode(engine):
+    # 2 s of frames runs the codec's transformer past its (tiny) attention window several times
+    chunks, _ = run(engine, max_audio_s=2.0, temperature=0.7, seed=1)
+    with torch.no_grad():
+        whole = engine.codec.decode(engine.last_latents).audio_values[0, 0].numpy()
+    fade = engine.fade_in_samples
+    whole[:fade] *= np.linspace(0, 1, fade, dtype=np.float32)   # the processor's fade-in, as the stream applies it
+
+    np.testing.assert_allclose(audio_of(chunks), whole, atol=1e-4)
+
+
+def test_same_seed_same_audio_and_another_seed_differs(engine):
+    first, _ = run(engine, max_audio_s=1.0, temperature=0.7, seed=5)
+    again, _ = run(engine, max_audio_s=1.0, temperature=0.7, seed=5)
+    other, _ = run(engine, max_audio_s=1.0, temperature=0.7, seed=6)
+
+    np.testing.assert_array_equal(audio_of(first), audio_of(again))
+    assert not np.allclose(audio_of(first), audio_of(other))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_latents_equal_the_models_own_generate(engine, temperature):
+    _, timeline = run(engine, max_audio_s=1.0, temperature=temperature, seed=11)
+    # tiny weights ignore end of speech (their head is random), so generate() must too
+    expected = generate_latents(engine, temperature, seed=11, num_frames=len(timeline.frames),
+                                eos_threshold=float("inf"))
+
+    torch.testing.assert_close(engine.last_latents, expected, atol=1e-6, rtol=0)
+
+
+def test_stops_at_end_of_speech_like_generate(engine, monkeypatch):
+    # An end-of-speech head that fires on every frame: generation must stop where generate() stops,
+    # after min_frames_before_eos frames plus the frames after end of speech, well before max_audio_s.
+    monkeypatch.setattr(engine, "eos_threshold", -1e9)
+    chunks, timeline = run(engine, max_audio_s=5.0)
+    expected = generate_latents(engine, 0.0, seed=0, num_frames=100, eos_threshold=-1e9)
+
+    assert len(timeline.frames) == expected.shape[1] == engine.min_frames_before_eos + 1 + 2
+    assert sum(c.audio_s for c in chunks) == pytest.approx(expected.shape[1] * FRAME_S)
+    torch.testing.assert_close(engine.last_latents, expected, atol=1e-6, rtol=0)
+
+
+def test_cancel_stops_generation_between_frames(engine):
+    cancel, timeline = threading.Event(), Timeline()
+    stream = engine.stream(Request(text=TEXT, max_audio_s=5.0), timeline, cancel)
+    next(stream)
+    frames_at_cancel = len(timeline.frames)
+    cancel.set()
+
+    with pytest.raises(Cancelled):
+        next(stream)
+    assert len(timeline.frames) == frames_at_cancel
+
+
+def test_build_reports_size_and_the_stand_in_tokenizer(engine):
+    report = engine.report
+    assert report.params > 0
+    assert report.memory_bytes >= 4 * report.params   # float32 weights, plus buffers
+    assert "stand-in" in report.tokenizer
+    assert report.load_s > 0 and report.warmup_s > 0
+
+
+def test_missing_pretrained_weights_are_refused_with_the_fix(tmp_path):
+    spec = VariantSpec(family="pocket_tts", weights="pretrained", model=str(tmp_path / "no-such-model"))
+    with pytest.raises(LabError) as err:
+        pocket_tts.build(spec, lambda stage, seconds: None)
+    assert err.value.where == "weights"
+    assert "weights: random" in err.value.message
+
+
+def test_inductor_compiled_step_streams_the_same_latents(engine):
+    started = time.perf_counter()
+    compiled = pocket_tts.build(tiny_spec(compile="inductor"), lambda stage, seconds: None)
+    try:
+        chunks, timeline = run(compiled, max_audio_s=1.0, temperature=0.7, seed=2)
+        _, _ = run(engine, max_audio_s=1.0, temperature=0.7, seed=2)
+        assert len(chunks) >= 3
+        assert timeline.chunks[0][0] < timeline.frames[-1]
+        torch.testing.assert_close(compiled.last_latents, engine.last_latents, atol=1e-4, rtol=1e-4)
+    finally:
+        compiled.close()
+    print(f"inductor build + stream: {time.perf_counter() - started:.1f} s")
