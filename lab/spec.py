@@ -15,7 +15,7 @@ from lab.errors import LabError, MissingPackageError
 FAMILIES = {
     # family: default model, whether torch axes apply, which weights modes it has
     "csm": {"model": "sesame/csm-1b", "torch": True, "weights": ("pretrained", "random", "tiny")},
-    "pocket_tts": {"model": "kyutai/pocket-tts", "torch": True, "weights": ("pretrained", "random", "tiny")},
+    "pocket_tts": {"model": "eustlb/pocket-tts", "torch": True, "weights": ("pretrained", "random", "tiny")},
     "hibari": {"model": "hibari-tts:heart", "torch": False, "weights": ("pretrained",)},
 }
 CHOICES = {

@@ -51,7 +51,7 @@ def test_a_failed_build_is_reported_for_its_spec_only():
     manager = ModelManager(builder=builder)
     good = manager.get(TINY)
     bad = VariantSpec(family="csm", model="/nonexistent/csm", weights="pretrained")
-    with pytest.raises(LabError, match="could not be loaded"):
+    with pytest.raises(LabError, match="is not a directory with a saved model"):
         manager.get(bad)
     with pytest.raises(LabError):       # not cached: asking again tries again
         manager.get(bad)

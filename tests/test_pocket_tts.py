@@ -127,11 +127,12 @@ def test_build_reports_size_and_the_stand_in_tokenizer(engine):
     assert report.load_s > 0 and report.warmup_s > 0
 
 
-def test_missing_pretrained_weights_are_refused_with_the_fix(tmp_path):
-    spec = VariantSpec(family="pocket_tts", weights="pretrained", model=str(tmp_path / "no-such-model"))
+@pytest.mark.parametrize("model,where", [("eustlb/pocket-tts-not-cached", "weights"), ("./no-such-model", "model")])
+def test_missing_pretrained_weights_are_refused_with_the_fix(model, where):
+    spec = VariantSpec(family="pocket_tts", weights="pretrained", model=model)
     with pytest.raises(LabError) as err:
         pocket_tts.build(spec, lambda stage, seconds: None)
-    assert err.value.where == "weights"
+    assert err.value.where == where
     assert "weights: random" in err.value.message
 
 

@@ -70,9 +70,9 @@ class PocketTTSEngine(Engine):
         self.frame_samples = int(codec.config.frame_size)
         self.fade_in_samples = int(fade_in_s * self.sample_rate)
         self.decoder = StreamingMimiDecoder(codec)
-        gen = model.generation_config
-        setting = {k: getattr(gen, k, None) if getattr(gen, k, None) is not None else v
-                   for k, v in GENERATION_DEFAULTS.items()}
+        # The checkpoint's generation config, else `generate`'s defaults.
+        setting = {name: default if getattr(model.generation_config, name, None) is None
+                   else getattr(model.generation_config, name) for name, default in GENERATION_DEFAULTS.items()}
         self.num_flow_steps = int(setting["num_flow_steps"])
         self.min_frames_before_eos = int(setting["min_frames_before_eos"])
         # Random weights have a random end-of-speech head: its logits sit near 0, above the -4 threshold,
@@ -104,7 +104,8 @@ class PocketTTSEngine(Engine):
 
     def max_frames(self, request: Request, prompt_ids: torch.Tensor) -> int:
         """The request's audio budget, capped by `generate`'s own budget for this text length."""
-        num_text_tokens = int((~torch.isin(prompt_ids, torch.tensor(self._placeholder_ids(), device=self.device))).sum())
+        placeholders = torch.tensor(self._placeholder_ids(), device=self.device)
+        num_text_tokens = int((~torch.isin(prompt_ids, placeholders)).sum())
         text_budget = math.ceil((num_text_tokens / 3 + 2) * self.model.config.frame_rate)
         return max(1, min(int(request.max_audio_s * self.sample_rate) // self.frame_samples, text_budget))
 
@@ -194,11 +195,10 @@ class PocketTTSEngine(Engine):
             torch.cuda.empty_cache()
 
     def peak_memory_bytes(self) -> int:
-        return torch.cuda.max_memory_allocated() if self.spec.device == "cuda" else 0
+        return tc.peak_memory_bytes(self.spec.device)
 
     def reset_peak_memory(self) -> None:
-        if self.spec.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        tc.reset_peak_memory(self.spec.device)
 
 
 def tiny_configs():
@@ -239,10 +239,12 @@ def _load(spec: VariantSpec):
     else:
         # Random init at real size (latency only: the audio is noise), or the tiny test config. The encoder
         # half of the codec is left out: without voice cloning nothing is encoded.
-        model_config, codec_config = (
-            tiny_configs() if spec.weights == "tiny" else (PocketTTSConfig(), PocketTTSAudioTokenizerConfig(encoder_config=None)))
+        if spec.weights == "tiny":
+            model_config, codec_config = tiny_configs()
+        else:
+            model_config, codec_config = PocketTTSConfig(), PocketTTSAudioTokenizerConfig(encoder_config=None)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # the same variant gets the same weights in every build, without touching the caller's RNG
+            torch.manual_seed(0)  # one variant, one set of weights in every build; the caller's RNG is untouched
             model = cls._from_config(model_config, attn_implementation=tc.attn_implementation(spec), dtype=dtype)
             codec = PocketTTSAudioTokenizerModel._from_config(
                 codec_config, attn_implementation=tc.attn_implementation(spec), dtype=dtype)
@@ -264,7 +266,8 @@ def build(spec: VariantSpec, progress: Progress) -> PocketTTSEngine:
     def warm_up():
         # Eight frames: long enough for inductor to compile the step and recompile it once the cache
         # length turns dynamic, so the first real request only pays for its own prefill.
-        request = Request(text="Warm up the frame loop.", seed=0, max_audio_s=8 * engine.frame_samples / engine.sample_rate)
+        eight_frames_s = 8 * engine.frame_samples / engine.sample_rate
+        request = Request(text="Warm up the frame loop.", seed=0, max_audio_s=eight_frames_s)
         for _ in engine.stream(request, Timeline(sync=tc.device_sync(spec.device))):
             pass
 

@@ -6,6 +6,7 @@ share a clever abstraction); only what truly means the same thing for every torc
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import shutil
 import tempfile
@@ -48,17 +49,25 @@ def quantization_config(spec: VariantSpec, skip_modules: list[str]):
 
 
 def from_pretrained(cls, spec: VariantSpec, source: str, skip_modules: list[str], **kwargs):
-    """The one loading path: by hub id or local directory, with attention, dtype and quantization."""
+    """The one loading path: by hub id or local directory, with attention, dtype and quantization.
+    The local cache is tried first, so an unreachable hub costs no retries when the weights are cached."""
     qconfig = quantization_config(spec, skip_modules)
+    load = dict(attn_implementation=attn_implementation(spec), dtype=DTYPES[spec.dtype], quantization_config=qconfig,
+                device_map=spec.device if qconfig is not None else None, **kwargs)
     try:
-        return cls.from_pretrained(
-            source, attn_implementation=attn_implementation(spec), dtype=DTYPES[spec.dtype],
-            quantization_config=qconfig, device_map=spec.device if qconfig is not None else None, **kwargs)
+        return cls.from_pretrained(source, local_files_only=True, **load)
+    except OSError:
+        pass
+    if os.path.isabs(source) or source.startswith("."):
+        raise LabError("model", f"{source!r} is not a directory with a saved model (config.json and weights); "
+                                f"fix the path, or use weights: random for latency-only runs")
+    try:
+        return cls.from_pretrained(source, **load)
     except OSError as e:
         raise LabError("weights", f"{source!r} could not be loaded: the weights are not in the Hugging Face cache "
-                                  f"or at that path, and the hub is unreachable ({type(e).__name__}). Download them "
-                                  f"with `huggingface-cli download {source}`, or use weights: random for "
-                                  f"latency-only runs") from e
+                                  f"and the hub is unreachable ({type(e).__name__}). Download them with "
+                                  f"`huggingface-cli download {source}` where the hub is reachable, or use "
+                                  f"weights: random for latency-only runs") from e
 
 
 def quantize_random(cls, model, spec: VariantSpec, skip_modules: list[str]):

@@ -1,0 +1,65 @@
+"""Speech Latency Lab, the web page: `python app.py` serves it on http://127.0.0.1:7860.
+
+This is the first, minimal page: pick one preset, type a sentence, hear it stream and read its figures.
+The full side-by-side compare, history and blind A/B come with the app issue. All model logic lives in lab/.
+"""
+import os
+import threading
+
+import gradio as gr
+import numpy as np
+
+from lab import presets
+from lab.errors import LabError
+from lab.manager import ModelManager
+from lab.metrics import Timeline, figures
+from lab.report import WEIGHTS_NOTE
+from lab.request import Request, validate_request
+
+MANAGER = ModelManager()
+GPU_LOCK = threading.Lock()   # one request on the model at a time; Gradio's queue shows the others their place
+SPECS, UNAVAILABLE = presets.load_all()
+
+
+def synthesize(preset: str, text: str, seed: float, max_seconds: float, random_weights: bool,
+               progress=gr.Progress()):
+    """Stream one preset's audio into the player as it is generated, then show its figures."""
+    try:
+        request = validate_request(Request(text, seed=int(seed), max_audio_s=float(max_seconds)))
+        spec = presets.load(preset, weights="random" if random_weights else None)
+    except LabError as e:
+        raise gr.Error(str(e))
+    with GPU_LOCK:
+        try:
+            engine = MANAGER.get(spec, lambda stage, s: progress(0, desc=f"{preset}: {stage} {s:.0f} s"))
+        except LabError as e:
+            raise gr.Error(str(e))
+        timeline = Timeline()
+        for chunk in engine.stream(request, timeline):
+            yield (chunk.sample_rate, (np.clip(chunk.samples, -1, 1) * 32767).astype(np.int16)), "streaming…"
+    f = figures(timeline)
+    note = f"\n\n**{WEIGHTS_NOTE[spec.weights]}**" if spec.weights in WEIGHTS_NOTE else ""
+    yield gr.skip(), (f"**{preset}** · TTFB **{f['ttfb_ms']:.0f} ms** · RTF **{f['rtf']:.3g}** · "
+                      f"{f['audio_s']:.2f} s of audio in {f['chunks']} chunks · underruns {f['underruns']}"
+                      f" · build {engine.report.load_s:.1f} s load + {engine.report.warmup_s:.1f} s warm-up{note}")
+
+
+with gr.Blocks(title="Speech Latency Lab") as demo:
+    gr.Markdown("# Speech Latency Lab\nHear a streaming voice model and see its time-to-first-byte and "
+                "real-time factor. Unavailable here: " +
+                (", ".join(f"`{n}` ({why})" for n, why in UNAVAILABLE.items()) or "none"))
+    with gr.Row():
+        preset = gr.Dropdown(sorted(SPECS), value="hibari", label="Preset")
+        random_weights = gr.Checkbox(False, label="random weights (latency only: the audio is noise)")
+    text = gr.Textbox("The quick brown fox jumps over the lazy dog.", label="Text", lines=2)
+    with gr.Row():
+        seed = gr.Number(0, label="Seed", precision=0)
+        max_seconds = gr.Slider(1, 30, value=8, step=1, label="Cap on audio length (s)")
+    go = gr.Button("Synthesize", variant="primary")
+    audio = gr.Audio(label="Audio, streamed as it is generated", streaming=True, autoplay=True)
+    result = gr.Markdown()
+    go.click(synthesize, [preset, text, seed, max_seconds, random_weights], [audio, result])
+
+if __name__ == "__main__":
+    port = int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", 7860)))
+    demo.queue().launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), server_port=port)
