@@ -127,3 +127,10 @@ def test_codes_stay_inside_the_codebook_even_when_special_ids_score_highest():
     engine = csm.CsmEngine(engines.VariantSpec(family="csm", weights="tiny"), model, None)
     chunks = list(engine.stream(Request(TEXT, max_audio_s=0.5), Timeline()))
     assert chunks and int(engine.last_codes.max()) < 64
+
+
+def test_pinned_flash_kernel_gives_the_same_codes(csm_tiny):
+    flash = engines.build(csm_tiny.spec.replace(attention="sdpa-flash"))
+    run(csm_tiny, Request(TEXT, max_audio_s=1.0))
+    run(flash, Request(TEXT, max_audio_s=1.0))
+    assert torch.equal(csm_tiny.last_codes, flash.last_codes)

@@ -60,14 +60,19 @@ class Engine:
     def close(self) -> None:
         """Drop the model so its memory can be freed."""
 
-    def peak_memory_bytes(self) -> int:
-        """Peak accelerator memory; engines on the CPU report the process's peak resident memory."""
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
     def reset_peak_memory(self) -> None:
-        pass
+        from lab.engines import torch_common as tc
+
+        self._memory_baseline_bytes = tc.reset_peak_memory(self.spec.device)
+
+    def peak_memory_bytes(self) -> int:
+        """This variant's peak in the last run: its own weights plus the run's transient peak on a GPU (other
+        variants the manager keeps do not count); the process's peak resident memory on the CPU."""
+        from lab.engines import torch_common as tc
+
+        if self.spec.device != "cuda":
+            return tc.peak_memory_bytes("cpu")
+        return self.report.memory_bytes + tc.peak_memory_bytes("cuda", getattr(self, "_memory_baseline_bytes", 0))
 
 
 FAMILY_MODULES = {"csm": "lab.engines.csm", "pocket_tts": "lab.engines.pocket_tts", "hibari": "lab.engines.hibari"}

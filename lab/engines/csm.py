@@ -79,6 +79,7 @@ class CsmEngine(Engine):
         self.device = torch.device(spec.device)
         self.codec = StreamingMimiDecoder(self.model.codec_model)
         self.sync = tc.device_sync(spec.device)
+        self.prefill_step = self._backbone_step
         self.backbone_step = self._backbone_step
         self.depth_frame = self._depth_frame
         if spec.compile == "inductor":
@@ -88,8 +89,13 @@ class CsmEngine(Engine):
             self.backbone_cache = StaticCache(config=self.config, max_cache_len=self.config.max_position_embeddings)
             self.depth_cache = StaticCache(config=self.config.depth_decoder_config,
                                            max_cache_len=self.config.num_codebooks)
+            # Only the one-token decode step is compiled: prompts vary in length, and a compiled prefill would
+            # recompile for each new length (40 s on the first request after the build, measured on the H100).
             self.backbone_step = torch.compile(self._backbone_step)
             self.depth_frame = torch.compile(self._depth_frame)
+        # The attention kernel choice wraps the model's steps only, never the codec or the caller's code.
+        self.prefill_step, self.backbone_step, self.depth_frame = (
+            tc.with_attention(spec, f) for f in (self.prefill_step, self.backbone_step, self.depth_frame))
         self.last_codes: torch.Tensor | None = None  # (frames, codebooks) of the last request, for checks
         self.report = BuildReport()
 
@@ -166,70 +172,65 @@ class CsmEngine(Engine):
         max_frames = max(1, math.ceil(request.max_audio_s * FRAME_RATE_HZ))
         timeline.mark("session")
 
-        with tc.attention_context(self.spec):
-            segments = self._segments(request)
-            if self.spec.prefill == "batched":
-                segments = [torch.cat(segments, dim=1)]
-            pos = 0
-            for seg in segments:  # per-segment: one forward per turn, each extending the cache
-                positions = torch.arange(pos, pos + seg.shape[1], device=self.device)[None]
-                hidden = self.backbone_step(seg, positions, cache)
-                pos += seg.shape[1]
-            timeline.mark("prefill")
-            sizes = chunk_frames(self.spec.first_chunk_frames, self.spec.chunk_growth, self.spec.max_chunk_frames)
-            timeline.mark("generator")
+        segments = self._segments(request)
+        if self.spec.prefill == "batched":
+            segments = [torch.cat(segments, dim=1)]
+        pos = 0
+        for seg in segments:  # per-segment: one forward per turn, each extending the cache
+            positions = torch.arange(pos, pos + seg.shape[1], device=self.device)[None]
+            hidden = self.prefill_step(seg, positions, cache)
+            pos += seg.shape[1]
+        timeline.mark("prefill")
+        sizes = chunk_frames(self.spec.first_chunk_frames, self.spec.chunk_growth, self.spec.max_chunk_frames)
+        timeline.mark("generator")
 
-            all_codes, pending, frames, index = [], [], 0, 0
-            target = next(sizes)
-            while frames < max_frames:
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled()
-                codes = self.depth_frame(hidden, self._new_cache("depth"), request.temperature, request.top_k,
-                                         generator)
-                pending.append(codes)
-                frames += 1
-                timeline.frame()
-                if frames == 1:
-                    timeline.mark("first_frame")
-                if len(pending) == target or frames == max_frames:
-                    # The host looks at the codes only here, once per chunk, not once per frame.
-                    block = torch.cat(pending)                      # (n, codebooks)
-                    eos = (block[:, :-1] == self.config.codebook_eos_token_id).all(-1)
-                    stop = bool(eos.any())
-                    if stop:
-                        block = block[: int(eos.nonzero()[0, 0])]
-                    pending = []
-                    if len(block):
-                        all_codes.append(block)
-                        audio = self.codec.decode(block.T[None]).float().cpu().numpy()
-                        if index == 0:
-                            timeline.mark("first_decode")
-                        timeline.chunk(len(audio) / self.sample_rate)
-                        yield AudioChunk(audio, self.sample_rate, index)
-                        index += 1
-                    if stop:
-                        break
-                    target = next(sizes)
-                embeds = self.model.backbone_model.embed_tokens(codes[:, None, :])
-                hidden = self.backbone_step(embeds, torch.tensor([[pos]], device=self.device), cache)
-                pos += 1
-            self.last_codes = torch.cat(all_codes) if all_codes else None
+        all_codes, pending, frames, index = [], [], 0, 0
+        target = next(sizes)
+        while frames < max_frames:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            codes = self.depth_frame(hidden, self._new_cache("depth"), request.temperature, request.top_k,
+                                     generator)
+            pending.append(codes)
+            frames += 1
+            timeline.frame()
+            if frames == 1:
+                timeline.mark("first_frame")
+            if len(pending) == target or frames == max_frames:
+                # The host looks at the codes only here, once per chunk, not once per frame.
+                block = torch.cat(pending)                      # (n, codebooks)
+                eos = (block[:, :-1] == self.config.codebook_eos_token_id).all(-1)
+                stop = bool(eos.any())
+                if stop:
+                    block = block[: int(eos.nonzero()[0, 0])]
+                pending = []
+                if len(block):
+                    all_codes.append(block)
+                    audio = self.codec.decode(block.T[None]).float().cpu().numpy()
+                    if index == 0:
+                        timeline.mark("first_decode")
+                    timeline.chunk(len(audio) / self.sample_rate)
+                    yield AudioChunk(audio, self.sample_rate, index)
+                    index += 1
+                if stop:
+                    break
+                target = next(sizes)
+            embeds = self.model.backbone_model.embed_tokens(codes[:, None, :])
+            hidden = self.backbone_step(embeds, torch.tensor([[pos]], device=self.device), cache)
+            pos += 1
+        self.last_codes = torch.cat(all_codes) if all_codes else None
         timeline.mark("end")
 
     def close(self) -> None:
-        for name in ("model", "codec", "processor", "backbone_cache", "depth_cache", "backbone_step", "depth_frame"):
+        for name in ("model", "codec", "processor", "backbone_cache", "depth_cache", "prefill_step", "backbone_step",
+                     "depth_frame"):
             self.__dict__.pop(name, None)
 
-    def peak_memory_bytes(self) -> int:
-        return tc.peak_memory_bytes(self.spec.device)
-
-    def reset_peak_memory(self) -> None:
-        tc.reset_peak_memory(self.spec.device)
 
 
 def build(spec: VariantSpec, progress) -> CsmEngine:
     clock = StageClock(progress)
-    tc.reset_peak_memory(spec.device)
+    baseline_bytes = tc.reset_peak_memory(spec.device)
     (model, processor), load_s = clock.run("loading", lambda: load_model(spec))
     engine = CsmEngine(spec, model, processor)
 
@@ -241,6 +242,7 @@ def build(spec: VariantSpec, progress) -> CsmEngine:
     _, warmup_s = clock.run("compiling" if spec.compile == "inductor" else "warming up", warm_up)
     engine.report = BuildReport(
         load_s=load_s, warmup_s=warmup_s, params=tc.param_count(engine.model),
-        memory_bytes=tc.memory_bytes(engine.model), peak_mem_bytes=tc.peak_memory_bytes(spec.device),
+        memory_bytes=tc.memory_bytes(engine.model),
+        peak_mem_bytes=tc.peak_memory_bytes(spec.device, baseline_bytes),
         tokenizer=engine.processor.__class__.__name__ if engine.processor else tc.ByteTokenizer.name)
     return engine

@@ -194,11 +194,6 @@ class PocketTTSEngine(Engine):
         if self.spec.device == "cuda":
             torch.cuda.empty_cache()
 
-    def peak_memory_bytes(self) -> int:
-        return tc.peak_memory_bytes(self.spec.device)
-
-    def reset_peak_memory(self) -> None:
-        tc.reset_peak_memory(self.spec.device)
 
 
 def tiny_configs():
@@ -258,7 +253,7 @@ def _load(spec: VariantSpec):
 
 def build(spec: VariantSpec, progress: Progress) -> PocketTTSEngine:
     clock = StageClock(progress)
-    tc.reset_peak_memory(spec.device)
+    baseline_bytes = tc.reset_peak_memory(spec.device)
     (model, codec, processor), load_s = clock.run("loading", lambda: _load(spec))
     fade_in_s = getattr(processor, "fade_in_duration", FADE_IN_S)
     engine = PocketTTSEngine(spec, model, codec, processor, fade_in_s)
@@ -276,7 +271,7 @@ def build(spec: VariantSpec, progress: Progress) -> PocketTTSEngine:
         load_s=load_s, warmup_s=warmup_s,
         params=tc.param_count(model) + tc.param_count(codec),
         memory_bytes=tc.memory_bytes(model) + tc.memory_bytes(codec),
-        peak_mem_bytes=tc.peak_memory_bytes(spec.device),
+        peak_mem_bytes=tc.peak_memory_bytes(spec.device, baseline_bytes),
         tokenizer=(f"{type(processor.tokenizer).__name__} ({spec.model_id})" if processor is not None
                    else tc.ByteTokenizer.name),
         notes=[] if spec.weights == "pretrained" else [

@@ -33,6 +33,18 @@ def attention_context(spec: VariantSpec):
     return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
 
 
+def with_attention(spec: VariantSpec, fn):
+    """`fn` run under the spec's attention context: a no-op wrapper unless the backend is pinned."""
+    if spec.attention != "sdpa-flash":
+        return fn
+
+    def pinned(*args, **kwargs):
+        with attention_context(spec):
+            return fn(*args, **kwargs)
+
+    return pinned
+
+
 def quantization_config(spec: VariantSpec, skip_modules: list[str]):
     if spec.quantization == "none":
         return None
@@ -89,16 +101,22 @@ def param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def peak_memory_bytes(device: str) -> int:
-    """Peak accelerator memory on CUDA; on CPU the process's peak resident memory (all variants together)."""
+def reset_peak_memory(device: str) -> int:
+    """Start a peak-memory window; returns what is allocated already (other variants kept by the manager),
+    so the window's peak can be told apart from them."""
+    if device != "cuda":
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def peak_memory_bytes(device: str, baseline_bytes: int = 0) -> int:
+    """Peak accelerator memory since reset_peak_memory, above its baseline. On the CPU there is no such
+    split: the process's peak resident memory, all variants together."""
     if device == "cuda":
-        return torch.cuda.max_memory_allocated()
+        return torch.cuda.max_memory_allocated() - baseline_bytes
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak_memory(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
 
 
 def device_sync(device: str):

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# CPU benchmarks on this project's 2-core machine. Absolute CPU times drift with load; compare the
+# presets of one run as ratios. WAVs go to results/ (not committed).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export HF_HUB_OFFLINE=1
+# 1) the CLI over tiny CSM, tiny Pocket TTS and hibari (real speech)
+python -m lab.bench --presets hibari csm-cpu pocket-tts-cpu --weights tiny --runs 5 --max-seconds 3 \
+  --out benchmarks/cpu/tiny --wavs results/cpu-tiny --history ""
+# 2) Pocket TTS at real size, random weights: sdpa eager loop against the inductor-compiled step, one run
+python -m lab.bench --presets pocket-tts-cpu pocket-tts-cpu-inductor --weights random --runs 5 --max-seconds 3 \
+  --out benchmarks/cpu/pocket-random --wavs results/cpu-pocket --history ""
