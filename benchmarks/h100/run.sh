@@ -16,4 +16,4 @@ esac
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/nvidia-smi.txt"
 # 3.2 s of audio = 40 frames, as in ../shared/GPU.md's baseline.
 python3 -m lab.bench --presets $presets --weights random --runs 5 --max-seconds 3.2 \
-  --out "$out" --wavs /tmp/wavs --history "$out/history.jsonl" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | grep -v 'it/s\]$' | tail -n 40
+  --out "$out" --wavs /tmp/wavs --history "$out/history.jsonl" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | grep -vE '(it/s|s/run|run/s)\]\s*$' | tail -n 40
