@@ -45,9 +45,12 @@ def synthesize(preset: str, text: str, seed: float, max_seconds: float, random_w
 
 
 with gr.Blocks(title="Speech Latency Lab") as demo:
+    by_reason: dict[str, list[str]] = {}
+    for name, why in UNAVAILABLE.items():
+        by_reason.setdefault(why, []).append(f"`{name}`")
     gr.Markdown("# Speech Latency Lab\nHear a streaming voice model and see its time-to-first-byte and "
-                "real-time factor. Unavailable here: " +
-                (", ".join(f"`{n}` ({why})" for n, why in UNAVAILABLE.items()) or "none"))
+                "real-time factor.\n\n" + "\n".join(f"- Unavailable here: {', '.join(names)}. *{why}*"
+                                                       for why, names in by_reason.items()))
     with gr.Row():
         preset = gr.Dropdown(sorted(SPECS), value="hibari", label="Preset")
         random_weights = gr.Checkbox(False, label="random weights (latency only: the audio is noise)")
