@@ -101,11 +101,16 @@ def test_pretrained_weights_unreachable_say_so_and_suggest_random():
 
 
 def test_inductor_compiles_the_same_step_and_matches_eager(csm_tiny):
+    from torch._dynamo.utils import counters
+
     compiled = engines.build(csm_tiny.spec.replace(compile="inductor"))
     assert compiled.report.warmup_s > 0
+    graphs_after_build = counters["stats"]["unique_graphs"]
     run(csm_tiny, Request(TEXT, max_audio_s=1.0))
-    run(compiled, Request(TEXT, max_audio_s=1.0))
+    run(compiled, Request(TEXT, max_audio_s=1.0))     # a prompt length the warm-up never saw
     assert torch.equal(csm_tiny.last_codes, compiled.last_codes)
+    # The build compiled everything: the first real request (the "cold" run) must not compile again.
+    assert counters["stats"]["unique_graphs"] == graphs_after_build
 
 
 def test_codes_stay_inside_the_codebook_even_when_special_ids_score_highest():

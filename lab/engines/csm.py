@@ -103,7 +103,9 @@ class CsmEngine(Engine):
     def _backbone_step(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
         """Backbone over `embeds` (1, n, hidden), extending `cache`; the last position's hidden state."""
         out = self.model.backbone_model(inputs_embeds=embeds, position_ids=position_ids, cache=cache, use_cache=True)
-        return out.last_hidden_state[:, -1]
+        # A fresh (hidden,) row: a slice keeps the prompt's stride, and the compiled depth step guards on
+        # strides, so every new prompt length would recompile it (9 s on the H100's first request).
+        return out.last_hidden_state[:, -1].clone(memory_format=torch.contiguous_format)
 
     def _depth_frame(self, hidden: torch.Tensor, cache, temperature: float, top_k: int, generator) -> torch.Tensor:
         """One frame's codes (1, num_codebooks): codebook 0 from the backbone head, the rest from the depth decoder."""
