@@ -112,3 +112,40 @@ def chart(runs: list[dict], title: str, path: str | None = None):
         fig.savefig(path, dpi=110)
         plt.close(fig)
     return fig
+
+
+def merge(result_dirs: list[str], out_dir: str) -> dict:
+    """One results.json/csv/chart from bench runs made as separate calls on one machine (the GPU machine
+    limits each command to 10 minutes). Refuses to mix machines or commits: that would not be one run."""
+    import json
+    import os
+
+    parts = [json.load(open(os.path.join(d, "results.json"))) for d in result_dirs]
+    env = parts[0]["env"]
+    for d, p in zip(result_dirs, parts):
+        if (p["env"]["device"], p["env"]["commit"]) != (env["device"], env["commit"]):
+            raise ValueError(f"{d}: ran on {p['env']['device']} at {p['env']['commit']}, not "
+                             f"{env['device']} at {env['commit']}; merge only parts of one run")
+    merged = {"env": env, "request": parts[0]["request"], "parts": result_dirs,
+              "runs": [r for p in parts for r in p["runs"]],
+              "builds": {k: v for p in parts for k, v in p["builds"].items()},
+              "errors": {k: v for p in parts for k, v in p["errors"].items()}}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(merged, f, indent=1)
+    with open(os.path.join(out_dir, "results.csv"), "w") as f:
+        f.write(to_csv(merged["runs"]))
+    chart(merged["runs"], f"{env['device']} · torch {env['torch']} · transformers {env['transformers']} · "
+                          f"commit {env['commit']}", os.path.join(out_dir, "chart.png"))
+    return merged
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m lab.report", description="merge bench results made in parts")
+    p.add_argument("--merge", nargs="+", required=True, metavar="DIR", help="folders holding results.json")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    m = merge(args.merge, args.out)
+    print(table(summary_rows(m["runs"]), m["builds"]))
