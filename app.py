@@ -4,6 +4,7 @@ This is the first, minimal page: pick one preset, type a sentence, hear it strea
 The full side-by-side compare, history and blind A/B come with the app issue. All model logic lives in lab/.
 """
 import os
+import queue
 import threading
 
 import gradio as gr
@@ -16,15 +17,28 @@ from lab.metrics import Timeline, figures
 from lab.report import WEIGHTS_NOTE
 from lab.request import Request, validate_request
 
-MANAGER = ModelManager()
+# Variants stay built between clicks, up to this much memory; then the least recently used is freed.
+MANAGER = ModelManager(memory_budget_bytes=int(float(os.environ.get("LAB_MEMORY_BUDGET_GB", "16")) * 2**30))
 GPU_LOCK = threading.Lock()   # one request on the model at a time; Gradio's queue shows the others their place
 SPECS, UNAVAILABLE = presets.load_all()
 
 
-def synthesize(preset: str, text: str, seed: float, max_seconds: float, random_weights: bool,
+def _produce(engine, request, timeline, out: queue.Queue, cancel: threading.Event):
+    """Generation runs here, apart from Gradio, so the page's encoding of each chunk is not in the figures."""
+    try:
+        for chunk in engine.stream(request, timeline, cancel):
+            out.put(chunk)
+        out.put(None)
+    except Exception as e:  # handed to the page as one message
+        out.put(e)
+
+
+def synthesize(preset: str, text: str, seed, max_seconds: float, random_weights: bool,
                progress=gr.Progress()):
     """Stream one preset's audio into the player as it is generated, then show its figures."""
     try:
+        if seed is None:
+            raise LabError("seed", "is empty; type a whole number, e.g. 0")
         request = validate_request(Request(text, seed=int(seed), max_audio_s=float(max_seconds)))
         spec = presets.load(preset, weights="random" if random_weights else None)
     except LabError as e:
@@ -34,9 +48,19 @@ def synthesize(preset: str, text: str, seed: float, max_seconds: float, random_w
             engine = MANAGER.get(spec, lambda stage, s: progress(0, desc=f"{preset}: {stage} {s:.0f} s"))
         except LabError as e:
             raise gr.Error(str(e))
-        timeline = Timeline()
-        for chunk in engine.stream(request, timeline):
-            yield (chunk.sample_rate, (np.clip(chunk.samples, -1, 1) * 32767).astype(np.int16)), "streaming…"
+        timeline, chunks, cancel = Timeline(), queue.Queue(), threading.Event()
+        worker = threading.Thread(target=_produce, args=(engine, request, timeline, chunks, cancel), daemon=True)
+        worker.start()
+        try:
+            while (item := chunks.get()) is not None:
+                if isinstance(item, Exception):
+                    raise gr.Error(str(item) if isinstance(item, LabError) else f"{preset}: {type(item).__name__}: {item}")
+                yield (item.sample_rate, (np.clip(item.samples, -1, 1) * 32767).astype(np.int16)), "streaming…"
+        finally:
+            cancel.set()       # the page went away or failed: stop generating
+            worker.join()
+    if not timeline.chunks:
+        raise gr.Error(f"text: produced no audio on {preset}; type words to speak")
     f = figures(timeline)
     note = f"\n\n**{WEIGHTS_NOTE[spec.weights]}**" if spec.weights in WEIGHTS_NOTE else ""
     yield gr.skip(), (f"**{preset}** · TTFB **{f['ttfb_ms']:.0f} ms** · RTF **{f['rtf']:.3g}** · "

@@ -45,7 +45,9 @@ def run_once(engine, spec: VariantSpec, request: Request, cold: bool, run: int,
         parts.append(chunk.samples)
         if on_chunk:
             on_chunk(chunk, timeline)
-    audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    if not parts:
+        raise LabError("text", f"{request.text!r} produced no audio on {spec.name}: type words to speak")
+    audio = np.concatenate(parts)
     record = {
         "preset": spec.name, "run": run, "cold": cold, "weights": spec.weights, "family": spec.family,
         "spec": json.loads(spec.key), **figures(timeline), "peak_mem_bytes": engine.peak_memory_bytes(),

@@ -50,7 +50,8 @@ class ModelManager:
         except BaseException as e:
             slot.error = e
             with self._lock:
-                self._slots.pop(spec.key, None)   # not cached: the next request tries again
+                if self._slots.get(spec.key) is slot:
+                    del self._slots[spec.key]   # not cached: the next request tries again
             slot.done.set()
             raise
         slot.engine = engine
@@ -66,10 +67,12 @@ class ModelManager:
         return sum(e.report.memory_bytes for e in self.built())
 
     def evict(self, spec: VariantSpec) -> bool:
+        """Drop a built, idle variant. A variant still building or streaming is left alone."""
         with self._lock:
-            slot = self._slots.pop(spec.key, None)
-        if slot is None or slot.engine is None:
-            return False
+            slot = self._slots.get(spec.key)
+            if slot is None or slot.engine is None or slot.engine.busy():
+                return False
+            del self._slots[spec.key]
         self._free(slot.engine)
         return True
 
@@ -79,7 +82,9 @@ class ModelManager:
         while True:
             with self._lock:
                 total = sum(s.engine.report.memory_bytes for s in self._slots.values() if s.engine is not None)
-                victims = [k for k, s in self._slots.items() if k != keep and s.engine is not None]
+                # Oldest first; never one that is building (no engine yet) or streaming right now.
+                victims = [k for k, s in self._slots.items()
+                           if k != keep and s.engine is not None and not s.engine.busy()]
                 if total <= self.memory_budget_bytes or not victims:
                     return
                 slot = self._slots.pop(victims[0])

@@ -87,6 +87,8 @@ def from_dict(data: dict, where: str = "spec") -> VariantSpec:
         }[want]
         if not ok:
             raise LabError(where, f"{key}: expected {want}, got {type(value).__name__} {value!r}")
+    # 2 and 2.0 are one chunk_growth: coerce so equal specs get one key.
+    data = {k: float(v) if known[k].type == "float" else v for k, v in data.items()}
     return validate(VariantSpec(**data), where)
 
 

@@ -134,3 +134,9 @@ class StreamingMimiDecoder:
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (1, num_codebooks, frames) -> audio samples for exactly those frames."""
         return self.decode_latents(self.codec.quantizer.decode(codes))
+
+
+def frames_for(max_audio_s: float, frame_rate_hz: float) -> int:
+    """The frame cap for a request: whole frames that fit in max_audio_s (at least one), the same rule for
+    every engine so the protocol's "same cap for every preset" holds."""
+    return max(1, int(max_audio_s * frame_rate_hz + 1e-6))

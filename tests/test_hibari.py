@@ -14,7 +14,7 @@ def test_hibari_speaks_a_sentence_as_non_silent_24khz_audio(hibari_engine):
     assert 1.5 < len(audio) / 24000 < 6.0
     assert np.sqrt(np.mean(audio ** 2)) > 0.01
     f = figures(tl)
-    assert f["ttfb_ms"] > 0 and abs(sum(f["phases_ms"].values()) - f["ttfb_ms"]) < 1e-6
+    assert f["ttfb_ms"] < f["wall_s"] * 1e3 or len(chunks) == 1
 
 
 def test_hibari_streams_one_chunk_per_sentence_and_respects_the_cap(hibari_engine):

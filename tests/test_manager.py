@@ -75,3 +75,15 @@ def test_lru_eviction_under_budget_really_frees_the_model():
     builder_calls_before = manager.builds
     manager.get(TINY)                     # evicted, so it is built again, and now evicts the other one
     assert manager.builds == builder_calls_before + 1 and len(manager.built()) == 1
+
+
+def test_a_variant_that_is_streaming_is_not_evicted_under_it():
+    first = engines.build(TINY)
+    manager = ModelManager(memory_budget_bytes=first.report.memory_bytes + first.report.memory_bytes // 2)
+    busy = manager.get(TINY)
+    stream = busy.stream(Request("A long enough request to hold the engine.", max_audio_s=2.0), Timeline())
+    next(stream)                                   # mid-stream: the engine is in use
+    manager.get(TINY.replace(attention="eager"))   # over budget, but the only candidate is busy
+    rest = list(stream)                            # the stream finishes on an intact model
+    assert rest and busy.model is not None
+    assert len(manager.built()) == 2

@@ -124,7 +124,6 @@ def test_build_reports_size_and_the_stand_in_tokenizer(engine):
     assert report.params > 0
     assert report.memory_bytes >= 4 * report.params   # float32 weights, plus buffers
     assert "stand-in" in report.tokenizer
-    assert report.load_s > 0 and report.warmup_s > 0
 
 
 @pytest.mark.parametrize("model,where", [("eustlb/pocket-tts-not-cached", "weights"), ("./no-such-model", "model")])

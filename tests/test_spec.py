@@ -5,7 +5,7 @@ from lab.errors import LabError, MissingPackageError
 from lab.spec import VariantSpec, from_dict
 
 
-def refused(data, monkeypatch=None):
+def refused(data):
     with pytest.raises(LabError) as e:
         from_dict(data, where="presets/x.yaml")
     return str(e.value)
@@ -72,3 +72,4 @@ def test_equal_specs_share_one_key():
     c = from_dict({"family": "csm", "weights": "tiny", "attention": "eager"})
     assert a.key == b.key and a.key != c.key
     assert VariantSpec(family="csm").model_id == "sesame/csm-1b"
+    assert from_dict({"family": "csm", "chunk_growth": 2}).key == from_dict({"family": "csm", "chunk_growth": 2.0}).key

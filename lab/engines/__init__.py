@@ -15,7 +15,7 @@ import numpy as np
 
 from lab.metrics import Timeline
 from lab.request import Request
-from lab.spec import VariantSpec  # noqa: F401  (tests use engines.VariantSpec)
+from lab.spec import VariantSpec
 
 # progress(stage, seconds_so_far): stage is "loading" or "warming up" / "compiling"
 Progress = Callable[[str, float], None]
@@ -47,18 +47,30 @@ class BuildReport:
 
 
 class Engine:
-    """A built variant. Subclasses set sample_rate and report, and implement stream()."""
+    """A built variant. Subclasses set spec, sample_rate and report, and implement _stream()."""
 
     spec: VariantSpec
     sample_rate: int
     report: BuildReport
+    _lock = None
 
     def stream(self, request: Request, timeline: Timeline,
                cancel: threading.Event | None = None) -> Iterator[AudioChunk]:
+        """Yields AudioChunks as soon as each is decoded, stamping `timeline`. One request at a time per
+        engine: caches and codec streaming state belong to the request in flight, so a second caller waits."""
+        if self._lock is None:
+            self._lock = threading.Lock()
+        with self._lock:
+            yield from self._stream(request, timeline, cancel)
+
+    def _stream(self, request: Request, timeline: Timeline, cancel: threading.Event | None) -> Iterator[AudioChunk]:
         raise NotImplementedError
 
+    def busy(self) -> bool:
+        return self._lock is not None and self._lock.locked()
+
     def close(self) -> None:
-        """Drop the model so its memory can be freed."""
+        """Drop the model so its memory can be freed (the manager collects it)."""
 
     def reset_peak_memory(self) -> None:
         from lab.engines import torch_common as tc
@@ -66,8 +78,9 @@ class Engine:
         self._memory_baseline_bytes = tc.reset_peak_memory(self.spec.device)
 
     def peak_memory_bytes(self) -> int:
-        """This variant's peak in the last run: its own weights plus the run's transient peak on a GPU (other
-        variants the manager keeps do not count); the process's peak resident memory on the CPU."""
+        """This variant's peak in the last run. GPU: what it holds resident (weights, static caches) plus the
+        run's transient peak; other variants the manager keeps do not count. CPU: the process's peak resident
+        memory during the run, every resident variant included."""
         from lab.engines import torch_common as tc
 
         if self.spec.device != "cuda":
@@ -84,10 +97,12 @@ def build(spec: VariantSpec, progress: Progress | None = None) -> Engine:
 
 
 class StageClock:
-    """Times build stages and reports them to a progress callback while they run."""
+    """Times build stages and reports them to a progress callback while they run. `sync` waits for the
+    device, so work a stage queued on the GPU is counted in that stage."""
 
-    def __init__(self, progress: Progress):
+    def __init__(self, progress: Progress, sync: Callable[[], None] = lambda: None):
         self.progress = progress
+        self.sync = sync
 
     def run(self, stage: str, fn: Callable[[], object]) -> tuple[object, float]:
         t0 = time.perf_counter()
@@ -102,6 +117,7 @@ class StageClock:
         ticker.start()
         try:
             out = fn()
+            self.sync()
         finally:
             done.set()
         seconds = time.perf_counter() - t0

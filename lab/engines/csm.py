@@ -7,7 +7,6 @@ to predict codebook 0, then its depth decoder 31 times for codebooks 1..31. `dep
 """
 from __future__ import annotations
 
-import math
 import threading
 from typing import Iterator
 
@@ -16,11 +15,11 @@ import torch
 
 from lab.engines import AudioChunk, BuildReport, Engine, StageClock
 from lab.engines import torch_common as tc
-from lab.errors import Cancelled
+from lab.errors import Cancelled, LabError
 from lab.metrics import Timeline
 from lab.request import ContextTurn, Request
 from lab.spec import VariantSpec
-from lab.streaming import StreamingMimiDecoder, chunk_frames
+from lab.streaming import StreamingMimiDecoder, chunk_frames, frames_for
 
 FRAME_RATE_HZ = 12.5
 SKIP_QUANT = ["codec_model", "lm_head", "codebooks_head"]  # keep the codec and the heads in full precision
@@ -44,34 +43,25 @@ def tiny_config():
 
 
 def load_model(spec: VariantSpec):
-    from transformers import CsmForConditionalGeneration, CsmConfig
+    """(model on its device, processor or None): the real checkpoint and processor, or random/tiny weights."""
+    from transformers import CsmConfig, CsmForConditionalGeneration
 
     if spec.weights == "pretrained":
-        from transformers import AutoProcessor
-
         model = tc.from_pretrained(CsmForConditionalGeneration, spec, spec.model_id, SKIP_QUANT)
-        try:
-            processor = AutoProcessor.from_pretrained(spec.model_id)
-        except OSError as e:
-            raise tc.LabError("weights", f"the processor of {spec.model_id!r} is not cached and the hub is "
-                                         f"unreachable; use weights: random for latency-only runs") from e
-        return model, processor
-    config = tiny_config() if spec.weights == "tiny" else CsmConfig()
-    torch.manual_seed(0)  # random weights are still the same random weights every build
-    with torch.device(spec.device):  # initialise where it will run: a 1B CPU init then a copy is slow
-        model = CsmForConditionalGeneration._from_config(config, attn_implementation=tc.attn_implementation(spec),
-                                                         dtype=tc.DTYPES[spec.dtype])
-    if spec.quantization != "none":
-        model = tc.quantize_random(CsmForConditionalGeneration, model, spec, SKIP_QUANT)
-    return model, None
+        processor = tc.load_processor(spec)
+    else:
+        config = tiny_config() if spec.weights == "tiny" else CsmConfig()
+        model = tc.init_random(CsmForConditionalGeneration, config, spec, SKIP_QUANT)
+        processor = None
+    if spec.quantization == "none":   # bnb places quantized weights itself
+        model = model.to(spec.device)
+    return model.eval(), processor
 
 
 class CsmEngine(Engine):
     def __init__(self, spec: VariantSpec, model, processor):
         self.spec = spec
-        self.model = model.eval()
-        if spec.quantization == "none":
-            self.model.to(spec.device)
+        self.model = model
         self.config = model.config
         self.processor = processor
         self.tokenizer = None if processor else tc.ByteTokenizer(self.config.text_vocab_size, self.config.bos_token_id)
@@ -86,7 +76,8 @@ class CsmEngine(Engine):
             # Static caches give the compiled step fixed shapes, so it compiles once rather than per length.
             from transformers import StaticCache
 
-            self.backbone_cache = StaticCache(config=self.config, max_cache_len=self.config.max_position_embeddings)
+            self.cache_positions = self.config.max_position_embeddings
+            self.backbone_cache = StaticCache(config=self.config, max_cache_len=self.cache_positions)
             self.depth_cache = StaticCache(config=self.config.depth_decoder_config,
                                            max_cache_len=self.config.num_codebooks)
             # Only the one-token decode step is compiled: prompts vary in length, and a compiled prefill would
@@ -140,10 +131,14 @@ class CsmEngine(Engine):
         closed by the audio-EOS frame, and last the text to speak."""
         backbone = self.model.backbone_model
         segments = []
-        for turn in (*request.context, ContextTurn(request.text, speaker=request.speaker)):
+        for i, turn in enumerate((*request.context, ContextTurn(request.text, speaker=request.speaker))):
             ids = torch.tensor([self._text_ids(turn.text, turn.speaker)], device=self.device)
             parts = [self.model.embed_text_tokens(ids)]
             if turn.audio is not None:
+                if turn.sample_rate != self.sample_rate:
+                    raise LabError(f"context[{i}].sample_rate",
+                                   f"is {turn.sample_rate} Hz; CSM's codec takes {self.sample_rate} Hz audio: "
+                                   f"resample it first")
                 wav = torch.as_tensor(np.asarray(turn.audio, np.float32), device=self.device)[None, None]
                 codes = self.model.codec_model.encode(wav.to(self.model.codec_model.dtype)).audio_codes
                 codes = codes[:, : self.config.num_codebooks].transpose(1, 2)  # (1, frames, codebooks)
@@ -164,17 +159,23 @@ class CsmEngine(Engine):
 
     # -- streaming -------------------------------------------------------------------------------
     @torch.no_grad()
-    def stream(self, request: Request, timeline: Timeline, cancel: threading.Event | None = None
-               ) -> Iterator[AudioChunk]:
+    def _stream(self, request: Request, timeline: Timeline, cancel: threading.Event | None
+                ) -> Iterator[AudioChunk]:
         timeline.sync = self.sync
         timeline.mark("request")
         generator = torch.Generator(self.device).manual_seed(request.seed)
         cache = self._new_cache("backbone")
         self.codec.reset()
-        max_frames = max(1, math.ceil(request.max_audio_s * FRAME_RATE_HZ))
+        max_frames = frames_for(request.max_audio_s, FRAME_RATE_HZ)
         timeline.mark("session")
 
         segments = self._segments(request)
+        prompt_len = sum(seg.shape[1] for seg in segments)
+        if self.spec.compile == "inductor" and prompt_len + max_frames > self.cache_positions:
+            room_s = (self.cache_positions - prompt_len) / FRAME_RATE_HZ
+            raise LabError("max_audio_s", f"the prompt ({prompt_len} positions) plus {max_frames} frames does not "
+                                          f"fit the compiled KV cache ({self.cache_positions} positions); use "
+                                          f"max_audio_s of at most {max(room_s, 0):.1f}, or a shorter context")
         if self.spec.prefill == "batched":
             segments = [torch.cat(segments, dim=1)]
         pos = 0
@@ -221,17 +222,16 @@ class CsmEngine(Engine):
             hidden = self.backbone_step(embeds, torch.tensor([[pos]], device=self.device), cache)
             pos += 1
         self.last_codes = torch.cat(all_codes) if all_codes else None
-        timeline.mark("end")
 
     def close(self) -> None:
         for name in ("model", "codec", "processor", "backbone_cache", "depth_cache", "prefill_step", "backbone_step",
-                     "depth_frame"):
+                     "depth_frame", "last_codes"):
             self.__dict__.pop(name, None)
 
 
 
 def build(spec: VariantSpec, progress) -> CsmEngine:
-    clock = StageClock(progress)
+    clock = StageClock(progress, tc.device_sync(spec.device))
     baseline_bytes = tc.reset_peak_memory(spec.device)
     (model, processor), load_s = clock.run("loading", lambda: load_model(spec))
     engine = CsmEngine(spec, model, processor)
@@ -244,7 +244,10 @@ def build(spec: VariantSpec, progress) -> CsmEngine:
     _, warmup_s = clock.run("compiling" if spec.compile == "inductor" else "warming up", warm_up)
     engine.report = BuildReport(
         load_s=load_s, warmup_s=warmup_s, params=tc.param_count(engine.model),
-        memory_bytes=tc.memory_bytes(engine.model),
+        # On a GPU, what the variant keeps allocated (weights, quantization state, static caches): what eviction
+        # frees. On the CPU, its parameter and buffer bytes.
+        memory_bytes=(tc.allocated_bytes(spec.device) - baseline_bytes) if spec.device == "cuda"
+        else tc.memory_bytes(engine.model),
         peak_mem_bytes=tc.peak_memory_bytes(spec.device, baseline_bytes),
         tokenizer=engine.processor.__class__.__name__ if engine.processor else tc.ByteTokenizer.name)
     return engine

@@ -26,8 +26,8 @@ class HibariEngine(Engine):
         self.sample_rate = tts.sample_rate
         self.report = BuildReport(tokenizer="hibari G2P (misaki phonemes)")
 
-    def stream(self, request: Request, timeline: Timeline, cancel: threading.Event | None = None
-               ) -> Iterator[AudioChunk]:
+    def _stream(self, request: Request, timeline: Timeline, cancel: threading.Event | None
+                ) -> Iterator[AudioChunk]:
         from hibari import dsp
 
         timeline.mark("request")
@@ -37,7 +37,8 @@ class HibariEngine(Engine):
         timeline.mark("prefill")
         timeline.mark("generator")
         budget = int(request.max_audio_s * self.sample_rate)
-        for index, ids in enumerate(sentences):
+        # Hibari.from_ids skips id lists with no phoneme between the pads; so do we.
+        for index, ids in enumerate(s for s in sentences if len(s) >= 3):
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
             # The same two steps as Hibari.from_ids, split so the phases show model time and vocoder time.
@@ -53,7 +54,6 @@ class HibariEngine(Engine):
             yield AudioChunk(audio, self.sample_rate, index)
             if budget <= 0:
                 break
-        timeline.mark("end")
 
     def close(self) -> None:
         self.__dict__.pop("tts", None)

@@ -29,11 +29,11 @@ from transformers import DynamicCache
 
 from lab.engines import AudioChunk, BuildReport, Engine, Progress, StageClock
 from lab.engines import torch_common as tc
-from lab.errors import Cancelled, LabError
+from lab.errors import Cancelled
 from lab.metrics import Timeline
 from lab.request import Request
 from lab.spec import VariantSpec
-from lab.streaming import StreamingMimiDecoder, chunk_frames
+from lab.streaming import StreamingMimiDecoder, chunk_frames, frames_for
 
 # `generate`'s defaults when the checkpoint's generation config does not set them (_GENERATION_DEFAULTS).
 GENERATION_DEFAULTS = {"num_flow_steps": 1, "eos_threshold": -4.0, "min_frames_before_eos": 6}
@@ -107,7 +107,7 @@ class PocketTTSEngine(Engine):
         placeholders = torch.tensor(self._placeholder_ids(), device=self.device)
         num_text_tokens = int((~torch.isin(prompt_ids, placeholders)).sum())
         text_budget = math.ceil((num_text_tokens / 3 + 2) * self.model.config.frame_rate)
-        return max(1, min(int(request.max_audio_s * self.sample_rate) // self.frame_samples, text_budget))
+        return max(1, min(frames_for(request.max_audio_s, self.sample_rate / self.frame_samples), text_budget))
 
     def decode(self, latents: list[torch.Tensor], first: bool) -> np.ndarray:
         """Normalised latents of one chunk -> float32 samples, continuing the codec's streaming state."""
@@ -125,8 +125,8 @@ class PocketTTSEngine(Engine):
         return self.model.denormalize_latents(torch.stack(self._latents, dim=1))
 
     @torch.no_grad()
-    def stream(self, request: Request, timeline: Timeline,
-               cancel: threading.Event | None = None) -> Iterator[AudioChunk]:
+    def _stream(self, request: Request, timeline: Timeline,
+                cancel: threading.Event | None) -> Iterator[AudioChunk]:
         timeline.sync = tc.device_sync(self.spec.device)
         timeline.mark("request")
         cfg, dtype = self.model.config, self.model.dtype
@@ -218,19 +218,14 @@ def tiny_configs():
 
 def _load(spec: VariantSpec):
     """(model, codec, processor or None) on the spec's device, in its dtype, attention and quantization."""
-    from transformers import (AutoProcessor, PocketTTSAudioTokenizerConfig, PocketTTSAudioTokenizerModel,
+    from transformers import (PocketTTSAudioTokenizerConfig, PocketTTSAudioTokenizerModel,
                               PocketTTSConfig, PocketTTSForConditionalGeneration)
 
     cls, dtype = PocketTTSForConditionalGeneration, tc.DTYPES[spec.dtype]
     if spec.weights == "pretrained":
         model = tc.from_pretrained(cls, spec, spec.model_id, QUANT_SKIP_MODULES)
-        try:
-            # The processor holds the tokenizer, the chat template and the audio tokenizer (the codec).
-            processor = AutoProcessor.from_pretrained(spec.model_id, dtype=dtype)
-        except OSError as e:
-            raise LabError("weights", f"{spec.model_id!r}: the processor and audio tokenizer could not be loaded: not "
-                                      f"in the HF cache and the hub is unreachable ({type(e).__name__}); use weights: "
-                                      f"random for latency-only runs") from e
+        # The processor holds the tokenizer, the chat template and the audio tokenizer (the codec).
+        processor = tc.load_processor(spec, dtype=dtype)
         codec = processor.audio_tokenizer
     else:
         # Random init at real size (latency only: the audio is noise), or the tiny test config. The encoder
@@ -253,7 +248,7 @@ def _load(spec: VariantSpec):
 
 
 def build(spec: VariantSpec, progress: Progress) -> PocketTTSEngine:
-    clock = StageClock(progress)
+    clock = StageClock(progress, tc.device_sync(spec.device))
     baseline_bytes = tc.reset_peak_memory(spec.device)
     (model, codec, processor), load_s = clock.run("loading", lambda: _load(spec))
     fade_in_s = getattr(processor, "fade_in_duration", FADE_IN_S)
@@ -271,7 +266,8 @@ def build(spec: VariantSpec, progress: Progress) -> PocketTTSEngine:
     engine.report = BuildReport(
         load_s=load_s, warmup_s=warmup_s,
         params=tc.param_count(model) + tc.param_count(codec),
-        memory_bytes=tc.memory_bytes(model) + tc.memory_bytes(codec),
+        memory_bytes=(tc.allocated_bytes(spec.device) - baseline_bytes) if spec.device == "cuda"
+        else tc.memory_bytes(model) + tc.memory_bytes(codec),
         peak_mem_bytes=tc.peak_memory_bytes(spec.device, baseline_bytes),
         tokenizer=(f"{type(processor.tokenizer).__name__} ({spec.model_id})" if processor is not None
                    else tc.ByteTokenizer.name),

@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-from lab.errors import LabError, MissingPackageError  # noqa: F401  (LabError re-exported for engines)
+from lab.errors import LabError, MissingPackageError
 from lab.spec import VariantSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -101,22 +101,70 @@ def param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def allocated_bytes(device: str) -> int:
+    return torch.cuda.memory_allocated() if device == "cuda" else 0
+
+
 def reset_peak_memory(device: str) -> int:
     """Start a peak-memory window; returns what is allocated already (other variants kept by the manager),
-    so the window's peak can be told apart from them."""
-    if device != "cuda":
-        return 0
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda.memory_allocated()
+    so the window's peak can be told apart from them. On the CPU it resets the process's high-water mark."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")   # Linux: reset VmHWM to the current resident size
+    except OSError:
+        pass
+    return 0
 
 
 def peak_memory_bytes(device: str, baseline_bytes: int = 0) -> int:
-    """Peak accelerator memory since reset_peak_memory, above its baseline. On the CPU there is no such
-    split: the process's peak resident memory, all variants together."""
+    """CUDA: torch.cuda.max_memory_allocated since reset_peak_memory, less its baseline. CPU: the process's
+    peak resident memory since the reset (VmHWM), which counts every variant resident in the process."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() - baseline_bytes
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def init_random(cls, config, spec: VariantSpec, skip_modules: list[str]):
+    """Real-size (or tiny) random initialisation on the spec's device: the same weights every build, without
+    touching the caller's RNG. Codec codebooks, which transformers initialises to zeros (so every code would
+    decode to the same sound), get random entries: noise, but noise that depends on the codes."""
+    with torch.random.fork_rng(devices=[]), torch.device(spec.device):
+        torch.manual_seed(0)
+        model = cls._from_config(config, attn_implementation=attn_implementation(spec), dtype=DTYPES[spec.dtype])
+        for module in model.modules():
+            if hasattr(module, "embed_sum") and hasattr(module, "_embed"):
+                module.embed_sum.normal_()
+                module._embed = None
+    if spec.quantization != "none":
+        model = quantize_random(cls, model, spec, skip_modules)
+    return model
+
+
+def load_processor(spec: VariantSpec, **kwargs):
+    """The model's real processor (tokenizer, chat template, codec), local cache first."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(spec.model_id, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    try:
+        return AutoProcessor.from_pretrained(spec.model_id, **kwargs)
+    except OSError as e:
+        raise LabError("weights", f"{spec.model_id!r}: the processor could not be loaded: not in the Hugging Face "
+                                  f"cache and the hub is unreachable ({type(e).__name__}); use weights: random for "
+                                  f"latency-only runs") from e
 
 
 def device_sync(device: str):
