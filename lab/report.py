@@ -54,7 +54,7 @@ def table(rows: list[dict], builds: dict) -> str:
             r["preset"], r["weights"],
             f"{r['ttfb_ms']:.1f} ({r['ttfb_ms_lo']:.1f}-{r['ttfb_ms_hi']:.1f})" if r["ttfb_ms"] is not None else "-",
             f"{_fmt(r['rtf'])} ({_fmt(r['rtf_lo'])}-{_fmt(r['rtf_hi'])})" if r["rtf"] is not None else "-",
-            _fmt(r["steady_rtf"]), _fmt(r["underruns"]), _fmt(r["stall_s"]),
+            _fmt(r["steady_rtf"]), _fmt(None if r["underruns"] is None else round(r["underruns"])), _fmt(r["stall_s"]),
             _fmt(r["cold_ttfb_ms"], 4), _fmt(b.get("load_s")), _fmt(b.get("warmup_s")),
             f"{r['peak_mem_bytes'] / 2**20:.0f}"])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
