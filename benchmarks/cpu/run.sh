@@ -8,5 +8,5 @@ export HF_HUB_OFFLINE=1
 python -m lab.bench --presets hibari csm-cpu pocket-tts-cpu --weights tiny --runs 5 --max-seconds 3 \
   --out benchmarks/cpu/tiny --wavs results/cpu-tiny --history ""
 # 2) Pocket TTS at real size, random weights: sdpa eager loop against the inductor-compiled step, one run
-python -m lab.bench --presets pocket-tts-cpu pocket-tts-cpu-inductor --weights random --runs 5 --max-seconds 3 \
+python -m lab.bench --presets pocket-tts-cpu pocket-tts-cpu-inductor --weights random --runs 10 --max-seconds 3 \
   --out benchmarks/cpu/pocket-random --wavs results/cpu-pocket --history ""
