@@ -42,12 +42,12 @@ def synthesize(preset: str, text: str, seed, max_seconds: float, random_weights:
         request = validate_request(Request(text, seed=int(seed), max_audio_s=float(max_seconds)))
         spec = presets.load(preset, weights="random" if random_weights else None)
     except LabError as e:
-        raise gr.Error(str(e))
+        raise gr.Error(str(e)) from None
     with GPU_LOCK:
         try:
             engine = MANAGER.get(spec, lambda stage, s: progress(0, desc=f"{preset}: {stage} {s:.0f} s"))
         except LabError as e:
-            raise gr.Error(str(e))
+            raise gr.Error(str(e)) from None
         timeline, chunks, cancel = Timeline(), queue.Queue(), threading.Event()
         worker = threading.Thread(target=_produce, args=(engine, request, timeline, chunks, cancel), daemon=True)
         worker.start()
