@@ -11,9 +11,10 @@ import gradio as gr
 import numpy as np
 
 from lab import presets
+from lab.bench import run_once
+from lab.engines import AudioChunk
 from lab.errors import LabError
 from lab.manager import ModelManager
-from lab.metrics import Timeline, figures
 from lab.report import WEIGHTS_NOTE
 from lab.request import Request, validate_request
 
@@ -23,12 +24,17 @@ GPU_LOCK = threading.Lock()   # one request on the model at a time; Gradio's que
 SPECS, UNAVAILABLE = presets.load_all()
 
 
-def _produce(engine, request, timeline, out: queue.Queue, cancel: threading.Event):
-    """Generation runs here, apart from Gradio, so the page's encoding of each chunk is not in the figures."""
+SERVED: set[str] = set()   # variants that have run once: their first request is the cold one
+
+
+def _produce(engine, spec, request, out: queue.Queue, cancel: threading.Event):
+    """The same run as the CLI's (lab.bench.run_once), apart from Gradio, so the page's encoding of each
+    chunk is not in the figures. Chunks, then the run's record, go to the page through `out`."""
     try:
-        for chunk in engine.stream(request, timeline, cancel):
-            out.put(chunk)
-        out.put(None)
+        record, _ = run_once(engine, spec, request, cold=spec.key not in SERVED, run=0, cancel=cancel,
+                             on_chunk=lambda chunk, timeline: out.put(chunk))
+        SERVED.add(spec.key)
+        out.put(record)
     except Exception as e:  # handed to the page as one message
         out.put(e)
 
@@ -48,23 +54,20 @@ def synthesize(preset: str, text: str, seed, max_seconds: float, random_weights:
             engine = MANAGER.get(spec, lambda stage, s: progress(0, desc=f"{preset}: {stage} {s:.0f} s"))
         except LabError as e:
             raise gr.Error(str(e)) from None
-        timeline, chunks, cancel = Timeline(), queue.Queue(), threading.Event()
-        worker = threading.Thread(target=_produce, args=(engine, request, timeline, chunks, cancel), daemon=True)
+        items, cancel = queue.Queue(), threading.Event()
+        worker = threading.Thread(target=_produce, args=(engine, spec, request, items, cancel), daemon=True)
         worker.start()
         try:
-            while (item := chunks.get()) is not None:
-                if isinstance(item, Exception):
-                    raise gr.Error(str(item) if isinstance(item, LabError) else f"{preset}: {type(item).__name__}: {item}")
+            while isinstance(item := items.get(), AudioChunk):
                 yield (item.sample_rate, (np.clip(item.samples, -1, 1) * 32767).astype(np.int16)), "streaming…"
         finally:
             cancel.set()       # the page went away or failed: stop generating
             worker.join()
-    if not timeline.chunks:
-        raise gr.Error(f"text: produced no audio on {preset}; type words to speak")
-    f = figures(timeline)
+    if isinstance(item, Exception):
+        raise gr.Error(str(item) if isinstance(item, LabError) else f"{preset}: {type(item).__name__}: {item}")
     note = f"\n\n**{WEIGHTS_NOTE[spec.weights]}**" if spec.weights in WEIGHTS_NOTE else ""
-    yield gr.skip(), (f"**{preset}** · TTFB **{f['ttfb_ms']:.0f} ms** · RTF **{f['rtf']:.3g}** · "
-                      f"{f['audio_s']:.2f} s of audio in {f['chunks']} chunks · underruns {f['underruns']}"
+    yield gr.skip(), (f"**{preset}** · TTFB **{item['ttfb_ms']:.0f} ms** · RTF **{item['rtf']:.3g}** · "
+                      f"{item['audio_s']:.2f} s of audio in {item['chunks']} chunks · underruns {item['underruns']}"
                       f" · build {engine.report.load_s:.1f} s load + {engine.report.warmup_s:.1f} s warm-up{note}")
 
 

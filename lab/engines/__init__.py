@@ -53,13 +53,15 @@ class Engine:
     sample_rate: int
     report: BuildReport
     _lock = None
+    _lock_guard = threading.Lock()   # engines do not call a base __init__; this makes the lazy lock race-free
 
     def stream(self, request: Request, timeline: Timeline,
                cancel: threading.Event | None = None) -> Iterator[AudioChunk]:
         """Yields AudioChunks as soon as each is decoded, stamping `timeline`. One request at a time per
         engine: caches and codec streaming state belong to the request in flight, so a second caller waits."""
-        if self._lock is None:
-            self._lock = threading.Lock()
+        with Engine._lock_guard:
+            if self._lock is None:
+                self._lock = threading.Lock()
         with self._lock:
             yield from self._stream(request, timeline, cancel)
 

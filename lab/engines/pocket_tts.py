@@ -18,7 +18,6 @@ Above 0 the noise is `sqrt(temperature)` times Gaussian draws from a generator s
 """
 from __future__ import annotations
 
-import gc
 import math
 import threading
 from typing import Iterator
@@ -79,7 +78,10 @@ class PocketTTSEngine(Engine):
         # so every utterance would end at frame 6. Latency runs need full-length audio, so only trained
         # weights listen to it. None turns the check (and its per-frame host sync) off.
         self.eos_threshold: float | None = float(setting["eos_threshold"]) if spec.weights == "pretrained" else None
-        self.step = torch.compile(frame_step) if spec.compile == "inductor" else frame_step
+        step = torch.compile(frame_step) if spec.compile == "inductor" else frame_step
+        # The pinned attention kernel (sdpa-flash) wraps the model's calls only, as in the CSM engine.
+        self.step = tc.with_attention(spec, step)
+        self.prefill = tc.with_attention(spec, lambda ids, cache: model(input_ids=ids, cache=cache, use_cache=True))
         self.stand_in = None if processor is not None else tc.ByteTokenizer(
             vocab_size=min(self._placeholder_ids()), bos_id=None)
         self._latents: list[torch.Tensor] = []  # the latest request's normalised latents, one (1, latent_dim) a frame
@@ -137,8 +139,7 @@ class PocketTTSEngine(Engine):
         timeline.mark("session")
 
         prompt_ids, frames_after_eos = self.encode_prompt(request.text)
-        with tc.attention_context(self.spec):
-            outputs = self.model(input_ids=prompt_ids, cache=cache, use_cache=True)
+        outputs = self.prefill(prompt_ids, cache)
         timeline.mark("prefill")
 
         max_frames = self.max_frames(request, prompt_ids)
@@ -155,13 +156,12 @@ class PocketTTSEngine(Engine):
                 raise Cancelled()
             noise = zeros if noise_scale == 0 else noise_scale * torch.randn(
                 1, cfg.latent_dim, device=self.device, dtype=dtype, generator=generator)
-            with tc.attention_context(self.spec):
-                if frame == 0:
-                    latent, eos_logit = next_latent(self.model, outputs, noise, self.num_flow_steps)
-                    del outputs
-                else:  # a fresh contiguous (1, 1, latent_dim) input, so a compiled step keeps one stride
-                    latent, eos_logit = self.step(self.model, step_ids, latent[:, None, :].clone(), cache, noise,
-                                                  self.num_flow_steps)
+            if frame == 0:   # the prefill already ran the backbone for this frame
+                latent, eos_logit = next_latent(self.model, outputs, noise, self.num_flow_steps)
+                del outputs
+            else:  # a fresh contiguous (1, 1, latent_dim) input, so a compiled step keeps one stride
+                latent, eos_logit = self.step(self.model, step_ids, latent[:, None, :].clone(), cache, noise,
+                                              self.num_flow_steps)
             timeline.frame()
             if frame == 0:
                 timeline.mark("first_frame")
@@ -188,12 +188,9 @@ class PocketTTSEngine(Engine):
             chunk_index, pending, chunk_target = chunk_index + 1, [], next(chunk_sizes)
 
     def close(self) -> None:
-        for name in ("model", "codec", "processor", "decoder", "step", "_latents"):
-            if hasattr(self, name):
-                delattr(self, name)
-        gc.collect()
-        if self.spec.device == "cuda":
-            torch.cuda.empty_cache()
+        # The manager collects garbage and empties the CUDA cache after close.
+        for name in ("model", "codec", "processor", "decoder", "step", "prefill", "_latents"):
+            self.__dict__.pop(name, None)
 
 
 
@@ -234,13 +231,8 @@ def _load(spec: VariantSpec):
             model_config, codec_config = tiny_configs()
         else:
             model_config, codec_config = PocketTTSConfig(), PocketTTSAudioTokenizerConfig(encoder_config=None)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # one variant, one set of weights in every build; the caller's RNG is untouched
-            model = cls._from_config(model_config, attn_implementation=tc.attn_implementation(spec), dtype=dtype)
-            codec = PocketTTSAudioTokenizerModel._from_config(
-                codec_config, attn_implementation=tc.attn_implementation(spec), dtype=dtype)
-        if spec.quantization != "none":
-            model = tc.quantize_random(cls, model, spec, QUANT_SKIP_MODULES)
+        model = tc.init_random(cls, model_config, spec, QUANT_SKIP_MODULES)
+        codec = tc.init_random(PocketTTSAudioTokenizerModel, codec_config, spec, quantize=False)
         processor = None
     if spec.quantization == "none":
         model = model.to(spec.device)

@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-from lab.errors import LabError, MissingPackageError
+from lab.errors import LabError
 from lab.spec import VariantSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,11 +48,7 @@ def with_attention(spec: VariantSpec, fn):
 def quantization_config(spec: VariantSpec, skip_modules: list[str]):
     if spec.quantization == "none":
         return None
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as e:
-        raise MissingPackageError("quantization", "bitsandbytes") from e
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # bitsandbytes itself was checked by spec validation
 
     if spec.quantization == "bnb-int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
@@ -135,7 +131,7 @@ def peak_memory_bytes(device: str, baseline_bytes: int = 0) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def init_random(cls, config, spec: VariantSpec, skip_modules: list[str]):
+def init_random(cls, config, spec: VariantSpec, skip_modules: list[str] = (), quantize: bool = True):
     """Real-size (or tiny) random initialisation on the spec's device: the same weights every build, without
     touching the caller's RNG. Codec codebooks, which transformers initialises to zeros (so every code would
     decode to the same sound), get random entries: noise, but noise that depends on the codes."""
@@ -146,8 +142,8 @@ def init_random(cls, config, spec: VariantSpec, skip_modules: list[str]):
             if hasattr(module, "embed_sum") and hasattr(module, "_embed"):
                 module.embed_sum.normal_()
                 module._embed = None
-    if spec.quantization != "none":
-        model = quantize_random(cls, model, spec, skip_modules)
+    if quantize and spec.quantization != "none":
+        model = quantize_random(cls, model, spec, list(skip_modules))
     return model
 
 
