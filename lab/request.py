@@ -9,6 +9,8 @@ import numpy as np
 from lab.errors import LabError
 
 MAX_TEXT_CHARS = 1000
+MAX_USER_AUDIO_S = 30.0          # a spoken user turn for models that take audio input (omni models)
+MAX_USER_AUDIO_BYTES = 20 * 2**20
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ class Request:
     temperature: float = 0.0        # 0 is greedy; above 0 samples on the device with the seeded generator
     top_k: int = 50
     context: tuple[ContextTurn, ...] = field(default_factory=tuple)
+    # A spoken user turn, for families with FAMILIES[f]["user_audio"] (omni models); mono float32.
+    user_audio: np.ndarray | None = None
+    user_audio_sample_rate: int = 16000
 
 
 def _is_latin(ch: str) -> bool:
@@ -55,6 +60,33 @@ def validate_text(text: str, max_chars: int = MAX_TEXT_CHARS, where: str = "text
     return text.strip()
 
 
+def validate_user_audio(audio, sample_rate: int, where: str = "user_audio") -> np.ndarray:
+    """A user's recorded or uploaded turn: mono, finite, non-empty, at most MAX_USER_AUDIO_S long.
+    Stereo is averaged to mono; anything else is refused with what to do."""
+    if not isinstance(sample_rate, (int, np.integer)) or not (8000 <= sample_rate <= 192000):
+        raise LabError(where, f"sample rate {sample_rate!r} is not a plausible audio rate; upload a WAV, FLAC or "
+                              f"MP3 recorded at 8-192 kHz")
+    a = np.asarray(audio)
+    if a.dtype.kind not in "fiu":
+        raise LabError(where, f"holds {a.dtype} data, not audio samples; upload a WAV, FLAC or MP3 file")
+    if a.nbytes > MAX_USER_AUDIO_BYTES:
+        raise LabError(where, f"is {a.nbytes / 2**20:.0f} MiB, over the {MAX_USER_AUDIO_BYTES // 2**20} MiB limit; "
+                              f"upload a shorter clip")
+    if a.dtype.kind in "iu":   # PCM integers, e.g. Gradio's int16: scale to [-1, 1]
+        a = a.astype(np.float32) / float(np.iinfo(a.dtype).max)
+    a = a.astype(np.float32)
+    if a.ndim == 2:   # (samples, channels), as soundfile and Gradio give it
+        a = a.mean(axis=1)
+    if a.ndim != 1 or a.size == 0:
+        raise LabError(where, "is empty or not a mono/stereo clip; upload a short recording of speech")
+    if not np.isfinite(a).all():
+        raise LabError(where, "has NaN or infinite samples; re-export the recording")
+    if a.size / sample_rate > MAX_USER_AUDIO_S:
+        raise LabError(where, f"is {a.size / sample_rate:.1f} s long, over the {MAX_USER_AUDIO_S:.0f} s limit; "
+                              f"trim it")
+    return a
+
+
 def validate_request(req: Request, max_chars: int = MAX_TEXT_CHARS) -> Request:
     validate_text(req.text, max_chars)
     if not (0 < req.max_audio_s <= 120):
@@ -69,4 +101,6 @@ def validate_request(req: Request, max_chars: int = MAX_TEXT_CHARS) -> Request:
                 raise LabError(f"context[{i}].audio", "must be a non-empty mono float array with finite samples")
             if a.size / turn.sample_rate > 30:
                 raise LabError(f"context[{i}].audio", "is longer than 30 s; trim it")
+    if req.user_audio is not None:
+        validate_user_audio(req.user_audio, req.user_audio_sample_rate)
     return req

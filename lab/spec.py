@@ -13,10 +13,12 @@ from lab import env
 from lab.errors import LabError, MissingPackageError
 
 FAMILIES = {
-    # family: default model, whether torch axes apply, which weights modes it has
-    "csm": {"model": "sesame/csm-1b", "torch": True, "weights": ("pretrained", "random", "tiny")},
-    "pocket_tts": {"model": "eustlb/pocket-tts", "torch": True, "weights": ("pretrained", "random", "tiny")},
-    "hibari": {"model": "hibari-tts:heart", "torch": False, "weights": ("pretrained",)},
+    # family: default model, whether torch axes apply, which weights modes it has, whether a request may carry a
+    # spoken user turn (Request.user_audio)
+    "csm": {"model": "sesame/csm-1b", "torch": True, "weights": ("pretrained", "random", "tiny"), "user_audio": False},
+    "pocket_tts": {"model": "eustlb/pocket-tts", "torch": True, "weights": ("pretrained", "random", "tiny"),
+                   "user_audio": False},
+    "hibari": {"model": "hibari-tts:heart", "torch": False, "weights": ("pretrained",), "user_audio": False},
 }
 CHOICES = {
     "family": tuple(FAMILIES),

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from lab.errors import LabError
@@ -33,3 +34,21 @@ def test_bad_context_audio_names_the_turn():
     with pytest.raises(LabError) as e:
         validate_request(req)
     assert e.value.where == "context[0].audio"
+
+
+def test_user_audio_is_checked_and_normalised():
+    from lab.request import MAX_USER_AUDIO_S, validate_user_audio
+
+    stereo_pcm = (np.ones((1600, 2)) * 16384).astype(np.int16)
+    mono = validate_user_audio(stereo_pcm, 16000)
+    assert mono.shape == (1600,) and mono.dtype == np.float32 and abs(mono[0] - 0.5) < 1e-3
+    for bad, sr, words in [(np.zeros(0, np.float32), 16000, "empty"),
+                           (np.full(100, np.nan, np.float32), 16000, "NaN"),
+                           (np.zeros(int(16000 * (MAX_USER_AUDIO_S + 1)), np.float32), 16000, "limit"),
+                           (np.zeros(100, np.float32), 12, "sample rate"),
+                           (np.array(["a", "b"]), 16000, "not audio")]:
+        with pytest.raises(LabError, match=words) as e:
+            validate_user_audio(bad, sr)
+        assert e.value.where == "user_audio"
+    with pytest.raises(LabError, match="user_audio"):
+        validate_request(Request("Hello.", user_audio=np.zeros(0, np.float32)))
