@@ -26,7 +26,7 @@ CHOICES = {
     "device": ("cpu", "cuda"),
     "dtype": ("float32", "bfloat16", "float16"),
     "attention": ("eager", "sdpa", "sdpa-flash", "flash_attention_2"),
-    "compile": ("off", "inductor", "cuda-graphs"),
+    "compile": ("off", "inductor", "cuda-graphs", "inductor+cuda-graphs"),
     "quantization": ("none", "bnb-int8", "bnb-nf4"),
     "prefill": ("batched", "per-segment"),
 }
@@ -125,7 +125,7 @@ def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
                                   f"use quantization: none on the CPU")
         if not env.has_package("bitsandbytes"):
             raise MissingPackageError(where, "bitsandbytes", why=f"quantization: {spec.quantization} needs it")
-        if spec.quantization == "bnb-int8" and spec.compile == "cuda-graphs":
+        if spec.quantization == "bnb-int8" and spec.compile in ("cuda-graphs", "inductor+cuda-graphs"):
             raise LabError(where, "bnb-int8 cannot run inside a CUDA graph (LLM.int8 syncs with the host); "
                                   "use compile: off, or quantization: bnb-nf4")
     if spec.attention == "flash_attention_2":
@@ -136,6 +136,13 @@ def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
             raise LabError(where, "attention: flash_attention_2 needs device: cuda and dtype bfloat16 or float16")
     if spec.attention == "sdpa-flash" and spec.dtype == "float32" and spec.device == "cuda":
         raise LabError(where, "attention: sdpa-flash has no float32 kernel on CUDA; use dtype: bfloat16")
-    if spec.compile == "cuda-graphs":
-        raise LabError(where, "compile: cuda-graphs is not implemented yet; use compile: inductor or off")
+    if spec.compile in ("cuda-graphs", "inductor+cuda-graphs"):
+        if spec.family != "csm":
+            raise LabError(where, f"compile: {spec.compile} is implemented for csm only; use compile: inductor")
+        if spec.device != "cuda":
+            raise LabError(where, f"compile: {spec.compile} needs device: cuda; on the CPU use compile: inductor")
+    if spec.family == "csm" and spec.compile != "off" and spec.attention in ("sdpa-flash", "flash_attention_2"):
+        raise LabError(where, f"attention: {spec.attention} with compile: {spec.compile}: the compiled and graphed "
+                              f"steps attend over fixed-size KV buffers through a mask, and flash kernels take no "
+                              f"mask; use attention: sdpa (or eager), or compile: off")
     return spec

@@ -5,6 +5,10 @@ last samples as left context, and a transposed convolution spills (kernel - stri
 next chunk. `StreamingSeanet` carries both across calls, so the streamed audio equals whole-utterance
 decode. It walks the transformers modules (MimiConv1d, MimiConvTranspose1d, MimiResnetBlock and their
 PocketTTS copies) by shape, not by class, and never changes their weights or forward.
+
+With `static=True` every piece of state lives in a buffer allocated once and updated in place (conv context,
+transposed-conv overlap, the decoder transformer's keys and values at a device-held position), so decoding a
+chunk of a given size has fixed shapes and no host sync: it can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -37,8 +41,9 @@ def _is_resnet(m: nn.Module) -> bool:
 class StreamingSeanet:
     """Runs a list of causal conv layers chunk by chunk, carrying each layer's state between calls."""
 
-    def __init__(self, layers):
+    def __init__(self, layers, static: bool = False):
         self.layers = list(layers)
+        self.static = static
         for m in self._convs():
             if _is_conv(m):
                 if not m.causal:
@@ -48,6 +53,16 @@ class StreamingSeanet:
             if _is_conv_transpose(m) and m.padding_left != 0:
                 raise ValueError("streaming decode needs transposed convs that trim only on the right")
         self.state: dict[int, torch.Tensor] = {}
+        if static:
+            for m in self._convs():
+                if _is_conv(m) and m.pad_mode != "constant":
+                    raise ValueError("static streaming decode needs constant (zero) conv padding")
+                weight = getattr(getattr(m, "conv", None), "weight", None)
+                if _is_conv(m) and int(m.padding_total):
+                    self.state[id(m)] = weight.new_zeros(1, m.conv.in_channels, int(m.padding_total))
+                elif _is_conv_transpose(m) and int(m.padding_right):
+                    self.state[id(m)] = weight.new_zeros(1, m.conv.out_channels, int(m.padding_right))
+            self.reset()
 
     def _convs(self):
         for layer in self.layers:
@@ -58,7 +73,17 @@ class StreamingSeanet:
                 yield layer
 
     def reset(self) -> None:
-        self.state.clear()
+        if not self.static:
+            self.state.clear()
+            return
+        # Buffers that make the first chunk run the same code as every later one: zeros are exactly the
+        # constant left padding a whole decode starts with, and an overlap equal to the bias adds nothing.
+        for m in self._convs():
+            buf = self.state.get(id(m))
+            if buf is None:
+                continue
+            bias = m.conv.bias if _is_conv_transpose(m) else None
+            buf.copy_(bias[None, :, None].expand_as(buf)) if bias is not None else buf.zero_()
 
     def _conv(self, m, x):
         pad = int(m.padding_total)
@@ -68,7 +93,9 @@ class StreamingSeanet:
             x_in = m._pad1d(x, (pad, 0), mode=m.pad_mode)
         else:
             x_in = torch.cat([prev, x], dim=-1)
-        if pad:
+        if pad and self.static:
+            prev.copy_(x_in[..., x_in.shape[-1] - pad:])
+        elif pad:
             self.state[id(m)] = x_in[..., x_in.shape[-1] - pad:]
         return m.conv(x_in)
 
@@ -80,7 +107,10 @@ class StreamingSeanet:
             bias = m.conv.bias
             # The overlap was computed with bias already added once; add only the partial sums.
             y[..., :tail] += prev - (bias[None, :, None] if bias is not None else 0)
-        self.state[id(m)] = y[..., y.shape[-1] - tail:].clone()
+        if self.static:
+            prev.copy_(y[..., y.shape[-1] - tail:])
+        else:
+            self.state[id(m)] = y[..., y.shape[-1] - tail:].clone()
         return y[..., : y.shape[-1] - tail]
 
     def _layer(self, m, x):
@@ -104,20 +134,36 @@ class StreamingSeanet:
 
 class StreamingMimiDecoder:
     """Mimi codes -> audio, chunk by chunk: RVQ decode, upsample, decoder transformer with its KV cache,
-    then SEANet with carried conv state. Works for `MimiModel` (CSM's codec)."""
+    then SEANet with carried conv state. Works for `MimiModel` (CSM's codec).
 
-    def __init__(self, codec):
+    `static_positions`: run on static state (see the module docstring), with room for that many decoder
+    transformer positions (the codec's internal frame rate times the longest audio)."""
+
+    def __init__(self, codec, static_positions: int | None = None):
         self.codec = codec
         dec = codec.decoder
-        self.upsample = StreamingSeanet([dec.upsample]) if dec.upsample is not None else None
-        self.seanet = StreamingSeanet(dec.decoder_seanet.layers)
+        static = static_positions is not None
+        self.upsample = StreamingSeanet([dec.upsample], static) if dec.upsample is not None else None
+        self.seanet = StreamingSeanet(dec.decoder_seanet.layers, static)
         self.transformer = dec.decoder_transformer
+        self.static_kv = None
+        if static:
+            from lab.kv import static_kv_for
+
+            weight = next(self.transformer.parameters())
+            cfg = self.transformer.config
+            self.static_kv = static_kv_for(cfg, static_positions, weight.dtype, weight.device,
+                                           window=getattr(cfg, "sliding_window", None))
         self.cache = None
 
     def reset(self) -> None:
         self.seanet.reset()
         if self.upsample is not None:
             self.upsample.reset()
+        if self.static_kv is not None:
+            self.static_kv.reset()
+            self.cache = self.static_kv
+            return
         from transformers import DynamicCache
         self.cache = DynamicCache(config=self.codec.decoder.config)
 
@@ -127,7 +173,12 @@ class StreamingMimiDecoder:
         if self.cache is None:
             self.reset()
         h = self.upsample(latents) if self.upsample is not None else latents
-        h = self.transformer(h.transpose(1, 2), cache=self.cache, use_cache=True).last_hidden_state
+        if self.static_kv is not None:
+            from lab.kv import run_layers
+
+            h = run_layers(self.transformer, h.transpose(1, 2), self.static_kv, norm=False)
+        else:
+            h = self.transformer(h.transpose(1, 2), cache=self.cache, use_cache=True).last_hidden_state
         return self.seanet(h.transpose(1, 2))[0, 0]
 
     @torch.no_grad()

@@ -69,6 +69,57 @@ def test_frame_loop_gives_the_same_codes_as_transformers_generate(csm_tiny):
     assert torch.equal(ref[0], csm_tiny.last_codes)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_step_over_static_kv_buffers_gives_generates_codes(csm_tiny, attention):
+    """The path compile and CUDA graphs wrap: the same frame step, over preallocated KV buffers with a mask and
+    device-held positions. Run eagerly here on the CPU; the GPU benchmark checks its graph replay against it."""
+    from lab.engines import csm
+
+    model = csm_tiny.model
+    model.config._attn_implementation = attention
+    for sub in (model.backbone_model, model.depth_decoder, model.depth_decoder.model):
+        sub.config._attn_implementation = attention
+    try:
+        static = csm.CsmEngine(csm_tiny.spec, model, None, static_kv=True)
+        context = (ContextTurn("An earlier turn.", speaker=1),)
+        for request in (Request(TEXT, max_audio_s=1.6), Request(TEXT, max_audio_s=1.6, context=context)):
+            run(static, request)
+            per_segment = csm.CsmEngine(csm_tiny.spec.replace(prefill="per-segment"), model, None, static_kv=True)
+            run(per_segment, request)
+            assert torch.equal(static.last_codes, per_segment.last_codes)
+        run(static, Request(TEXT, max_audio_s=1.6))
+        ids = torch.tensor([csm_tiny.tokenizer(f"[0]{TEXT}")])
+        with torch.no_grad():
+            ref = model.generate(input_ids=ids, do_sample=False, depth_decoder_do_sample=False,
+                                 max_new_tokens=len(static.last_codes))
+        assert torch.equal(ref[0], static.last_codes)
+    finally:
+        for sub in (model, model.backbone_model, model.depth_decoder, model.depth_decoder.model):
+            sub.config._attn_implementation = "sdpa"
+
+
+def test_static_codec_state_streams_the_same_audio_as_a_whole_decode(csm_tiny):
+    """The codec decode the CUDA graphs capture: conv state, transposed-conv overlap and the decoder
+    transformer's keys in buffers allocated once. 2 s is 50 transformer positions, past the tiny codec's
+    32-position attention window, so the window mask is exercised too."""
+    from lab.streaming import StreamingMimiDecoder, chunk_frames
+
+    run(csm_tiny, Request(TEXT, max_audio_s=2.0))
+    codes = csm_tiny.last_codes.T[None]                           # (1, codebooks, frames)
+    decoder = StreamingMimiDecoder(csm_tiny.model.codec_model, static_positions=64)
+    for _ in range(2):   # a reset must clear the state completely: the second pass gives the same audio
+        decoder.reset()
+        pieces, start, sizes = [], 0, chunk_frames(1, 2.0, 4)
+        while start < codes.shape[-1]:
+            n = next(sizes)
+            pieces.append(decoder.decode(codes[..., start:start + n]))
+            start += n
+        streamed = torch.cat(pieces).numpy()
+        with torch.no_grad():
+            whole = csm_tiny.model.codec_model.decode(codes).audio_values[0, 0].numpy()
+        np.testing.assert_allclose(streamed, whole, atol=1e-5)
+
+
 def test_per_segment_prefill_matches_batched(csm_tiny):
     t = np.arange(24000) / 24000
     context = (ContextTurn("An earlier turn.", audio=(0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)),

@@ -22,7 +22,7 @@ def test_wrong_type_names_field_and_type():
 
 
 def test_bad_choice_lists_the_allowed_values():
-    assert "compile: 'cuda-graph' is not one of off|inductor|cuda-graphs" in refused({"family": "csm", "compile": "cuda-graph"})
+    assert "compile: 'cuda-graph' is not one of off|inductor|cuda-graphs|inductor+cuda-graphs" in refused({"family": "csm", "compile": "cuda-graph"})
 
 
 def test_missing_family():
@@ -55,6 +55,17 @@ def test_missing_optional_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(env, "has_package", lambda name: name != "bitsandbytes")
     with pytest.raises(MissingPackageError, match="pip install bitsandbytes"):
         from_dict({"family": "csm", "device": "cuda", "dtype": "bfloat16", "quantization": "bnb-nf4"})
+
+
+def test_cuda_graphs_need_csm_on_cuda_and_a_maskable_attention(monkeypatch):
+    assert "needs device: cuda" in refused({"family": "csm", "compile": "cuda-graphs"})
+    assert "csm only" in refused({"family": "pocket_tts", "compile": "inductor+cuda-graphs"})
+    monkeypatch.setattr(env, "cuda_available", lambda: True)
+    msg = refused({"family": "csm", "device": "cuda", "dtype": "bfloat16", "attention": "sdpa-flash",
+                   "compile": "cuda-graphs"})
+    assert "flash kernels take no mask" in msg and "use attention: sdpa" in msg
+    ok = from_dict({"family": "csm", "device": "cuda", "dtype": "bfloat16", "compile": "inductor+cuda-graphs"})
+    assert ok.compile == "inductor+cuda-graphs"
 
 
 def test_random_weights_for_a_family_without_config():

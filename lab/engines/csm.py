@@ -1,9 +1,9 @@
 """CSM (sesame/csm-1b) over transformers' CsmForConditionalGeneration.
 
 Per frame, CSM runs its backbone once (one token: the previous frame's 32 codebook embeddings summed)
-to predict codebook 0, then its depth decoder 31 times for codebooks 1..31. `depth_frame` and
-`backbone_step` below are that step, written once; variants change how they are wrapped
-(torch.compile, attention kernel, quantized weights), never which function runs.
+to predict codebook 0, then its depth decoder 31 times for codebooks 1..31. `CsmEngine._frame` is that step,
+written once over the model's own layers (lab/kv.py runs them); variants change how it is wrapped
+(torch.compile, a CUDA graph, the attention kernel, quantized weights), never which function runs.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from lab.errors import Cancelled, LabError
 from lab.metrics import Timeline
 from lab.request import ContextTurn, Request
 from lab.spec import VariantSpec
+from lab.kv import run_layers
 from lab.streaming import StreamingMimiDecoder, chunk_frames, frames_for
 
 FRAME_RATE_HZ = 12.5
@@ -58,8 +59,17 @@ def load_model(spec: VariantSpec):
     return model.eval(), processor
 
 
+GRAPHED = ("cuda-graphs", "inductor+cuda-graphs")
+COMPILED = ("inductor", "inductor+cuda-graphs")
+
+
 class CsmEngine(Engine):
-    def __init__(self, spec: VariantSpec, model, processor):
+    """One frame step, `_frame`, run three ways: eagerly (compile: off), with its pieces compiled by inductor,
+    or replayed from a CUDA graph that holds the whole frame (either kind of kernels inside)."""
+
+    def __init__(self, spec: VariantSpec, model, processor, static_kv: bool | None = None):
+        from lab.kv import GrowingKV, static_kv_for
+
         self.spec = spec
         self.model = model
         self.config = model.config
@@ -67,56 +77,145 @@ class CsmEngine(Engine):
         self.tokenizer = None if processor else tc.ByteTokenizer(self.config.text_vocab_size, self.config.bos_token_id)
         self.sample_rate = self.config.codec_config.sampling_rate
         self.device = torch.device(spec.device)
-        self.codec = StreamingMimiDecoder(self.model.codec_model)
         self.sync = tc.device_sync(spec.device)
-        self.prefill_step = self._backbone_step
-        self.backbone_step = self._backbone_step
-        self.depth_frame = self._depth_frame
-        if spec.compile == "inductor":
-            # Static caches give the compiled step fixed shapes, so it compiles once rather than per length.
-            from transformers import StaticCache
+        self.num_codebooks = self.config.num_codebooks
+        # The heads score vocab_size ids (2051 for CSM-1B) but the codec has codebook_size entries (2048): the
+        # extra ids are specials, never audio, and would index past the codec's codebook.
+        self.audio_ids = self.config.codec_config.codebook_size
+        self.graphed = spec.compile in GRAPHED
+        # Compiled and graphed steps need fixed shapes: static KV buffers. Eager steps read only what is filled.
+        self.static = spec.compile != "off" if static_kv is None else static_kv
+        self.cache_positions = self.config.max_position_embeddings
+        width_dtype = self.model.backbone_model.embed_tokens.embed_audio_tokens.weight.dtype
+        if self.static:
+            self.kv = static_kv_for(self.config, self.cache_positions, width_dtype, self.device)
+            self.depth_kv = static_kv_for(self.config.depth_decoder_config, self.num_codebooks, width_dtype,
+                                          self.device)
+        else:
+            self.kv = GrowingKV(self.config.num_hidden_layers)
+            self.depth_kv = GrowingKV(self.config.depth_decoder_config.num_hidden_layers)
+        # The codec's decoder transformer runs at twice the frame rate (its upsampler doubles it).
+        codec_positions = 2 * self.cache_positions if self.graphed else None
+        self.codec = StreamingMimiDecoder(self.model.codec_model, static_positions=codec_positions)
 
-            self.cache_positions = self.config.max_position_embeddings
-            self.backbone_cache = StaticCache(config=self.config, max_cache_len=self.cache_positions)
-            self.depth_cache = StaticCache(config=self.config.depth_decoder_config,
-                                           max_cache_len=self.config.num_codebooks)
-            # Only the one-token decode step is compiled: prompts vary in length, and a compiled prefill would
-            # recompile for each new length (40 s on the first request after the build, measured on the H100).
+        self.prefill_step, self.backbone_step = self._backbone_step, self._backbone_step
+        self.head, self.depth_first, self.depth_step = self._head, self._depth_first, self._depth_step
+        if spec.compile in COMPILED:
+            # The pieces are compiled, not the whole frame: each compiles once (positions are device tensors,
+            # shapes are fixed), where one whole frame unrolls 31 depth steps into one slow compile. The prefill
+            # stays eager: prompts vary in length and each new length would recompile.
             self.backbone_step = torch.compile(self._backbone_step)
-            self.depth_frame = torch.compile(self._depth_frame)
+            self.head, self.depth_first, self.depth_step = (
+                torch.compile(f) for f in (self._head, self._depth_first, self._depth_step))
         # The attention kernel choice wraps the model's steps only, never the codec or the caller's code.
-        self.prefill_step, self.backbone_step, self.depth_frame = (
-            tc.with_attention(spec, f) for f in (self.prefill_step, self.backbone_step, self.depth_frame))
+        self.prefill_step, self.frame = (tc.with_attention(spec, f) for f in (self.prefill_step, self._frame))
+        self.frame_graphs: dict[tuple, tuple] = {}     # sampling settings -> (graph, its codes output)
+        self.decode_graphs: dict[int, tuple] = {}      # frames per chunk -> (graph, codes input, audio output)
+        if self.graphed:
+            self.hidden_in = torch.zeros(1, self.config.hidden_size, dtype=width_dtype, device=self.device)
+            self.uniform_in = torch.zeros(self.num_codebooks, self.audio_ids, device=self.device)
         self.last_codes: torch.Tensor | None = None  # (frames, codebooks) of the last request, for checks
         self.report = BuildReport()
 
-    # -- the per-frame step: one function each, whatever wraps them ------------------------------
-    def _backbone_step(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
-        """Backbone over `embeds` (1, n, hidden), extending `cache`; the last position's hidden state."""
-        out = self.model.backbone_model(inputs_embeds=embeds, position_ids=position_ids, cache=cache, use_cache=True)
-        # A fresh (hidden,) row: a slice keeps the prompt's stride, and the compiled depth step guards on
-        # strides, so every new prompt length would recompile it (9 s on the H100's first request).
-        return out.last_hidden_state[:, -1].clone(memory_format=torch.contiguous_format)
-
-    def _depth_frame(self, hidden: torch.Tensor, cache, temperature: float, top_k: int, generator) -> torch.Tensor:
-        """One frame's codes (1, num_codebooks): codebook 0 from the backbone head, the rest from the depth decoder."""
-        depth = self.model.depth_decoder
-        # The heads score vocab_size ids (2051 for CSM-1B) but the codec has codebook_size entries (2048): the
-        # extra ids are specials, never audio, and would index past the codec's codebook.
-        audio_ids = self.config.codec_config.codebook_size
-        code = tc.pick(self.model.lm_head(hidden)[..., :audio_ids], temperature, top_k, generator)
+    # -- the frame step: written once; compile and CUDA graphs wrap it ---------------------------
+    def _frame(self, hidden: torch.Tensor, uniform: torch.Tensor | None, temperature: float, top_k: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One frame from the backbone state `hidden` (1, width): its codes (1, codebooks), codebook 0 from the
+        backbone head and the rest from the depth decoder; then the backbone over those codes, whose state
+        starts the next frame. `uniform` (codebooks, audio ids) feeds sampling; None when greedy."""
+        u = (lambda i: None) if uniform is None else (lambda i: uniform[i])
+        code = self.head(hidden, u(0), temperature, top_k)
         codes = [code]
-        # Position 0 holds the backbone state, position 1 codebook 0, as generate() feeds them.
-        ids = torch.stack([torch.zeros_like(code), code], dim=1)
-        logits = depth(input_ids=ids, backbone_last_hidden_state=hidden, cache=cache, use_cache=True,
-                       logits_to_keep=1).logits[:, -1]
-        for _ in range(self.config.num_codebooks - 1):
-            code = tc.pick(logits[..., :audio_ids], temperature, top_k, generator)
+        self.depth_kv.reset()
+        logits = self.depth_first(hidden, code)
+        for i in range(1, self.num_codebooks):
+            code = tc.pick(logits[..., : self.audio_ids], temperature, top_k, u(i))
             codes.append(code)
-            if len(codes) == self.config.num_codebooks:
-                break
-            logits = depth(input_ids=code[:, None], cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        return torch.stack(codes, dim=1)
+            if i < self.num_codebooks - 1:
+                logits = self.depth_step(code)
+        codes = torch.stack(codes, dim=1)
+        return codes, self.backbone_step(self.model.backbone_model.embed_tokens(codes[:, None, :]))
+
+    def _backbone_step(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Backbone over `embeds` (1, n, width), extending the KV cache; the last position's state (1, width)."""
+        out = run_layers(self.model.backbone_model, embeds, self.kv)
+        # A fresh contiguous row: a slice keeps the prompt's stride, and a compiled step guards on strides.
+        return out[:, -1].clone(memory_format=torch.contiguous_format)
+
+    def _head(self, hidden: torch.Tensor, uniform, temperature: float, top_k: int) -> torch.Tensor:
+        return tc.pick(self.model.lm_head(hidden)[..., : self.audio_ids], temperature, top_k, uniform)
+
+    def _depth_first(self, hidden: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        """Depth decoder over [backbone state, codebook 0] at positions 0 and 1, as generate() feeds them:
+        the logits for codebook 1."""
+        embeds = torch.cat([hidden[:, None], self.model.depth_decoder.model.embed_tokens(code[:, None])], dim=1)
+        return self._depth_logits(embeds)
+
+    def _depth_step(self, code: torch.Tensor) -> torch.Tensor:
+        """Codebook i-1 in at position i: the logits for codebook i. Each codebook has its own slice of the
+        embedding table, at offset (i-1) * vocab_size."""
+        depth = self.model.depth_decoder.model
+        index = self.depth_kv.next_position() - 1    # a device tensor with static KV: no host sync
+        return self._depth_logits(depth.embed_tokens(code[:, None] + index * depth.config.vocab_size))
+
+    def _depth_logits(self, embeds: torch.Tensor) -> torch.Tensor:
+        depth = self.model.depth_decoder
+        hidden = run_layers(depth.model, depth.model.inputs_embeds_projector(embeds), self.depth_kv)
+        # The head keeps one weight per position; the kv knows the positions just run (a device tensor).
+        return depth.codebooks_head(hidden[:, -1:], self.depth_kv.positions[-1:])[:, -1]
+
+    # -- CUDA graphs -----------------------------------------------------------------------------
+    def _graphed_frame(self, temperature: float, top_k: int):
+        """The frame step as a CUDA graph for these sampling settings, captured on first use (it runs the step a
+        few times, so call it before a request resets its caches). Replays chain: the graph writes the next
+        backbone state into its own input, so the host launches one replay per frame and nothing else."""
+        key = (temperature, top_k) if temperature > 0 else (0.0, 0)
+        if key not in self.frame_graphs:
+            uniform = self.uniform_in if temperature > 0 else None
+
+            def step():
+                codes, hidden = self.frame(self.hidden_in, uniform, temperature, top_k)
+                self.hidden_in.copy_(hidden)
+                return codes
+
+            self.frame_graphs[key] = tc.capture_graph(step)
+        graph, codes_out = self.frame_graphs[key]
+
+        def run(hidden: torch.Tensor, uniform: torch.Tensor | None):
+            if hidden is not self.hidden_in:
+                self.hidden_in.copy_(hidden)
+            if uniform is not None:
+                self.uniform_in.copy_(uniform)
+            graph.replay()
+            return codes_out.clone(), self.hidden_in   # the next replay overwrites codes_out
+
+        return run
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (1, codebooks, n) -> audio on the device; replayed from a graph where one was captured for n."""
+        entry = self.decode_graphs.get(codes.shape[-1])
+        if entry is None:
+            return self.codec.decode(codes)
+        graph, codes_in, audio_out = entry
+        codes_in.copy_(codes)
+        graph.replay()
+        return audio_out
+
+    def capture_graphs(self) -> int:
+        """Captures the greedy frame step and the codec decode for every chunk size the spec's schedule makes.
+        Returns the number of graphs."""
+        self._graphed_frame(0.0, 0)
+        sizes, gen = set(), chunk_frames(self.spec.first_chunk_frames, self.spec.chunk_growth,
+                                         self.spec.max_chunk_frames)
+        while (n := next(gen)) not in sizes:
+            sizes.add(n)
+        for n in sorted(sizes):
+            codes_in = torch.zeros(1, self.num_codebooks, n, dtype=torch.long, device=self.device)
+            self.codec.reset()
+            graph, audio_out = tc.capture_graph(lambda: self.codec.decode(codes_in))
+            self.decode_graphs[n] = (graph, codes_in, audio_out)
+        self.codec.reset()
+        return len(self.frame_graphs) + len(self.decode_graphs)
 
     # -- prompt ----------------------------------------------------------------------------------
     def _text_ids(self, text: str, speaker: int) -> list[int]:
@@ -141,21 +240,11 @@ class CsmEngine(Engine):
                                    f"resample it first")
                 wav = torch.as_tensor(np.asarray(turn.audio, np.float32), device=self.device)[None, None]
                 codes = self.model.codec_model.encode(wav.to(self.model.codec_model.dtype)).audio_codes
-                codes = codes[:, : self.config.num_codebooks].transpose(1, 2)  # (1, frames, codebooks)
+                codes = codes[:, : self.num_codebooks].transpose(1, 2)  # (1, frames, codebooks)
                 eos = torch.full_like(codes[:, :1], self.config.codebook_eos_token_id)
                 parts.append(backbone.embed_tokens(torch.cat([codes, eos], dim=1)))
             segments.append(torch.cat(parts, dim=1))
         return segments
-
-    def _new_cache(self, which: str):
-        if self.spec.compile == "inductor":
-            cache = self.backbone_cache if which == "backbone" else self.depth_cache
-            cache.reset()
-            return cache
-        from transformers import DynamicCache
-
-        cfg = self.config if which == "backbone" else self.config.depth_decoder_config
-        return DynamicCache(config=cfg)
 
     # -- streaming -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -164,25 +253,28 @@ class CsmEngine(Engine):
         timeline.sync = self.sync
         timeline.mark("request")
         generator = torch.Generator(self.device).manual_seed(request.seed)
-        cache = self._new_cache("backbone")
+        sampled = request.temperature > 0
+        if self.graphed:     # captured before the resets below: capturing runs the step
+            frame = self._graphed_frame(request.temperature, request.top_k)
+        else:
+            frame = lambda hidden, uniform: self.frame(hidden, uniform, request.temperature, request.top_k)  # noqa: E731
+        self.kv.reset()
         self.codec.reset()
         max_frames = frames_for(request.max_audio_s, FRAME_RATE_HZ)
         timeline.mark("session")
 
         segments = self._segments(request)
         prompt_len = sum(seg.shape[1] for seg in segments)
-        if self.spec.compile == "inductor" and prompt_len + max_frames > self.cache_positions:
-            room_s = (self.cache_positions - prompt_len) / FRAME_RATE_HZ
+        # +1: the last frame also runs the backbone over its codes (the state a next frame would start from).
+        if self.static and prompt_len + max_frames + 1 > self.cache_positions:
+            room_s = (self.cache_positions - prompt_len - 1) / FRAME_RATE_HZ
             raise LabError("max_audio_s", f"the prompt ({prompt_len} positions) plus {max_frames} frames does not "
-                                          f"fit the compiled KV cache ({self.cache_positions} positions); use "
+                                          f"fit the static KV cache ({self.cache_positions} positions); use "
                                           f"max_audio_s of at most {max(room_s, 0):.1f}, or a shorter context")
         if self.spec.prefill == "batched":
             segments = [torch.cat(segments, dim=1)]
-        pos = 0
         for seg in segments:  # per-segment: one forward per turn, each extending the cache
-            positions = torch.arange(pos, pos + seg.shape[1], device=self.device)[None]
-            hidden = self.prefill_step(seg, positions, cache)
-            pos += seg.shape[1]
+            hidden = self.prefill_step(seg)
         timeline.mark("prefill")
         sizes = chunk_frames(self.spec.first_chunk_frames, self.spec.chunk_growth, self.spec.max_chunk_frames)
         timeline.mark("generator")
@@ -192,8 +284,9 @@ class CsmEngine(Engine):
         while frames < max_frames:
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
-            codes = self.depth_frame(hidden, self._new_cache("depth"), request.temperature, request.top_k,
-                                     generator)
+            uniform = torch.rand(self.num_codebooks, self.audio_ids, generator=generator,
+                                 device=self.device) if sampled else None
+            codes, hidden = frame(hidden, uniform)
             pending.append(codes)
             frames += 1
             timeline.frame()
@@ -209,7 +302,7 @@ class CsmEngine(Engine):
                 pending = []
                 if len(block):
                     all_codes.append(block)
-                    audio = self.codec.decode(block.T[None]).float().cpu().numpy()
+                    audio = self._decode(block.T[None]).float().cpu().numpy()
                     if index == 0:
                         timeline.mark("first_decode")
                     timeline.chunk(len(audio) / self.sample_rate)
@@ -218,16 +311,13 @@ class CsmEngine(Engine):
                 if stop:
                     break
                 target = next(sizes)
-            embeds = self.model.backbone_model.embed_tokens(codes[:, None, :])
-            hidden = self.backbone_step(embeds, torch.tensor([[pos]], device=self.device), cache)
-            pos += 1
         self.last_codes = torch.cat(all_codes) if all_codes else None
 
     def close(self) -> None:
-        for name in ("model", "codec", "processor", "backbone_cache", "depth_cache", "prefill_step", "backbone_step",
-                     "depth_frame", "last_codes"):
+        for name in ("model", "codec", "processor", "kv", "depth_kv", "prefill_step", "backbone_step", "head",
+                     "depth_first", "depth_step", "frame", "frame_graphs", "decode_graphs", "hidden_in",
+                     "uniform_in", "last_codes"):
             self.__dict__.pop(name, None)
-
 
 
 def build(spec: VariantSpec, progress) -> CsmEngine:
@@ -237,13 +327,22 @@ def build(spec: VariantSpec, progress) -> CsmEngine:
     engine = CsmEngine(spec, model, processor)
 
     def warm_up():
-        # One short request: runs every kernel once and, with inductor, compiles the step.
+        # Captures the graphs (compiling first, with inductor), then one short request runs every kernel once.
+        graphs = engine.capture_graphs() if engine.graphed else 0
         for _ in engine.stream(Request("Warm up.", max_audio_s=4 / FRAME_RATE_HZ), Timeline()):
             pass
+        return graphs
 
-    _, warmup_s = clock.run("compiling" if spec.compile == "inductor" else "warming up", warm_up)
+    compiles_before = tc.compiled_graph_count()
+    stage = "compiling" if spec.compile in COMPILED else "capturing CUDA graphs" if engine.graphed else "warming up"
+    graphs, warmup_s = clock.run(stage, warm_up)
+    notes = []
+    if spec.compile in COMPILED:
+        notes.append(f"inductor compiled {tc.compiled_graph_count() - compiles_before} graphs")
+    if graphs:
+        notes.append(f"{graphs} CUDA graphs captured (1 frame step, {graphs - 1} codec chunk sizes)")
     engine.report = BuildReport(
-        load_s=load_s, warmup_s=warmup_s, params=tc.param_count(engine.model),
+        load_s=load_s, warmup_s=warmup_s, params=tc.param_count(engine.model), notes=notes,
         # On a GPU, what the variant keeps allocated (weights, quantization state, static caches): what eviction
         # frees. On the CPU, its parameter and buffer bytes.
         memory_bytes=(tc.allocated_bytes(spec.device) - baseline_bytes) if spec.device == "cuda"

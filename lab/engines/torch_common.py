@@ -163,20 +163,48 @@ def load_processor(spec: VariantSpec, **kwargs):
                                   f"latency-only runs") from e
 
 
+def capture_graph(fn, warmup_runs: int = 3):
+    """Records one call of `fn` (no arguments: it reads and writes tensors that outlive it) into a CUDA graph.
+    It first runs `fn` a few times on a side stream, as PyTorch's CUDA-graph docs ask, so lazy set-up (cuBLAS
+    workspaces, compiled kernels, allocator pools) happens outside the capture. Returns (graph, the recorded
+    call's outputs: tensors that every replay overwrites)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup_runs):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def compiled_graph_count() -> int:
+    """Graphs dynamo has compiled in this process so far: the difference across a build is its compile count."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def device_sync(device: str):
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
-def pick(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token ids on the device: argmax when temperature is 0, else seeded top-k sampling."""
+def pick(logits: torch.Tensor, temperature: float, top_k: int, uniform: torch.Tensor | None) -> torch.Tensor:
+    """Next token ids on the device: argmax when temperature is 0, else top-k sampling by the Gumbel-max trick
+    with `uniform`, draws in (0, 1) shaped like `logits`. The caller draws them from the request's seeded
+    generator; taking them as an input keeps this function free of RNG state, so it can run inside a CUDA graph
+    (a graph replays the random numbers it captured unless they are fed in)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # argmax(logits + Gumbel noise) is a draw from softmax(logits): the same distribution as multinomial.
+    gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1 - 1e-7)))
+    return (logits + gumbel).argmax(-1)
 
 
 class ByteTokenizer:
