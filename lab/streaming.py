@@ -52,16 +52,18 @@ class StreamingSeanet:
                     raise ValueError("streaming decode supports only stride-1 convolutions in the decoder")
             if _is_conv_transpose(m) and m.padding_left != 0:
                 raise ValueError("streaming decode needs transposed convs that trim only on the right")
+        # Read once, here: the modules keep these as device buffers, and int() of one is a host sync (and illegal
+        # inside a CUDA-graph capture).
+        self.context: dict[int, int] = {id(m): int(m.padding_total) if _is_conv(m) else int(m.padding_right)
+                                        for m in self._convs() if _is_conv(m) or _is_conv_transpose(m)}
         self.state: dict[int, torch.Tensor] = {}
         if static:
             for m in self._convs():
                 if _is_conv(m) and m.pad_mode != "constant":
                     raise ValueError("static streaming decode needs constant (zero) conv padding")
-                weight = getattr(getattr(m, "conv", None), "weight", None)
-                if _is_conv(m) and int(m.padding_total):
-                    self.state[id(m)] = weight.new_zeros(1, m.conv.in_channels, int(m.padding_total))
-                elif _is_conv_transpose(m) and int(m.padding_right):
-                    self.state[id(m)] = weight.new_zeros(1, m.conv.out_channels, int(m.padding_right))
+                if self.context.get(id(m)):
+                    channels = m.conv.in_channels if _is_conv(m) else m.conv.out_channels
+                    self.state[id(m)] = m.conv.weight.new_zeros(1, channels, self.context[id(m)])
             self.reset()
 
     def _convs(self):
@@ -86,7 +88,7 @@ class StreamingSeanet:
             buf.copy_(bias[None, :, None].expand_as(buf)) if bias is not None else buf.zero_()
 
     def _conv(self, m, x):
-        pad = int(m.padding_total)
+        pad = self.context[id(m)]
         prev = self.state.get(id(m))
         if prev is None:
             # First chunk: the layer's own left padding, exactly as a whole decode starts.
@@ -101,7 +103,7 @@ class StreamingSeanet:
 
     def _conv_transpose(self, m, x):
         y = m.conv(x)
-        tail = int(m.padding_right)  # kernel - stride samples that the next input frame also writes to
+        tail = self.context[id(m)]  # kernel - stride samples that the next input frame also writes to
         prev = self.state.get(id(m))
         if prev is not None:
             bias = m.conv.bias

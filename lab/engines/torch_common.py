@@ -175,8 +175,19 @@ def capture_graph(fn, warmup_runs: int = 3):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    failed, out = None, None
+    try:
+        with torch.cuda.graph(graph):
+            try:
+                out = fn()
+            except Exception as e:    # the op that broke the capture; ending the capture then fails too
+                failed = e
+    except Exception:
+        if failed is None:
+            raise
+    if failed is not None:
+        raise LabError("compile", f"CUDA graph capture failed at {type(failed).__name__}: {failed}; this variant's "
+                                  f"step is not capturable here: use compile: inductor or off") from failed
     return graph, out
 
 
