@@ -109,6 +109,7 @@ class CsmEngine(Engine):
                 torch.compile(f) for f in (self._head, self._depth_first, self._depth_step))
         # The attention kernel choice wraps the model's steps only, never the codec or the caller's code.
         self.prefill_step, self.frame = (tc.with_attention(spec, f) for f in (self.prefill_step, self._frame))
+        self.use_graphs = self.graphed   # False runs the very same step without replaying graphs (for checks)
         self.frame_graphs: dict[tuple, tuple] = {}     # sampling settings -> (graph, its codes output)
         self.decode_graphs: dict[int, tuple] = {}      # frames per chunk -> (graph, codes input, audio output)
         if self.graphed:
@@ -193,7 +194,7 @@ class CsmEngine(Engine):
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (1, codebooks, n) -> audio on the device; replayed from a graph where one was captured for n."""
-        entry = self.decode_graphs.get(codes.shape[-1])
+        entry = self.decode_graphs.get(codes.shape[-1]) if self.use_graphs else None
         if entry is None:
             return self.codec.decode(codes)
         graph, codes_in, audio_out = entry
@@ -254,7 +255,7 @@ class CsmEngine(Engine):
         timeline.mark("request")
         generator = torch.Generator(self.device).manual_seed(request.seed)
         sampled = request.temperature > 0
-        if self.graphed:     # captured before the resets below: capturing runs the step
+        if self.use_graphs:     # captured before the resets below: capturing runs the step
             frame = self._graphed_frame(request.temperature, request.top_k)
         else:
             frame = lambda hidden, uniform: self.frame(hidden, uniform, request.temperature, request.top_k)  # noqa: E731
