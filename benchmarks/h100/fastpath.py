@@ -184,7 +184,13 @@ def main() -> int:
     summary: dict = {"env": env.environment(), "part": args.part, "text": TEXT, "frames": args.frames,
                      "weights": "random (latency only: the audio is noise)", "checks": {}, "errors": {}}
 
-    specs = [presets.load(n, weights="random") for n in PARTS[args.part]]
+    specs = []
+    for name in PARTS[args.part]:
+        try:
+            specs.append(presets.load(name, weights="random"))
+        except Exception as e:   # refused before any build (a missing package): recorded with its reason
+            summary["errors"][name] = str(e)
+            log(f"{name}: refused: {e}")
     fast = [s for s in specs if s.compile != "off" and s.quantization != "bnb-int8"]
     slow = [s for s in specs if s not in fast]
     log(f"benchmarking {[s.name for s in fast]} x{args.runs} and {[s.name for s in slow]} x{args.slow_runs}")
