@@ -323,7 +323,7 @@ class CsmEngine(Engine):
 
 def build(spec: VariantSpec, progress) -> CsmEngine:
     clock = StageClock(progress, tc.device_sync(spec.device))
-    baseline_bytes = tc.reset_peak_memory(spec.device)
+    baseline_bytes = tc.reset_peak_memory(spec.device, collect=True)
     (model, processor), load_s = clock.run("loading", lambda: load_model(spec))
     engine = CsmEngine(spec, model, processor)
 

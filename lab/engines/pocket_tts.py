@@ -241,7 +241,7 @@ def _load(spec: VariantSpec):
 
 def build(spec: VariantSpec, progress: Progress) -> PocketTTSEngine:
     clock = StageClock(progress, tc.device_sync(spec.device))
-    baseline_bytes = tc.reset_peak_memory(spec.device)
+    baseline_bytes = tc.reset_peak_memory(spec.device, collect=True)
     (model, codec, processor), load_s = clock.run("loading", lambda: _load(spec))
     fade_in_s = getattr(processor, "fade_in_duration", FADE_IN_S)
     engine = PocketTTSEngine(spec, model, codec, processor, fade_in_s)

@@ -101,9 +101,15 @@ def allocated_bytes(device: str) -> int:
     return torch.cuda.memory_allocated() if device == "cuda" else 0
 
 
-def reset_peak_memory(device: str) -> int:
+def reset_peak_memory(device: str, collect: bool = False) -> int:
     """Start a peak-memory window; returns what is allocated already (other variants kept by the manager),
-    so the window's peak can be told apart from them. On the CPU it resets the process's high-water mark."""
+    so the window's peak can be told apart from them. On the CPU it resets the process's high-water mark.
+    `collect` first frees unreachable objects: a build passes it, so that garbage from an engine dropped
+    earlier is not freed mid-build and subtracted from this variant's memory (it once came out negative)."""
+    if collect:
+        import gc
+
+        gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
