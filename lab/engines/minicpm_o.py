@@ -115,11 +115,11 @@ def _host_samples(audio_wav) -> np.ndarray:
 
 
 class MiniCPMOEngine(Engine):
-    def __init__(self, spec: VariantSpec, model, tokenizer, sync=None):
+    def __init__(self, spec: VariantSpec, model, tokenizer):
         self.spec = spec
         self.model = model
         self.tokenizer = tokenizer
-        self.sync = sync or tc.device_sync(spec.device)
+        self.sync = tc.device_sync(spec.device)
         self.sample_rate = OUTPUT_SAMPLE_RATE_HZ   # updated from the items' .sampling_rate
         self.last_text = ""                        # what the model said in the last request
         self.report = BuildReport(tokenizer=type(tokenizer).__name__)
