@@ -18,8 +18,8 @@ from lab import env, history, presets, report
 from lab.errors import LabError
 from lab.manager import ModelManager
 from lab.metrics import Timeline, figures
-from lab.request import MAX_TEXT_CHARS, Request, validate_request
-from lab.spec import VariantSpec
+from lab.request import MAX_TEXT_CHARS, Request, validate_request, validate_user_audio
+from lab.spec import FAMILIES, VariantSpec
 
 DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs back home "
                 "before the evening rain begins to fall.")
@@ -33,6 +33,21 @@ def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
         w.setsampwidth(2)
         w.setframerate(sample_rate)
         w.writeframes(pcm.tobytes())
+
+
+def read_wav(path: str) -> tuple[np.ndarray, int]:
+    """A PCM WAV file as (samples, channels) integers and its rate; validate_user_audio scales and checks them."""
+    try:
+        with wave.open(path, "rb") as w:
+            width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
+            raw = w.readframes(w.getnframes())
+    except (OSError, EOFError, wave.Error) as e:
+        raise LabError("--user-audio", f"{path!r} is not a readable PCM WAV file ({e}); convert it with "
+                                       f"`ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`") from e
+    if width not in (2, 4):
+        raise LabError("--user-audio", f"{path!r} has {8 * width}-bit samples; use 16- or 32-bit PCM "
+                                       f"(`ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`)")
+    return np.frombuffer(raw, f"<i{width}").reshape(-1, channels), rate
 
 
 def run_once(engine, spec: VariantSpec, request: Request, cold: bool, run: int,
@@ -55,6 +70,8 @@ def run_once(engine, spec: VariantSpec, request: Request, cold: bool, run: int,
         "tokenizer": engine.report.tokenizer, "sample_rate": engine.sample_rate,
         "timeline": timeline.to_dict(), "time": time.time(),
     }
+    if getattr(engine, "last_text", None) is not None:   # models that answer (minicpm_o): what it said
+        record["reply_text"] = engine.last_text
     return record, audio
 
 
@@ -66,8 +83,10 @@ def bench(specs: list[VariantSpec], request: Request, runs: int, out_dir: str, m
     wav_dir = wav_dir or out_dir
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(wav_dir, exist_ok=True)
+    user_audio_s = None if request.user_audio is None else len(request.user_audio) / request.user_audio_sample_rate
     results = {"env": env.environment(), "request": {"text": request.text, "seed": request.seed,
-               "max_audio_s": request.max_audio_s}, "runs": [], "builds": {}, "errors": {}}
+               "max_audio_s": request.max_audio_s, "user_audio_s": user_audio_s}, "runs": [], "builds": {},
+               "errors": {}}
     bar = tqdm(total=len(specs) * (runs + 1), disable=not progress_bar, unit="run", file=sys.stderr)
     for spec in specs:
         def progress(stage, seconds, name=spec.name):
@@ -113,12 +132,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-chars", type=int, default=MAX_TEXT_CHARS)
     p.add_argument("--wavs", help="folder for the WAVs (default: --out)")
     p.add_argument("--history", default=HISTORY_PATH, help="JSONL file every run is appended to ('' for none)")
+    p.add_argument("--user-audio", metavar="FILE.wav", help="a spoken user turn (PCM WAV) sent with --text, for "
+                   f"families that take one ({', '.join(f for f, v in FAMILIES.items() if v['user_audio'])})")
     args = p.parse_args(argv)
     try:
         if args.runs < 1:
             raise LabError("--runs", "must be at least 1")
-        request = validate_request(Request(args.text, seed=args.seed, max_audio_s=args.max_seconds), args.max_chars)
+        user_audio, user_audio_rate = None, 16000
+        if args.user_audio:
+            samples, user_audio_rate = read_wav(args.user_audio)
+            user_audio = validate_user_audio(samples, user_audio_rate)
+        request = validate_request(Request(args.text, seed=args.seed, max_audio_s=args.max_seconds,
+                                           user_audio=user_audio, user_audio_sample_rate=user_audio_rate),
+                                   args.max_chars)
         specs = [presets.load(name, weights=args.weights) for name in args.presets]
+        deaf = [s.name for s in specs if not FAMILIES[s.family]["user_audio"]]
+        if user_audio is not None and deaf:
+            raise LabError("--user-audio", f"{', '.join(deaf)} take no spoken user turn; drop --user-audio, or "
+                                           f"those presets")
     except LabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,13 @@ FAMILIES = {
     "pocket_tts": {"model": "eustlb/pocket-tts", "torch": True, "weights": ("pretrained", "random", "tiny"),
                    "user_audio": False},
     "hibari": {"model": "hibari-tts:heart", "torch": False, "weights": ("pretrained",), "user_audio": False},
+    # Its architecture lives in the hub repo's own Python (remote code), so there is no random/tiny config here.
+    "minicpm_o": {"model": "openbmb/MiniCPM-o-2_6", "torch": True, "weights": ("pretrained",), "user_audio": True},
 }
+# Model ids whose repository code the lab may run (trust_remote_code), each only at a preset's pinned revision.
+# Adding an id here means someone read that repo's Python at the revision the preset pins.
+TRUST_REMOTE_CODE_ALLOWLIST = frozenset({"openbmb/MiniCPM-o-2_6"})
+REMOTE_CODE_FAMILIES = ("minicpm_o",)   # families that only load through the repo's own code
 CHOICES = {
     "family": tuple(FAMILIES),
     "weights": ("pretrained", "random", "tiny"),
@@ -29,6 +35,7 @@ CHOICES = {
     "compile": ("off", "inductor", "cuda-graphs", "inductor+cuda-graphs"),
     "quantization": ("none", "bnb-int8", "bnb-nf4"),
     "prefill": ("batched", "per-segment"),
+    "init_tts": ("build", "request"),
 }
 
 
@@ -48,6 +55,9 @@ class VariantSpec:
     first_chunk_frames: int = 1     # frames decoded before the first chunk is sent
     chunk_growth: float = 2.0       # each later chunk is this many times the previous one...
     max_chunk_frames: int = 8       # ...up to this many frames
+    trust_remote_code: bool = False  # run the hub repo's own Python: allowlisted ids at a pinned revision only
+    revision: str = ""              # the hub commit (40 hex digits) that weights and remote code are pinned to
+    init_tts: str = "build"         # minicpm_o: init_tts() at build, or in the first request's session phase
 
     @property
     def key(self) -> str:
@@ -86,6 +96,7 @@ def from_dict(data: dict, where: str = "spec") -> VariantSpec:
             "str": isinstance(value, str),
             "int": isinstance(value, int) and not isinstance(value, bool),
             "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
         }[want]
         if not ok:
             raise LabError(where, f"{key}: expected {want}, got {type(value).__name__} {value!r}")
@@ -94,12 +105,53 @@ def from_dict(data: dict, where: str = "spec") -> VariantSpec:
     return validate(VariantSpec(**data), where)
 
 
+def _validate_remote_code(spec: VariantSpec, where: str) -> None:
+    """Remote code runs whatever Python the repo holds, so it is never on by default: only where the preset asks for
+    it, pins the commit that was read, and names an allowlisted model. Also MiniCPM-o's own limits."""
+    if spec.family not in REMOTE_CODE_FAMILIES:
+        for field_name, default in (("trust_remote_code", False), ("revision", ""), ("init_tts", "build")):
+            if getattr(spec, field_name) != default:
+                raise LabError(where, f"{field_name}: {spec.family} loads through transformers' own classes (or its "
+                                      f"package), so {field_name} does not apply; remove the field")
+        return
+    if not spec.trust_remote_code:
+        raise LabError(where, f"trust_remote_code: {spec.family} only loads through its repo's own code "
+                              f"(modeling_minicpmo.py); say trust_remote_code: true and pin revision: <commit sha>")
+    if spec.model_id not in TRUST_REMOTE_CODE_ALLOWLIST:
+        raise LabError(where, f"trust_remote_code: {spec.model_id!r} is not on the allowlist "
+                              f"({', '.join(sorted(TRUST_REMOTE_CODE_ALLOWLIST))}); read that repo's code and add "
+                              f"the id to TRUST_REMOTE_CODE_ALLOWLIST in lab/spec.py, or use an allowlisted model")
+    if not (len(spec.revision) == 40 and all(c in "0123456789abcdef" for c in spec.revision)):
+        raise LabError(where, f"revision: {spec.revision!r} does not pin a commit, and trust_remote_code runs the "
+                              f"repo's code as of that revision; set revision: to the 40-hex commit sha you reviewed")
+    if spec.weights != "pretrained":
+        raise LabError(where, f"weights: {spec.family} has no {spec.weights!r} config (its architecture lives in the "
+                              f"repo's remote code); use weights: pretrained")
+    if spec.device != "cuda":
+        raise LabError(where, "device: MiniCPM-o's streaming_generate moves tensors with .cuda(), so it runs on a "
+                              "GPU only; use device: cuda")
+    if not env.cuda_available():
+        raise LabError(where, "device: cuda was asked for but no GPU is visible to torch, and MiniCPM-o has no CPU "
+                              "path; run this preset on a machine with an NVIDIA GPU")
+    if spec.attention not in ("sdpa", "flash_attention_2"):
+        why = ("the model does not support eager attention (its model card: sdpa or flash_attention_2, no eager)"
+               if spec.attention == "eager" else "the model's own generate loop runs outside the lab's SDPA kernel pin")
+        raise LabError(where, f"attention: {spec.attention} is refused for {spec.family}: {why}; "
+                              f"use attention: sdpa or flash_attention_2")
+    defaults = VariantSpec(family=spec.family)
+    for axis in ("first_chunk_frames", "chunk_growth", "max_chunk_frames"):
+        if getattr(spec, axis) != getattr(defaults, axis):
+            raise LabError(where, f"{axis}: MiniCPM-o streams audio in chunks of its own size, so {axis} does not "
+                                  f"apply; remove the field")
+
+
 def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
     """Refuse before any build what cannot work here, saying why and what to change."""
     for field_name, allowed in CHOICES.items():
         value = getattr(spec, field_name)
         if value not in allowed:
             raise LabError(where, f"{field_name}: {value!r} is not one of {'|'.join(allowed)}")
+    _validate_remote_code(spec, where)
     fam = FAMILIES[spec.family]
     if spec.weights not in fam["weights"]:
         raise LabError(where, f"weights: {spec.family} has no {spec.weights!r} config "

@@ -26,6 +26,7 @@ class AudioChunk:
     samples: np.ndarray         # float32 mono
     sample_rate: int
     index: int
+    text: str = ""              # text generated with this audio, for models that answer (minicpm_o); else ""
 
     @property
     def audio_s(self) -> float:
@@ -90,7 +91,8 @@ class Engine:
         return self.report.memory_bytes + tc.peak_memory_bytes("cuda", getattr(self, "_memory_baseline_bytes", 0))
 
 
-FAMILY_MODULES = {"csm": "lab.engines.csm", "pocket_tts": "lab.engines.pocket_tts", "hibari": "lab.engines.hibari"}
+FAMILY_MODULES = {"csm": "lab.engines.csm", "pocket_tts": "lab.engines.pocket_tts", "hibari": "lab.engines.hibari",
+                  "minicpm_o": "lab.engines.minicpm_o"}
 
 
 def build(spec: VariantSpec, progress: Progress | None = None) -> Engine:
