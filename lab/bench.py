@@ -36,9 +36,11 @@ def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
 
 
 def run_once(engine, spec: VariantSpec, request: Request, cold: bool, run: int,
-             cancel: threading.Event | None = None, on_chunk=None) -> tuple[dict, np.ndarray]:
-    """One request through one engine: its record (figures, timeline, settings) and its audio."""
-    timeline = Timeline()
+             cancel: threading.Event | None = None, on_chunk=None,
+             timeline: Timeline | None = None) -> tuple[dict, np.ndarray]:
+    """One request through one engine: its record (figures, timeline, settings) and its audio. Pass a
+    `timeline` to keep the stamps of a run that raises (a cancelled one: which frames came after the cancel)."""
+    timeline = timeline if timeline is not None else Timeline()
     engine.reset_peak_memory()
     parts = []
     for chunk in engine.stream(request, timeline, cancel):
