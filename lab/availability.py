@@ -121,7 +121,7 @@ def default_selection(statuses: list[PresetStatus], cuda: bool) -> tuple[list[st
     On a GPU: the CSM presets, eager-loop sdpa against a compiled one (CUDA graphs where that preset exists,
     else inductor). On a CPU: hibari (real speech) against Pocket TTS with random weights, which needs no
     download, so the first click does something real with no cache and no hub."""
-    names = {s.name for s in statuses}
+    names = {s.name for s in statuses if s.available}
     if cuda:
         wanted = ["csm-sdpa", next((n for n in ("csm-cuda-graphs", "csm-sdpa-inductor") if n in names), "")]
         pick = [n for n in wanted if n in names]
@@ -129,7 +129,7 @@ def default_selection(statuses: list[PresetStatus], cuda: bool) -> tuple[list[st
             return pick, False
     pick = [n for n in ("hibari", "pocket-tts-cpu") if n in names]
     if len(pick) < 2:   # a presets folder without those two (tests use their own): the first two that exist
-        pick = (pick + [s.name for s in statuses if s.name not in pick])[:2]
+        pick = (pick + [s.name for s in statuses if s.available and s.name not in pick])[:2]
     return pick, True
 
 
