@@ -46,7 +46,7 @@ GPU_LOCK = threading.Lock()
 SPECS, REFUSED = presets.load_all(PRESETS_DIR)
 CUDA = env.cuda_available()
 STATUSES = {rw: availability.preset_statuses(SPECS, REFUSED, rw, PRESETS_DIR) for rw in (False, True)}
-DEFAULT_PRESETS, DEFAULT_RANDOM = availability.default_selection(STATUSES[True], CUDA)
+DEFAULT_PRESETS, DEFAULT_RANDOM = availability.default_selection(STATUSES[False], STATUSES[True], CUDA)
 FAMILY_ORDER = list(availability.grouped(STATUSES[False]))
 SERVED: set[str] = set()    # variants that have run once: their first request is the cold one
 EXAMPLES = ["The quick brown fox jumps over the lazy dog.",
@@ -302,7 +302,7 @@ def compare(request: gr.Request, text, seed, max_audio_s, runs, random_weights, 
                 if not worker.is_alive() and out.empty():
                     break
                 # Yield even when nothing changed: a generator is closed (Stop, closed page) only between yields.
-                tick = {}
+                tick = {overall: gr.skip()}
                 for s in stage:   # keep the clock of a build stage moving
                     stage_s[s] += 0.25
                     tick[SLOTS[s][2]] = status_html(0, total, f"{stage[s]} {stage_s[s]:.0f} s")

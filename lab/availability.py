@@ -115,22 +115,25 @@ def grouped(statuses: list[PresetStatus]) -> dict[str, list[PresetStatus]]:
     return {f: groups[f] for f in order}
 
 
-def default_selection(statuses: list[PresetStatus], cuda: bool) -> tuple[list[str], bool]:
-    """What the first click runs: (preset names, random-weights switch).
+def default_selection(own: list[PresetStatus], random: list[PresetStatus], cuda: bool) -> tuple[list[str], bool]:
+    """What the first click runs: (preset names, random-weights switch), from the statuses with the presets' own
+    weights and with the switch on.
 
     On a GPU: the CSM presets, eager-loop sdpa against a compiled one (CUDA graphs where that preset exists,
-    else inductor). On a CPU: hibari (real speech) against Pocket TTS with random weights, which needs no
-    download, so the first click does something real with no cache and no hub."""
-    names = {s.name for s in statuses if s.available}
+    else inductor). On a CPU: hibari (real speech) against Pocket TTS. The switch is on only when a picked
+    preset needs it (its weights are neither cached nor downloadable), so the first click does something real
+    with no cache and no hub, and stays on real weights where they are there."""
+    runnable = {s.name for s in random if s.available}
+    pick: list[str] = []
     if cuda:
-        wanted = ["csm-sdpa", next((n for n in ("csm-cuda-graphs", "csm-sdpa-inductor") if n in names), "")]
-        pick = [n for n in wanted if n in names]
-        if pick:
-            return pick, False
-    pick = [n for n in ("hibari", "pocket-tts-cpu") if n in names]
-    if len(pick) < 2:   # a presets folder without those two (tests use their own): the first two that exist
-        pick = (pick + [s.name for s in statuses if s.available and s.name not in pick])[:2]
-    return pick, True
+        wanted = ["csm-sdpa", next((n for n in ("csm-cuda-graphs", "csm-sdpa-inductor") if n in runnable), "")]
+        pick = [n for n in wanted if n in runnable]
+    if not pick:
+        pick = [n for n in ("hibari", "pocket-tts-cpu") if n in runnable]
+    if len(pick) < 2:   # a presets folder without those (tests use their own): the first ones that run
+        pick = (pick + sorted(n for n in runnable if n not in pick))[:2]
+    runs_as_is = {s.name for s in own if s.available}
+    return pick, any(n not in runs_as_is for n in pick)
 
 
 def option_requirements() -> list[dict]:
