@@ -463,10 +463,15 @@ def tally_table() -> pd.DataFrame:
 
 
 # -- History -----------------------------------------------------------------------------------------------------
+def history_presets(records: list[dict]) -> list[str]:
+    """Filter choices: this server's presets and any other name the history holds (the CLI's, older files)."""
+    return sorted({*SPECS, *REFUSED, *(r["preset"] for r in records if "preset" in r)})
+
+
 def history_view(picked, weights, kind, text_contains):
     """The filtered history as a table, a chart, and CSV/JSON/PNG files to download."""
     records = history.read(HISTORY_PATH)
-    names = sorted({r["preset"] for r in records if "preset" in r})
+    names = history_presets(records)
     chosen = history.filter_runs(records, picked or None, weights or None, kind or "all", text_contains or "")
     complete = [r for r in chosen if not r.get("cancelled") and "ttfb_ms" in r]
     table = pd.DataFrame([{
@@ -491,8 +496,7 @@ def history_view(picked, weights, kind, text_contains):
         plt.close(fig)
     note = f"{len(chosen)} of {len(records)} records (file: `{HISTORY_PATH}`)"
     return (table, fig, gr.update(choices=names, value=[n for n in (picked or []) if n in names]), note,
-            gr.update(value=csv_path), gr.update(value=json_path),
-            gr.update(value=png_path if complete else None, interactive=bool(complete)))
+            csv_path, json_path, png_path if complete else None)
 
 
 # -- Environment -------------------------------------------------------------------------------------------------
@@ -609,7 +613,7 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
     with gr.Tab("History", id="history") as history_tab:
         gr.Markdown("Every run this server has made (and the CLI's, if they share the file), newest first.")
         with gr.Row():
-            h_presets = gr.CheckboxGroup([], label="presets (none ticked = all)", elem_id="h-presets")
+            h_presets = gr.CheckboxGroup(history_presets(history.read(HISTORY_PATH)), label="presets (none ticked = all)", elem_id="h-presets")
             h_weights = gr.CheckboxGroup(["pretrained", "random", "tiny"], label="weights (none = all)")
             h_kind = gr.Radio(["all", "cold", "warm", "cancelled"], value="all", label="runs")
             h_text = gr.Textbox(label="text contains")
