@@ -225,9 +225,12 @@ def preset_choices(random_weights: bool) -> dict[str, list[tuple[str, str]]]:
 
 
 def unavailable_md(random_weights: bool, family: str) -> str:
-    lines = [f"- **{s.name}**: {s.detail.split(': ', 1)[1]}" for s in availability.grouped(
-        STATUSES[bool(random_weights)]).get(family, []) if not s.available]
-    return "\n".join(lines)
+    """Why each unavailable preset of a family cannot run, one line per reason (most share one: no GPU)."""
+    by_reason: dict[str, list[str]] = {}
+    for s in availability.grouped(STATUSES[bool(random_weights)]).get(family, []):
+        if not s.available:
+            by_reason.setdefault(s.detail.split(": ", 1)[1], []).append(s.name)
+    return "\n".join(f"- **{', '.join(names)}**: {why}" for why, names in by_reason.items())
 
 
 def takes_user_audio(names: list[str]) -> bool:
@@ -580,13 +583,11 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
     with gr.Tab("Blind A/B", id="ab"):
         gr.Markdown("Two presets say the same text with the same seed. Which one plays as **A** is random; "
                     "the names are shown after you vote.")
-        available = [s.name for s in STATUSES[DEFAULT_RANDOM] if s.available]
-        with gr.Row():
-            ab_first = gr.Dropdown([s.name for s in STATUSES[False]], value=available[0] if available else None,
+        with gr.Row():   # the first click's pair: on a CPU, hibari against Pocket TTS
+            ab_first = gr.Dropdown([s.name for s in STATUSES[False]], value=(DEFAULT_PRESETS + [None])[0],
                                    label="Preset 1", elem_id="ab-first")
-            ab_second = gr.Dropdown([s.name for s in STATUSES[False]],
-                                    value=available[1] if len(available) > 1 else None, label="Preset 2",
-                                    elem_id="ab-second")
+            ab_second = gr.Dropdown([s.name for s in STATUSES[False]], value=(DEFAULT_PRESETS + [None, None])[1],
+                                    label="Preset 2", elem_id="ab-second")
             ab_random = gr.Checkbox(DEFAULT_RANDOM, label="random weights (latency only: the audio is noise)")
         with gr.Row():
             ab_text = gr.Textbox(EXAMPLES[1], label="Text", elem_id="ab-text")
