@@ -427,7 +427,7 @@ def ab_play(first, second, text, seed, random_weights, request: gr.Request, prog
                 SERVED.add(spec.key)
                 history.append(HISTORY_PATH, {**record, "source": "ab", "env_commit": env.git_commit()})
                 audio[name] = (engine.sample_rate, pcm16(samples))
-    except (Cancelled, Exception) as e:
+    except Exception as e:  # Cancelled (Stop, a closed tab) or a failed build: one line on the page
         msg = "stopped" if isinstance(e, Cancelled) else error_text(e)
         return None, None, f"⚠️ {msg}", None, hidden, hidden, hidden
     finally:

@@ -273,9 +273,12 @@ def test_browser_compare_two_presets_charts_and_players_hold_audio(browser, serv
     page.click("#compare-btn")
     page.wait_for_selector("#overall:has-text('done:')", timeout=180_000)
     page.wait_for_selector("#chart-main img", timeout=30_000)
-    durations = page.evaluate("""() => Array.from(document.querySelectorAll('#slot-0 audio, #slot-1 audio'))
-                                   .map(a => a.duration)""")
-    assert len(durations) == 2 and all(d > 1.0 for d in durations), durations
+    # The players load their streamed playlists on their own schedule: wait until both know their length.
+    js = "() => Array.from(document.querySelectorAll('#slot-0 audio, #slot-1 audio')).map(a => a.duration)"
+    try:
+        page.wait_for_function(f"() => ({js})().length === 2 && ({js})().every(d => d > 1.0)", timeout=30_000)
+    except Exception:
+        pytest.fail(f"the players do not hold the streamed audio: durations {page.evaluate(js)}")
     assert "tiny test weights" in page.inner_text("#slot-0")
     assert "TTFB" in page.inner_text("#live-0") and "TTFB" in page.inner_text("#live-1")
     page.screenshot(path=str(server["tmp"] / "compare.png"), full_page=True)
@@ -322,3 +325,20 @@ def test_browser_stop_button_ends_generation(browser, server):
     page.wait_for_selector("#overall:has-text('stopped')", timeout=30_000)
     assert_stopped_in_time(server, started, 60)
     page.close()
+
+
+def test_browser_a_second_user_waits_and_sees_their_place_in_the_queue(browser, server):
+    first, second = page_for(browser, server), page_for(browser, server)
+    pick(first, "pocket-tts-random")
+    first.fill("#max-audio-s input", "30")
+    first.fill("#runs input", "1")
+    first.click("#compare-btn")
+    first.wait_for_selector("#live-0:has-text('TTFB')", timeout=120_000)
+    pick(second, "hibari")
+    second.click("#compare-btn")
+    second.wait_for_selector("#overall:has-text('queue: 1/1')", timeout=30_000)
+    first.click("#stop-btn")                       # the first user's stop lets the second one through
+    second.wait_for_selector("#overall:has-text('done:')", timeout=120_000)
+    assert "hibari" in second.inner_text("#slot-0")
+    first.close()
+    second.close()
