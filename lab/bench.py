@@ -51,9 +51,11 @@ def read_wav(path: str) -> tuple[np.ndarray, int]:
 
 
 def run_once(engine, spec: VariantSpec, request: Request, cold: bool, run: int,
-             cancel: threading.Event | None = None, on_chunk=None) -> tuple[dict, np.ndarray]:
-    """One request through one engine: its record (figures, timeline, settings) and its audio."""
-    timeline = Timeline()
+             cancel: threading.Event | None = None, on_chunk=None,
+             timeline: Timeline | None = None) -> tuple[dict, np.ndarray]:
+    """One request through one engine: its record (figures, timeline, settings) and its audio. Pass a
+    `timeline` to keep the stamps of a run that raises (a cancelled one: which frames came after the cancel)."""
+    timeline = timeline if timeline is not None else Timeline()
     engine.reset_peak_memory()
     parts = []
     for chunk in engine.stream(request, timeline, cancel):

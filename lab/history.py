@@ -52,3 +52,30 @@ def _jsonable(obj):
     if hasattr(obj, "__dict__"):
         return obj.__dict__
     return str(obj)
+
+
+def filter_runs(records: list[dict], presets: list[str] | None = None, weights: list[str] | None = None,
+                kind: str = "all", text_contains: str = "", source: str = "") -> list[dict]:
+    """The records a History view asks for. `kind`: all, cold, warm or cancelled (a cancelled run has no
+    figures, only its frame times); `source`: "app", "ab" or "" for any (the CLI writes no source)."""
+    if kind not in ("all", "cold", "warm", "cancelled"):
+        raise ValueError(f"kind: {kind!r} is not one of all|cold|warm|cancelled")
+    out = []
+    for r in records:
+        if "preset" not in r:
+            continue
+        if presets and r["preset"] not in presets:
+            continue
+        if weights and r.get("weights") not in weights:
+            continue
+        cancelled = bool(r.get("cancelled"))
+        if kind == "cancelled" and not cancelled:
+            continue
+        if kind in ("cold", "warm") and (cancelled or bool(r.get("cold")) != (kind == "cold")):
+            continue
+        if text_contains and text_contains.lower() not in str(r.get("text", "")).lower():
+            continue
+        if source and r.get("source", "cli") != source:
+            continue
+        out.append(r)
+    return out

@@ -152,3 +152,37 @@ if __name__ == "__main__":
     args = p.parse_args()
     m = merge(args.merge, args.out)
     print(table(summary_rows(m["runs"]), m["builds"]))
+
+
+def stall_chart(runs: list[dict], title: str = "", path: str | None = None):
+    """Underruns and stall seconds per preset: what a listener hears as gaps. Warm median with its spread as
+    bars, the cold run as a hollow marker, as in `chart`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary_rows(runs)
+    names = [label(r["preset"], r["weights"]) for r in rows]
+    x = list(range(len(rows)))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) * 2), 3.6))
+    for ax, fig_name, unit in ((axes[0], "underruns", "underruns (late chunks, warm median)"),
+                               (axes[1], "stall_s", "stall (s the player waits, warm median)")):
+        med = [r[fig_name] or 0 for r in rows]
+        err = [[m - (r[f"{fig_name}_lo"] or m) for m, r in zip(med, rows)],
+               [(r[f"{fig_name}_hi"] or m) - m for m, r in zip(med, rows)]]
+        ax.bar(x, med, yerr=err, capsize=4, color="#dd8452", label="warm median (spread)")
+        cold = [(i, c[fig_name]) for i, r in zip(x, rows) for c in runs if c["preset"] == r["preset"] and c["cold"]]
+        if cold:
+            ax.scatter([c[0] for c in cold], [c[1] for c in cold], facecolors="none", edgecolors="#c44e52",
+                       label="cold (first run after build)", zorder=3)
+        ax.set_ylabel(unit, fontsize=8)
+        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+        ax.legend(fontsize=7)
+    notes = sorted({WEIGHTS_NOTE[r["weights"]] for r in rows if r["weights"] in WEIGHTS_NOTE})
+    fig.suptitle((title + "\n" if title else "") + "; ".join(notes), fontsize=9)
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
