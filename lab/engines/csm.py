@@ -60,6 +60,7 @@ def load_model(spec: VariantSpec):
 
 
 GRAPHED = ("cuda-graphs", "inductor+cuda-graphs")
+INDUCTOR_OPTIONS: dict = {}    # torch.compile options (inductor config) for the compiled pieces
 COMPILED = ("inductor", "inductor+cuda-graphs")
 
 
@@ -104,9 +105,10 @@ class CsmEngine(Engine):
             # The pieces are compiled, not the whole frame: each compiles once (positions are device tensors,
             # shapes are fixed), where one whole frame unrolls 31 depth steps into one slow compile. The prefill
             # stays eager: prompts vary in length and each new length would recompile.
-            self.backbone_step = torch.compile(self._backbone_step)
+            options = dict(INDUCTOR_OPTIONS) or None
+            self.backbone_step = torch.compile(self._backbone_step, options=options)
             self.head, self.depth_first, self.depth_step = (
-                torch.compile(f) for f in (self._head, self._depth_first, self._depth_step))
+                torch.compile(f, options=options) for f in (self._head, self._depth_first, self._depth_step))
         # The attention kernel choice wraps the model's steps only, never the codec or the caller's code.
         self.prefill_step, self.frame = (tc.with_attention(spec, f) for f in (self.prefill_step, self._frame))
         self.use_graphs = self.graphed   # False runs the very same step without replaying graphs (for checks)
@@ -166,6 +168,7 @@ class CsmEngine(Engine):
         return depth.codebooks_head(hidden[:, -1:], self.depth_kv.positions[-1:])[:, -1]
 
     # -- CUDA graphs -----------------------------------------------------------------------------
+    @torch.no_grad()   # as every request runs: a capture under autograd would compile and record other kernels
     def _graphed_frame(self, temperature: float, top_k: int):
         """The frame step as a CUDA graph for these sampling settings, captured on first use (it runs the step a
         few times, so call it before a request resets its caches). Replays chain: the graph writes the next
@@ -202,6 +205,7 @@ class CsmEngine(Engine):
         graph.replay()
         return audio_out
 
+    @torch.no_grad()
     def capture_graphs(self) -> int:
         """Captures the greedy frame step and the codec decode for every chunk size the spec's schedule makes.
         Returns the number of graphs."""
