@@ -10,6 +10,7 @@ browser is never inside a timed span.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -25,16 +26,17 @@ import pandas as pd
 
 from lab import ab, availability, env, history, presets, report
 from lab.bench import run_once
-from lab.compare import build_row, cancelled_record, validate_inputs
+from lab.compare import build_row, cancelled_record, figures_line, validate_inputs
 from lab.errors import Cancelled, LabError
 from lab.manager import ModelManager
 from lab.metrics import Timeline, figures
-from lab.request import Request, validate_user_audio
+from lab.request import MAX_USER_AUDIO_BYTES, Request, validate_user_audio
 from lab.spec import FAMILIES
 
 PRESETS_DIR = os.environ.get("LAB_PRESETS_DIR", presets.PRESETS_DIR)
 HISTORY_PATH = os.environ.get("LAB_HISTORY", os.path.join("runs", "history.jsonl"))
 VOTES_PATH = os.environ.get("LAB_VOTES", os.path.join("runs", "votes.jsonl"))
+HISTORY_EXPORT_DIR = tempfile.mkdtemp(prefix="lab-history-")
 MEMORY_BUDGET_GB = float(os.environ.get("LAB_MEMORY_BUDGET_GB", "16"))
 MAX_SLOTS = 6   # players on the page; a comparison takes at most this many presets
 
@@ -48,7 +50,16 @@ CUDA = env.cuda_available()
 STATUSES = {rw: availability.preset_statuses(SPECS, REFUSED, rw, PRESETS_DIR) for rw in (False, True)}
 DEFAULT_PRESETS, DEFAULT_RANDOM = availability.default_selection(STATUSES[False], STATUSES[True], CUDA)
 FAMILY_ORDER = list(availability.grouped(STATUSES[False]))
-SERVED: set[str] = set()    # variants that have run once: their first request is the cold one
+# An engine's first request is its cold one. Kept on the engine (not by spec key): a variant evicted and built
+# again starts cold again, with any compile or capture in its first run.
+def is_cold(engine) -> bool:
+    return not getattr(engine, "served", False)
+
+
+def without_user_audio(request: Request) -> Request:
+    return dataclasses.replace(request, user_audio=None) if request.user_audio is not None else request
+
+
 EXAMPLES = ["The quick brown fox jumps over the lazy dog.",
             "Hello! Thanks for calling. How can I help you today?",
             "Streaming speech starts playing before the whole sentence is generated, so the first chunk matters "
@@ -127,17 +138,20 @@ def produce(jobs: list[tuple[int, object]], request: Request, runs: int, out: qu
                 for run in range(runs + 1):
                     if cancel.event.is_set():
                         raise Cancelled()
-                    cold, timeline = spec.key not in SERVED, Timeline()
+                    cold, timeline = is_cold(engine), Timeline()
+                    # A family that takes no spoken turn gets the request without it (its status says so).
+                    own = request if FAMILIES[spec.family]["user_audio"] else without_user_audio(request)
                     try:
-                        record, _ = run_once(engine, spec, request, cold=cold, run=run, cancel=cancel.event,
-                                             timeline=timeline, on_chunk=lambda chunk, tl, run=run: out.put(
-                                                 (slot, "chunk", run, chunk, list(tl.events), list(tl.chunks))))
+                        record, _ = run_once(engine, spec, own, cold=cold, run=run, cancel=cancel.event,
+                                             timeline=timeline, on_chunk=lambda chunk, tl, run=run, cold=cold: out.put(
+                                                 (slot, "chunk", run, cold, chunk, list(tl.events),
+                                                  list(tl.chunks))))
                     except Cancelled:
                         record = cancelled_record(spec, request, timeline, cancel.at, run, cold)
                         history.append(HISTORY_PATH, {**record, "source": "app"})
                         out.put((slot, "cancelled", record))
                         return
-                    SERVED.add(spec.key)
+                    engine.served = True
                     record.update(source="app", env_commit=env.git_commit())
                     history.append(HISTORY_PATH, record)
                     out.put((slot, "run", record))
@@ -286,7 +300,10 @@ def compare(request: gr.Request, text, seed, max_audio_s, runs, random_weights, 
             ui[status] = status_html(0, 0, f"⚠️ {e}", "error")
             continue
         note = weights_note(spec.weights)
-        ui[header] = f"### {name}" + (f" · ⚠️ {note}" if note else "") + (f"\n{spec.description}" if spec.description else "")
+        ignores = (" · ignores the spoken turn (it takes text only)"
+                   if shared_request.user_audio is not None and not FAMILIES[spec.family]["user_audio"] else "")
+        ui[header] = (f"### {name}" + (f" · ⚠️ {note}" if note else "") + ignores
+                      + (f"\n{spec.description}" if spec.description else ""))
         ui[player] = gr.update(value=None, label=f"{name}: {note}" if note else f"{name}: streamed as generated")
         jobs.append((i, spec))
     yield ui
@@ -328,8 +345,8 @@ def compare(request: gr.Request, text, seed, max_audio_s, runs, random_weights, 
                 yield {status: status_html(0, total, f"built: {rest[0].load_s:.1f} s load + "
                                                      f"{rest[0].warmup_s:.1f} s warm-up/compile; running")}
             elif kind == "chunk":
-                run, chunk, events, chunks = rest
-                update = {live: live_line(run, runs, dict(jobs)[slot].key not in SERVED, events, chunks)}
+                run, cold, chunk, events, chunks = rest
+                update = {live: live_line(run, runs, cold, events, chunks)}
                 if run == 0:   # the first run streams into the player; warm runs repeat the same seeded audio
                     update[player] = (chunk.sample_rate, pcm16(chunk.samples))
                 yield update
@@ -349,11 +366,10 @@ def compare(request: gr.Request, text, seed, max_audio_s, runs, random_weights, 
                 if mine and not cancel.event.is_set():
                     main, stalls = charts(records)   # between presets: drawing never competes with a timed run
                     row = report.summary_rows(mine)[0]
-                    yield {status: status_html(total, total, f"done: {len(mine)} runs", "ok"),
-                           live: f"warm median TTFB **{row['ttfb_ms']:.0f} ms** · RTF **{row['rtf']:.3g}** · "
-                                 f"cold TTFB {row['cold_ttfb_ms'] or float('nan'):.0f} ms · underruns "
-                                 f"{row['underruns']:.0f}" + (f" · ⚠️ {weights_note(row['weights'])}"
-                                                             if weights_note(row["weights"]) else ""),
+                    figures_md = figures_line(row)
+                    if weights_note(row["weights"]):
+                        figures_md += f" · ⚠️ {weights_note(row['weights'])}"
+                    yield {status: status_html(total, total, f"done: {len(mine)} runs", "ok"), live: figures_md,
                            chart_main: main, chart_stalls: stalls, summary: summary_table(records),
                            builds_df: build_table(builds), runs_df: runs_table(records)}
                 if not worker.is_alive() and out.empty():
@@ -377,8 +393,9 @@ def on_unload(request: gr.Request) -> None:
 
 def stop(request: gr.Request):
     n = cancel_session(request)
-    return status_html(1, 1, "stopped: the run in progress was cancelled; finished runs are kept in History"
-                       if n else "nothing was running", "warn")
+    # A build in progress cannot be interrupted: generation stops at once, a load or compile runs to its end.
+    return status_html(1, 1, "stopped: generation was cancelled (a build in progress finishes first); finished "
+                       "runs are kept in History" if n else "nothing was running", "warn")
 
 
 def on_random_switch(random_weights, *groups):
@@ -419,12 +436,11 @@ def ab_play(first, second, text, seed, random_weights, request: gr.Request, prog
         with GPU_LOCK:
             for i, name in enumerate((a, b)):
                 spec = specs[name]
-                label = "A" if name == a else "B"
-                engine = MANAGER.get(spec, lambda stage, s, label=label: progress(
-                    (i, 2), desc=f"player {label}: {stage} {s:.0f} s"))
-                progress((i, 2), desc=f"player {label}: generating")
-                record, samples = run_once(engine, spec, req, cold=spec.key not in SERVED, run=0, cancel=cancel.event)
-                SERVED.add(spec.key)
+                # Neutral progress: naming the build stage ("compiling") would tell the listener which is which.
+                engine = MANAGER.get(spec, lambda stage, s, i=i: progress((i, 2), desc=f"preparing the pair… {s:.0f} s"))
+                progress((i, 2), desc="generating the pair…")
+                record, samples = run_once(engine, spec, req, cold=is_cold(engine), run=0, cancel=cancel.event)
+                engine.served = True
                 history.append(HISTORY_PATH, {**record, "source": "ab", "env_commit": env.git_commit()})
                 audio[name] = (engine.sample_rate, pcm16(samples))
     except Exception as e:  # Cancelled (Stop, a closed tab) or a failed build: one line on the page
@@ -484,7 +500,7 @@ def history_view(picked, weights, kind, text_contains):
         "TTFB ms": _round(r.get("ttfb_ms"), 1), "RTF": _round(r.get("rtf"), 3), "underruns": r.get("underruns"),
         "stall s": _round(r.get("stall_s"), 3), "audio s": _round(r.get("audio_s"), 2), "text": r.get("text", "")}
         for r in reversed(chosen)])
-    folder = tempfile.mkdtemp(prefix="lab-history-")
+    folder = HISTORY_EXPORT_DIR   # one folder, overwritten: a long-running Space must not fill its disk
     csv_path, json_path, png_path = (os.path.join(folder, f"history.{ext}") for ext in ("csv", "json", "png"))
     with open(csv_path, "w") as f:
         f.write(report.to_csv(complete))
@@ -641,4 +657,6 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
 if __name__ == "__main__":
     port = int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860)
     demo.queue(default_concurrency_limit=4).launch(
-        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), server_port=port)
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), server_port=port,
+        # Refuse big uploads before they are decoded; lab.request.validate_user_audio then caps length and size.
+        max_file_size=f"{MAX_USER_AUDIO_BYTES // 2**20}mb")

@@ -59,7 +59,9 @@ def weights_cached(spec: VariantSpec) -> bool:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return False
-    return isinstance(try_to_load_from_cache(source, "config.json"), str)
+    # At the preset's pinned revision, if it has one: a cache made with `--revision <sha>` has no refs/main.
+    return isinstance(try_to_load_from_cache(source, "config.json", revision=spec.revision or None),
+                      str)
 
 
 _HUB_PROBE: dict[str, tuple[float, bool]] = {}
@@ -100,7 +102,9 @@ def preset_statuses(specs: dict[str, VariantSpec], unavailable: dict[str, str], 
             out.append(PresetStatus(name, spec.family, spec.description, weights, False, NO_WEIGHTS,
                                     f"{name}: {spec.model_id} is not in the Hugging Face cache and the hub is "
                                     f"unreachable; switch on random weights (latency only), or download it with "
-                                    f"`huggingface-cli download {spec.model_id}` where the hub is reachable"))
+                                    f"`huggingface-cli download {spec.model_id}"
+                                    f"{' --revision ' + spec.revision if spec.revision else ''}` "
+                                    f"where the hub is reachable"))
             continue
         out.append(PresetStatus(name, spec.family, spec.description, weights, True))
     return out
@@ -149,7 +153,9 @@ def option_requirements() -> list[dict]:
         ("compile", "off", "nothing", True),
         ("compile", "inductor", "a C++ compiler on the CPU (Triton on a GPU); the first build compiles for seconds "
                                 "to a minute", True),
-        ("compile", "cuda-graphs", "a CUDA GPU (not implemented yet: refused)", False),
+        ("compile", "cuda-graphs", "a CUDA GPU; CSM only (the whole frame step replayed from one CUDA graph)", cuda),
+        ("compile", "inductor+cuda-graphs", "a CUDA GPU; CSM only; compiles for about a minute (experimental: "
+                                            "not deterministic run to run)", cuda),
         ("quantization", "none", "nothing", True),
         ("quantization", "bnb-int8", "a CUDA GPU and `pip install bitsandbytes`; not inside CUDA graphs", cuda and bnb),
         ("quantization", "bnb-nf4", "a CUDA GPU and `pip install bitsandbytes`", cuda and bnb),

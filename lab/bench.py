@@ -69,6 +69,9 @@ def run_once(engine, spec: VariantSpec, request: Request, cold: bool, run: int,
         "preset": spec.name, "run": run, "cold": cold, "weights": spec.weights, "family": spec.family,
         "spec": json.loads(spec.key), **figures(timeline), "peak_mem_bytes": engine.peak_memory_bytes(),
         "text": request.text, "seed": request.seed, "max_audio_s": request.max_audio_s,
+        # a spoken user turn changes what prefill does: runs with and without one must be told apart
+        "user_audio_s": (len(request.user_audio) / request.user_audio_sample_rate
+                         if request.user_audio is not None else 0.0),
         "tokenizer": engine.report.tokenizer, "sample_rate": engine.sample_rate,
         "timeline": timeline.to_dict(), "time": time.time(),
     }

@@ -5,6 +5,7 @@ The app calls these; they hold no UI, so a bug in a number or a message is fixed
 """
 from __future__ import annotations
 
+import math
 import time
 
 from lab.errors import LabError
@@ -23,6 +24,8 @@ def _whole_number(value, field: str, example: str) -> int:
         number = float(value)
     except (TypeError, ValueError):
         raise LabError(field, f"{value!r} is not a number; type a whole number, e.g. {example}") from None
+    if not math.isfinite(number):
+        raise LabError(field, f"{value!r} is not a finite number; type a whole number, e.g. {example}")
     if number != int(number):
         raise LabError(field, f"{value} is not a whole number; type e.g. {example}")
     return int(number)
@@ -46,6 +49,16 @@ def validate_inputs(text, seed, max_audio_s, runs, max_chars: int = MAX_TEXT_CHA
     request = Request(text if isinstance(text, str) else "", seed=seed, max_audio_s=max_audio_s)
     request = validate_request(request, max_chars)
     return Request(request.text.strip(), seed=seed, max_audio_s=max_audio_s), runs
+
+
+def figures_line(row: dict) -> str:
+    """A preset's result line under its player, from `report.summary_rows`. A preset whose warm runs all failed
+    has only its cold run: no warm median, and no crash formatting a missing one."""
+    line = (f"warm median TTFB **{row['ttfb_ms']:.0f} ms** · RTF **{row['rtf']:.3g}** · underruns "
+            f"{row['underruns']:.0f}" if row.get("warm_runs") else "cold run only")
+    if row.get("cold_ttfb_ms") is not None:
+        line += f" · cold TTFB {row['cold_ttfb_ms']:.0f} ms"
+    return line
 
 
 def build_row(name: str, report) -> dict:

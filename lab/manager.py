@@ -45,6 +45,9 @@ class ModelManager:
             if slot.error is not None:
                 raise slot.error
             return slot.engine
+        # Before building too: a variant already over the budget on its own (an 8B model under a 16 GB budget)
+        # would otherwise stay resident while the next one loads beside it.
+        self._evict_over_budget(keep=spec.key)
         try:
             engine = self._build(spec, progress or (lambda stage, s: None))
         except BaseException as e:

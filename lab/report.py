@@ -87,8 +87,9 @@ def chart(runs: list[dict], title: str, path: str | None = None):
     fig, axes = plt.subplots(1, 3, figsize=(max(12, 2.2 * len(rows) * 1.5), 4.8))
     for ax, fig_name, unit in ((axes[0], "ttfb_ms", "TTFB (ms)"), (axes[1], "rtf", "RTF (below 1 is faster than real time)")):
         med = [r[fig_name] or 0 for r in rows]
-        err = [[m - (r[f"{fig_name}_lo"] or m) for m, r in zip(med, rows)],
-               [(r[f"{fig_name}_hi"] or m) - m for m, r in zip(med, rows)]]
+        # `is None`, not `or`: a spread that reaches 0 (no underruns) is a real bar end, not a missing one.
+        err = [[m - (m if r[f"{fig_name}_lo"] is None else r[f"{fig_name}_lo"]) for m, r in zip(med, rows)],
+               [(m if r[f"{fig_name}_hi"] is None else r[f"{fig_name}_hi"]) - m for m, r in zip(med, rows)]]
         ax.bar(x, med, yerr=err, capsize=4, color="#4c72b0", label="warm median (spread)")
         if fig_name == "ttfb_ms":
             cold = [(i, r["cold_ttfb_ms"]) for i, r in zip(x, rows) if r["cold_ttfb_ms"] is not None]
@@ -143,17 +144,6 @@ def merge(result_dirs: list[str], out_dir: str) -> dict:
     return merged
 
 
-if __name__ == "__main__":
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m lab.report", description="merge bench results made in parts")
-    p.add_argument("--merge", nargs="+", required=True, metavar="DIR", help="folders holding results.json")
-    p.add_argument("--out", required=True)
-    args = p.parse_args()
-    m = merge(args.merge, args.out)
-    print(table(summary_rows(m["runs"]), m["builds"]))
-
-
 def stall_chart(runs: list[dict], title: str = "", path: str | None = None):
     """Underruns and stall seconds per preset: what a listener hears as gaps. Warm median with its spread as
     bars, the cold run as a hollow marker, as in `chart`."""
@@ -169,8 +159,9 @@ def stall_chart(runs: list[dict], title: str = "", path: str | None = None):
     for ax, fig_name, unit in ((axes[0], "underruns", "underruns (late chunks, warm median)"),
                                (axes[1], "stall_s", "stall (s the player waits, warm median)")):
         med = [r[fig_name] or 0 for r in rows]
-        err = [[m - (r[f"{fig_name}_lo"] or m) for m, r in zip(med, rows)],
-               [(r[f"{fig_name}_hi"] or m) - m for m, r in zip(med, rows)]]
+        # `is None`, not `or`: a spread that reaches 0 (no underruns) is a real bar end, not a missing one.
+        err = [[m - (m if r[f"{fig_name}_lo"] is None else r[f"{fig_name}_lo"]) for m, r in zip(med, rows)],
+               [(m if r[f"{fig_name}_hi"] is None else r[f"{fig_name}_hi"]) - m for m, r in zip(med, rows)]]
         ax.bar(x, med, yerr=err, capsize=4, color="#dd8452", label="warm median (spread)")
         cold = [(i, c[fig_name]) for i, r in zip(x, rows) for c in runs if c["preset"] == r["preset"] and c["cold"]]
         if cold:
@@ -186,3 +177,14 @@ def stall_chart(runs: list[dict], title: str = "", path: str | None = None):
         fig.savefig(path, dpi=110)
         plt.close(fig)
     return fig
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m lab.report", description="merge bench results made in parts")
+    p.add_argument("--merge", nargs="+", required=True, metavar="DIR", help="folders holding results.json")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    m = merge(args.merge, args.out)
+    print(table(summary_rows(m["runs"]), m["builds"]))

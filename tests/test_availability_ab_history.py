@@ -5,7 +5,7 @@ import random
 import pytest
 
 from lab import ab, availability, history, presets
-from lab.compare import cancelled_record, validate_inputs
+from lab.compare import cancelled_record, figures_line, validate_inputs
 from lab.errors import LabError
 from lab.metrics import Timeline
 from lab.spec import VariantSpec
@@ -68,6 +68,11 @@ def test_option_requirements_name_what_each_option_needs():
     assert "flash-attn" in rows[("attention", "flash_attention_2")]["needs"]
     assert "bitsandbytes" in rows[("quantization", "bnb-nf4")]["needs"]
     assert rows[("attention", "sdpa")]["here"] == "yes"
+    # Every option the spec accepts has its row, so the panel cannot fall behind a new one.
+    from lab.spec import CHOICES
+
+    for axis in ("attention", "compile", "quantization"):
+        assert {o for a, o in rows if a == axis} == set(CHOICES[axis]), axis
 
 
 def test_blind_order_is_random_and_refuses_a_pair_of_one():
@@ -147,3 +152,14 @@ def test_a_cancelled_run_records_its_frames_against_the_cancel_time():
                            tl, t0 + 0.25, run=0, cold=True)
     assert rec["cancelled"] and rec["frame_s"] == pytest.approx([0.1, 0.2]) and rec["cancel_s"] == pytest.approx(0.25)
     assert rec["audio_s"] == pytest.approx(0.16)
+
+
+def test_a_preset_with_only_its_cold_run_gets_a_result_line_not_a_crash():
+    from lab import report
+
+    cold = {"preset": "p", "weights": "random", "cold": True, "ttfb_ms": 120.0, "rtf": 0.5, "steady_rtf": 0.4,
+            "underruns": 0, "stall_s": 0.0, "audio_s": 1.0, "phases_ms": {}, "peak_mem_bytes": 0}
+    line = figures_line(report.summary_rows([cold])[0])
+    assert line == "cold run only · cold TTFB 120 ms"
+    warm = dict(cold, cold=False, ttfb_ms=80.0)
+    assert "warm median TTFB **80 ms**" in figures_line(report.summary_rows([cold, warm])[0])

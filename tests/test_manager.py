@@ -87,3 +87,24 @@ def test_a_variant_that_is_streaming_is_not_evicted_under_it():
     rest = list(stream)                            # the stream finishes on an intact model
     assert rest and busy.model is not None
     assert len(manager.built()) == 2
+
+
+def test_a_variant_over_the_budget_alone_is_freed_before_the_next_one_builds():
+    events = []
+
+    class Big(engines.Engine):
+        def __init__(self, name):
+            self.spec, self.name = TINY, name
+            self.report = engines.BuildReport(memory_bytes=12)
+
+        def close(self):
+            events.append(f"freed {self.name}")
+
+    def build(spec, progress):
+        events.append(f"build {spec.name}")
+        return Big(spec.name)
+
+    manager = ModelManager(memory_budget_bytes=10, builder=build)
+    manager.get(TINY.replace(name="a"))
+    manager.get(TINY.replace(name="b", attention="eager"))
+    assert events == ["build a", "freed a", "build b"]

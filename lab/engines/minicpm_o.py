@@ -74,6 +74,7 @@ def load_model(spec: VariantSpec):
     try:
         model = _from_hub(
             AutoModel, spec, trust_remote_code=spec.trust_remote_code, revision=spec.revision,
+            code_revision=spec.revision,   # remote code pulled from another repo is pinned too
             attn_implementation=spec.attention,
             # torch_dtype, not dtype: the remote code targets transformers 4.44, where dtype is not a load argument.
             torch_dtype=tc.DTYPES[spec.dtype], quantization_config=qconfig,
@@ -239,7 +240,7 @@ class MiniCPMOEngine(Engine):
 
 def build(spec: VariantSpec, progress) -> MiniCPMOEngine:
     clock = StageClock(progress, tc.device_sync(spec.device))
-    baseline_bytes = tc.reset_peak_memory(spec.device)
+    baseline_bytes = tc.reset_peak_memory(spec.device, collect=True)
     (model, tokenizer), load_s = clock.run("loading", lambda: load_model(spec))
     engine = MiniCPMOEngine(spec, model, tokenizer)
     notes, warmup_s = [], 0.0
