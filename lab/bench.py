@@ -70,8 +70,7 @@ def run_once(engine, spec: VariantSpec, request: Request, cold: bool, run: int,
         "spec": json.loads(spec.key), **figures(timeline), "peak_mem_bytes": engine.peak_memory_bytes(),
         "text": request.text, "seed": request.seed, "max_audio_s": request.max_audio_s,
         # a spoken user turn changes what prefill does: runs with and without one must be told apart
-        "user_audio_s": (len(request.user_audio) / request.user_audio_sample_rate
-                         if request.user_audio is not None else 0.0),
+        "user_audio_s": request.user_audio_s or 0.0,
         "tokenizer": engine.report.tokenizer, "sample_rate": engine.sample_rate,
         "timeline": timeline.to_dict(), "time": time.time(),
     }
@@ -88,9 +87,8 @@ def bench(specs: list[VariantSpec], request: Request, runs: int, out_dir: str, m
     wav_dir = wav_dir or out_dir
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(wav_dir, exist_ok=True)
-    user_audio_s = None if request.user_audio is None else len(request.user_audio) / request.user_audio_sample_rate
     results = {"env": env.environment(), "request": {"text": request.text, "seed": request.seed,
-               "max_audio_s": request.max_audio_s, "user_audio_s": user_audio_s}, "runs": [], "builds": {},
+               "max_audio_s": request.max_audio_s, "user_audio_s": request.user_audio_s}, "runs": [], "builds": {},
                "errors": {}}
     bar = tqdm(total=len(specs) * (runs + 1), disable=not progress_bar, unit="run", file=sys.stderr)
     for spec in specs:

@@ -35,6 +35,10 @@ class Request:
     user_audio: np.ndarray | None = None
     user_audio_sample_rate: int = 16000
 
+    @property
+    def user_audio_s(self) -> float | None:
+        return None if self.user_audio is None else len(self.user_audio) / self.user_audio_sample_rate
+
 
 def _is_latin(ch: str) -> bool:
     if ch.isascii():

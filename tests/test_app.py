@@ -301,7 +301,8 @@ def test_browser_shows_bad_input_and_unavailable_preset_errors_in_the_page(brows
     page.close()
 
 
-def test_browser_closing_the_tab_mid_stream_stops_generation(browser, server):
+def start_a_long_stream(browser, server):
+    """A page streaming 60 s of random-weight Pocket TTS, past its first chunk: (page, when Compare was clicked)."""
     page = page_for(browser, server)
     pick(page, "pocket-tts-random")
     page.fill("#max-audio-s input", "60")
@@ -309,18 +310,17 @@ def test_browser_closing_the_tab_mid_stream_stops_generation(browser, server):
     started = time.time()
     page.click("#compare-btn")
     page.wait_for_selector("#live-0:has-text('TTFB')", timeout=120_000)
+    return page, started
+
+
+def test_browser_closing_the_tab_mid_stream_stops_generation(browser, server):
+    page, started = start_a_long_stream(browser, server)
     page.close()
     assert_stopped_in_time(server, started, 60)
 
 
 def test_browser_stop_button_ends_generation(browser, server):
-    page = page_for(browser, server)
-    pick(page, "pocket-tts-random")
-    page.fill("#max-audio-s input", "60")
-    page.fill("#runs input", "1")
-    started = time.time()
-    page.click("#compare-btn")
-    page.wait_for_selector("#live-0:has-text('TTFB')", timeout=120_000)
+    page, started = start_a_long_stream(browser, server)
     page.click("#stop-btn")
     page.wait_for_selector("#overall:has-text('stopped')", timeout=30_000)
     assert_stopped_in_time(server, started, 60)

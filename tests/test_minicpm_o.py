@@ -113,12 +113,17 @@ def test_remote_code_is_never_on_by_default_and_other_families_refuse_its_fields
 
 
 # -- prefill: the notes' axis -------------------------------------------------------------------------
-def test_batched_prefill_is_one_call_with_all_text_and_one_with_the_audio_concatenated(gpu_host):
-    engine, model = standin_engine(preset("minicpm-o-sdpa-compile-batched"))
+def prefills_of_a_two_turn_request(preset_name: str):
+    """(the stand-in, the prefill calls it saw, the user audio) for one request with CONTEXT and a spoken turn."""
+    engine, model = standin_engine(preset(preset_name))
     model.calls.clear()
     user_audio = clip(2.0, freq=330)
     run(engine, Request("What did I just say?", context=CONTEXT, user_audio=user_audio))
-    prefills = model.prefills()
+    return model, model.prefills(), user_audio
+
+
+def test_batched_prefill_is_one_call_with_all_text_and_one_with_the_audio_concatenated(gpu_host):
+    model, prefills, user_audio = prefills_of_a_two_turn_request("minicpm-o-sdpa-compile-batched")
     assert len(prefills) == 2
     assert prefills[0] == ["Earlier you said it might rain.", "And then the sun came out.", "What did I just say?"]
     assert len(prefills[1]) == 1
@@ -130,11 +135,7 @@ def test_batched_prefill_is_one_call_with_all_text_and_one_with_the_audio_concat
 
 
 def test_per_segment_prefill_is_one_call_per_item_in_order(gpu_host):
-    engine, model = standin_engine(preset("minicpm-o-sdpa-compile-per-segment"))
-    model.calls.clear()
-    user_audio = clip(2.0, freq=330)
-    run(engine, Request("What did I just say?", context=CONTEXT, user_audio=user_audio))
-    prefills = model.prefills()
+    _, prefills, user_audio = prefills_of_a_two_turn_request("minicpm-o-sdpa-compile-per-segment")
     assert [type(p[0]).__name__ for p in prefills] == ["str", "ndarray", "str", "str", "ndarray"]
     assert all(len(p) == 1 for p in prefills)
     assert [p[0] for p in prefills if isinstance(p[0], str)] == [

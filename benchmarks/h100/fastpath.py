@@ -199,8 +199,7 @@ def main() -> int:
     if slow:
         slow_results = bench(slow, request, args.slow_runs, "/tmp/slow", manager, history_path=None,
                              progress_bar=False, wav_dir="/tmp/wavs")
-        for key in ("runs",):
-            results[key] += slow_results[key]
+        results["runs"] += slow_results["runs"]
         for key in ("builds", "errors"):
             results[key].update(slow_results[key])
     log(f"errors: {results['errors']}")

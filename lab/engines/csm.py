@@ -346,12 +346,7 @@ def build(spec: VariantSpec, progress) -> CsmEngine:
         notes.append(f"inductor compiled {tc.compiled_graph_count() - compiles_before} graphs")
     if graphs:
         notes.append(f"{graphs} CUDA graphs captured (1 frame step, {graphs - 1} codec chunk sizes)")
-    engine.report = BuildReport(
-        load_s=load_s, warmup_s=warmup_s, params=tc.param_count(engine.model), notes=notes,
-        # On a GPU, what the variant keeps allocated (weights, quantization state, static caches): what eviction
-        # frees. On the CPU, its parameter and buffer bytes.
-        memory_bytes=(tc.allocated_bytes(spec.device) - baseline_bytes) if spec.device == "cuda"
-        else tc.memory_bytes(engine.model),
-        peak_mem_bytes=tc.peak_memory_bytes(spec.device, baseline_bytes),
+    engine.report = tc.build_report(
+        spec, baseline_bytes, [engine.model], load_s=load_s, warmup_s=warmup_s, notes=notes,
         tokenizer=engine.processor.__class__.__name__ if engine.processor else tc.ByteTokenizer.name)
     return engine

@@ -49,18 +49,10 @@ SKIP_QUANT = ["tts", "apm", "audio_projection_layer", "audio_avg_pooler", "vpm",
 
 
 def _from_hub(cls, spec: VariantSpec, **kwargs):
-    """Local cache first (an unreachable hub then costs no retries), then the hub; always at the pinned revision."""
-    try:
-        return cls.from_pretrained(spec.model_id, local_files_only=True, **kwargs)
-    except OSError:
-        pass
-    try:
-        return cls.from_pretrained(spec.model_id, **kwargs)
-    except OSError as e:
-        raise LabError("weights", f"{spec.model_id!r} at revision {spec.revision} could not be loaded: it is not in "
-                                  f"the Hugging Face cache and the hub is unreachable ({type(e).__name__}). Download "
-                                  f"it where the hub is reachable: `huggingface-cli download {spec.model_id} "
-                                  f"--revision {spec.revision}`") from e
+    """Cache first, then the hub (torch_common.load_cached_first); always at the pinned revision."""
+    return tc.load_cached_first(cls, spec.model_id, f"revision {spec.revision}",
+                                f"download it where the hub is reachable: `huggingface-cli download "
+                                f"{spec.model_id} --revision {spec.revision}`", **kwargs)
 
 
 def load_model(spec: VariantSpec):
@@ -261,10 +253,6 @@ def build(spec: VariantSpec, progress) -> MiniCPMOEngine:
         # in its session phase instead, and compiles there too.
         notes.append("init_tts per request: it runs once per loaded model, in the first request's session phase "
                      "(the cold run); no warm-up at build")
-    engine.report = BuildReport(
-        load_s=load_s, warmup_s=warmup_s, params=tc.param_count(model),
-        memory_bytes=(tc.allocated_bytes(spec.device) - baseline_bytes) if spec.device == "cuda"
-        else tc.memory_bytes(model),
-        peak_mem_bytes=tc.peak_memory_bytes(spec.device, baseline_bytes),
-        tokenizer=type(tokenizer).__name__, notes=notes)
+    engine.report = tc.build_report(spec, baseline_bytes, [model], load_s=load_s, warmup_s=warmup_s,
+                                    tokenizer=type(tokenizer).__name__, notes=notes)
     return engine

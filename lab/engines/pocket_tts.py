@@ -255,12 +255,8 @@ def build(spec: VariantSpec, progress: Progress) -> PocketTTSEngine:
             pass
 
     _, warmup_s = clock.run("compiling" if spec.compile == "inductor" else "warming up", warm_up)
-    engine.report = BuildReport(
-        load_s=load_s, warmup_s=warmup_s,
-        params=tc.param_count(model) + tc.param_count(codec),
-        memory_bytes=(tc.allocated_bytes(spec.device) - baseline_bytes) if spec.device == "cuda"
-        else tc.memory_bytes(model) + tc.memory_bytes(codec),
-        peak_mem_bytes=tc.peak_memory_bytes(spec.device, baseline_bytes),
+    engine.report = tc.build_report(
+        spec, baseline_bytes, [model, codec], load_s=load_s, warmup_s=warmup_s,
         tokenizer=(f"{type(processor.tokenizer).__name__} ({spec.model_id})" if processor is not None
                    else tc.ByteTokenizer.name),
         notes=[] if spec.weights == "pretrained" else [

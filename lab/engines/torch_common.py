@@ -56,26 +56,32 @@ def quantization_config(spec: VariantSpec, skip_modules: list[str]):
                               bnb_4bit_compute_dtype=DTYPES[spec.dtype], llm_int8_skip_modules=skip_modules)
 
 
-def from_pretrained(cls, spec: VariantSpec, source: str, skip_modules: list[str], **kwargs):
-    """The one loading path: by hub id or local directory, with attention, dtype and quantization.
-    The local cache is tried first, so an unreachable hub costs no retries when the weights are cached."""
-    qconfig = quantization_config(spec, skip_modules)
-    load = dict(attn_implementation=attn_implementation(spec), dtype=DTYPES[spec.dtype], quantization_config=qconfig,
-                device_map=spec.device if qconfig is not None else None, **kwargs)
+def load_cached_first(cls, source: str, what: str, fix: str, **kwargs):
+    """`cls.from_pretrained(source, **kwargs)`, the local cache first, so an unreachable hub costs no retries when
+    the files are cached; then the hub. Every loader in the lab goes through here, so a miss always reads the same:
+    a LabError naming `what` failed and `fix`."""
     try:
-        return cls.from_pretrained(source, local_files_only=True, **load)
+        return cls.from_pretrained(source, local_files_only=True, **kwargs)
     except OSError:
         pass
     if os.path.isabs(source) or source.startswith("."):
         raise LabError("model", f"{source!r} is not a directory with a saved model (config.json and weights); "
                                 f"fix the path, or use weights: random for latency-only runs")
     try:
-        return cls.from_pretrained(source, **load)
+        return cls.from_pretrained(source, **kwargs)
     except OSError as e:
-        raise LabError("weights", f"{source!r} could not be loaded: the weights are not in the Hugging Face cache "
-                                  f"and the hub is unreachable ({type(e).__name__}). Download them with "
-                                  f"`huggingface-cli download {source}` where the hub is reachable, or use "
-                                  f"weights: random for latency-only runs") from e
+        raise LabError("weights", f"{source!r}: {what} could not be loaded: not in the Hugging Face cache and the hub "
+                                  f"is unreachable ({type(e).__name__}); {fix}") from e
+
+
+def from_pretrained(cls, spec: VariantSpec, source: str, skip_modules: list[str], **kwargs):
+    """The one model-loading path: by hub id or local directory, with attention, dtype and quantization."""
+    qconfig = quantization_config(spec, skip_modules)
+    return load_cached_first(
+        cls, source, "the weights", f"download them with `huggingface-cli download {source}` where the hub is "
+                                    f"reachable, or use weights: random for latency-only runs",
+        attn_implementation=attn_implementation(spec), dtype=DTYPES[spec.dtype], quantization_config=qconfig,
+        device_map=spec.device if qconfig is not None else None, **kwargs)
 
 
 def quantize_random(cls, model, spec: VariantSpec, skip_modules: list[str]):
@@ -87,6 +93,19 @@ def quantize_random(cls, model, spec: VariantSpec, skip_modules: list[str]):
         return from_pretrained(cls, spec, tmp, skip_modules)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_report(spec: VariantSpec, baseline_bytes: int, modules: list[torch.nn.Module], **fields):
+    """A build's BuildReport with its size figures taken the same way for every torch engine. memory_bytes: on a GPU,
+    what the variant keeps allocated since `baseline_bytes` (weights, quantization state, static caches, graph
+    pools): what eviction frees; on the CPU, its parameter and buffer bytes. peak_mem_bytes: the build's peak."""
+    from lab.engines import BuildReport
+
+    return BuildReport(
+        params=sum(param_count(m) for m in modules),
+        memory_bytes=(allocated_bytes(spec.device) - baseline_bytes) if spec.device == "cuda"
+        else sum(memory_bytes(m) for m in modules),
+        peak_mem_bytes=peak_memory_bytes(spec.device, baseline_bytes), **fields)
 
 
 def memory_bytes(module: torch.nn.Module) -> int:
@@ -157,16 +176,8 @@ def load_processor(spec: VariantSpec, **kwargs):
     """The model's real processor (tokenizer, chat template, codec), local cache first."""
     from transformers import AutoProcessor
 
-    try:
-        return AutoProcessor.from_pretrained(spec.model_id, local_files_only=True, **kwargs)
-    except OSError:
-        pass
-    try:
-        return AutoProcessor.from_pretrained(spec.model_id, **kwargs)
-    except OSError as e:
-        raise LabError("weights", f"{spec.model_id!r}: the processor could not be loaded: not in the Hugging Face "
-                                  f"cache and the hub is unreachable ({type(e).__name__}); use weights: random for "
-                                  f"latency-only runs") from e
+    return load_cached_first(AutoProcessor, spec.model_id, "the processor",
+                             "use weights: random for latency-only runs", **kwargs)
 
 
 def capture_graph(fn, warmup_runs: int = 3):
