@@ -123,14 +123,15 @@ def default_selection(own: list[PresetStatus], random: list[PresetStatus], cuda:
     """What the first click runs: (preset names, random-weights switch), from the statuses with the presets' own
     weights and with the switch on.
 
-    On a GPU: the CSM presets, eager-loop sdpa against a compiled one (CUDA graphs where that preset exists,
-    else inductor). On a CPU: hibari (real speech) against Pocket TTS. The switch is on only when a picked
+    On a GPU: the CSM presets, eager-loop sdpa against the fastest one that exists (Triton kernels in a CUDA
+    graph, else torch's in one, else inductor). On a CPU: hibari (real speech) against Pocket TTS. The switch is on only when a picked
     preset needs it (its weights are neither cached nor downloadable), so the first click does something real
     with no cache and no hub, and stays on real weights where they are there."""
     runnable = {s.name for s in random if s.available}
     pick: list[str] = []
     if cuda:
-        wanted = ["csm-sdpa", next((n for n in ("csm-cuda-graphs", "csm-sdpa-inductor") if n in runnable), "")]
+        fast = ("csm-triton-cuda-graphs", "csm-cuda-graphs", "csm-sdpa-inductor")
+        wanted = ["csm-sdpa", next((n for n in fast if n in runnable), "")]
         pick = [n for n in wanted if n in runnable]
     if not pick:
         pick = [n for n in ("hibari", "pocket-tts-cpu") if n in runnable]
@@ -141,7 +142,7 @@ def default_selection(own: list[PresetStatus], random: list[PresetStatus], cuda:
 
 
 def option_requirements() -> list[dict]:
-    """What each attention, compile and quantization option needs, and whether this machine has it."""
+    """What each attention, compile, kernels and quantization option needs, and whether this machine has it."""
     cuda = env.cuda_available()
     bnb, flash = env.has_package("bitsandbytes"), env.has_package("flash_attn")
     rows = [
@@ -156,6 +157,9 @@ def option_requirements() -> list[dict]:
         ("compile", "cuda-graphs", "a CUDA GPU; CSM only (the whole frame step replayed from one CUDA graph)", cuda),
         ("compile", "inductor+cuda-graphs", "a CUDA GPU; CSM only; compiles for about a minute (experimental: "
                                             "not deterministic run to run)", cuda),
+        ("kernels", "torch", "nothing (the model's own modules)", True),
+        ("kernels", "triton", "a CUDA GPU and Triton (CUDA builds of torch ship it); CSM only; no bitsandbytes, no "
+                              "inductor", cuda and env.has_package("triton")),
         ("quantization", "none", "nothing", True),
         ("quantization", "bnb-int8", "a CUDA GPU and `pip install bitsandbytes`; not inside CUDA graphs", cuda and bnb),
         ("quantization", "bnb-nf4", "a CUDA GPU and `pip install bitsandbytes`", cuda and bnb),

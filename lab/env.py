@@ -24,6 +24,11 @@ def has_package(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def triton_interpreted() -> bool:
+    """TRITON_INTERPRET=1 runs Triton kernels on the CPU through its interpreter: slow, for tests only."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @functools.cache
 def cuda_available() -> bool:
     import torch
@@ -58,6 +63,7 @@ def environment() -> dict:
         "transformers": _version("transformers"),
         "flash_attn": _version("flash-attn") or _version("flash_attn"),
         "bitsandbytes": _version("bitsandbytes"),
+        "triton": _version("triton"),
         "gradio": _version("gradio"),
         "onnxruntime": _version("onnxruntime"),
         "hibari_tts": _version("hibari-tts"),

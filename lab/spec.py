@@ -33,6 +33,7 @@ CHOICES = {
     "dtype": ("float32", "bfloat16", "float16"),
     "attention": ("eager", "sdpa", "sdpa-flash", "flash_attention_2"),
     "compile": ("off", "inductor", "cuda-graphs", "inductor+cuda-graphs"),
+    "kernels": ("torch", "triton"),
     "quantization": ("none", "bnb-int8", "bnb-nf4"),
     "prefill": ("batched", "per-segment"),
     "init_tts": ("build", "request"),
@@ -50,6 +51,7 @@ class VariantSpec:
     dtype: str = "float32"
     attention: str = "sdpa"
     compile: str = "off"
+    kernels: str = "torch"          # csm: the one-token steps' layers through the model's modules or lab/fused.py
     quantization: str = "none"
     prefill: str = "batched"
     first_chunk_frames: int = 1     # frames decoded before the first chunk is sent
@@ -145,6 +147,26 @@ def _validate_remote_code(spec: VariantSpec, where: str) -> None:
                                   f"apply; remove the field")
 
 
+def _validate_triton(spec: VariantSpec, where: str) -> None:
+    if spec.family != "csm":
+        raise LabError(where, f"kernels: triton is implemented for csm only; use kernels: torch")
+    if not env.has_package("triton"):
+        raise MissingPackageError(where, "triton", why="kernels: triton needs it (CUDA builds of torch ship it)")
+    if spec.device != "cuda" and not env.triton_interpreted():
+        raise LabError(where, "kernels: triton runs on a CUDA GPU (on the CPU only under TRITON_INTERPRET=1, for "
+                              "tests); use device: cuda, or kernels: torch")
+    if spec.quantization != "none":
+        raise LabError(where, f"kernels: triton reads bf16/fp16/fp32 weights, not {spec.quantization}'s packed ones; "
+                              f"use quantization: none, or kernels: torch")
+    if spec.compile in ("inductor", "inductor+cuda-graphs"):
+        raise LabError(where, f"kernels: triton with compile: {spec.compile}: the layers are already fused kernels "
+                              f"and inductor would only wrap them; use compile: cuda-graphs (or off)")
+    if spec.attention in ("sdpa-flash", "flash_attention_2"):
+        raise LabError(where, f"attention: {spec.attention} with kernels: triton: the prompt runs over the static KV "
+                              f"buffers through a mask, and flash kernels take no mask; use attention: sdpa (or "
+                              f"eager)")
+
+
 def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
     """Refuse before any build what cannot work here, saying why and what to change."""
     for field_name, allowed in CHOICES.items():
@@ -163,7 +185,7 @@ def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
 
     if not fam["torch"]:
         defaults = VariantSpec(family=spec.family)
-        for axis in ("device", "dtype", "attention", "compile", "quantization"):
+        for axis in ("device", "dtype", "attention", "compile", "kernels", "quantization"):
             if getattr(spec, axis) != getattr(defaults, axis):
                 raise LabError(where, f"{axis}: {spec.family} runs on ONNX Runtime on the CPU, so {axis} does not "
                                       f"apply; remove the field")
@@ -193,6 +215,8 @@ def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
             raise LabError(where, f"compile: {spec.compile} is implemented for csm only; use compile: inductor")
         if spec.device != "cuda":
             raise LabError(where, f"compile: {spec.compile} needs device: cuda; on the CPU use compile: inductor")
+    if spec.kernels == "triton":
+        _validate_triton(spec, where)
     if spec.family == "csm" and spec.compile != "off" and spec.attention in ("sdpa-flash", "flash_attention_2"):
         raise LabError(where, f"attention: {spec.attention} with compile: {spec.compile}: the compiled and graphed "
                               f"steps attend over fixed-size KV buffers through a mask, and flash kernels take no "

@@ -39,10 +39,20 @@ from lab.request import ContextTurn, Request  # noqa: E402
 TEXT = "Streaming speech should start at once and keep pace with the listener, even on a busy machine tonight."
 FRAME_MS = 80.0
 PARTS = {
-    "fast": ["csm-sdpa", "csm-sdpa-inductor", "csm-cuda-graphs", "csm-inductor-cuda-graphs"],
+    "fast": ["csm-sdpa", "csm-sdpa-inductor", "csm-cuda-graphs", "csm-inductor-cuda-graphs", "csm-triton-cuda-graphs",
+             "csm-triton-no-graph"],
     "axes": ["csm-eager", "csm-sdpa-flash", "csm-fa2", "csm-bnb-nf4", "csm-bnb-nf4-cuda-graphs", "csm-bnb-int8"],
 }
 PREFILL_PAIRS = [("csm-sdpa", "csm-per-segment"), ("csm-cuda-graphs", "csm-per-segment-cuda-graphs")]
+# Variants measured here that are no preset: (name, preset, changes).
+DERIVED = {"csm-triton-no-graph": ("csm-triton-cuda-graphs", {"compile": "off"})}
+
+
+def load(name: str):
+    if name in DERIVED:
+        base, changes = DERIVED[name]
+        return presets.load(base, weights="random").replace(name=name, description="", **changes)
+    return presets.load(name, weights="random")
 
 
 def log(msg: str) -> None:
@@ -187,7 +197,7 @@ def main() -> int:
     specs = []
     for name in PARTS[args.part]:
         try:
-            specs.append(presets.load(name, weights="random"))
+            specs.append(load(name))
         except Exception as e:   # refused before any build (a missing package): recorded with its reason
             summary["errors"][name] = str(e)
             log(f"{name}: refused: {e}")
@@ -205,14 +215,25 @@ def main() -> int:
     log(f"errors: {results['errors']}")
 
     if args.part == "fast":
-        for name in ("csm-cuda-graphs", "csm-inductor-cuda-graphs"):
+        for name in ("csm-cuda-graphs", "csm-inductor-cuda-graphs", "csm-triton-cuda-graphs"):
             spec = next(s for s in specs if s.name == name)
             try:
-                summary["checks"][f"{name} replay vs unwrapped step"] = check_replay(manager.get(spec), request)
-                log(f"check {name}: {summary['checks'][f'{name} replay vs unwrapped step']}")
+                engine = manager.get(spec)
+                summary["checks"][f"{name} replay vs unwrapped step"] = check_replay(engine, request)
+                summary["checks"][f"{name} run vs run"] = compare(*codes_of(engine, request),
+                                                                  *codes_of(engine, request))
+                log(f"check {name}: {summary['checks'][f'{name} replay vs unwrapped step']}, "
+                    f"run vs run: {summary['checks'][f'{name} run vs run']}")
             except Exception as e:
                 summary["errors"][f"check {name}"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
+        try:   # the same weights through the two kernel sets, graphed: bf16 sums run in another order (reported)
+            triton_engine = manager.get(next(s for s in specs if s.name == "csm-triton-cuda-graphs"))
+            torch_engine = manager.get(next(s for s in specs if s.name == "csm-cuda-graphs"))
+            summary["checks"]["csm-triton-cuda-graphs vs csm-cuda-graphs (the same seed-0 random weights)"] = compare(
+                *codes_of(triton_engine, request), *codes_of(torch_engine, request))
+        except Exception as e:
+            summary["errors"]["check triton vs torch"] = f"{type(e).__name__}: {e}"
         try:
             summary["reference"] = reference_generate(manager.get(specs[0]), args.frames, runs=3)
         except Exception as e:

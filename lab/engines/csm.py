@@ -19,7 +19,6 @@ from lab.errors import Cancelled, LabError
 from lab.metrics import Timeline
 from lab.request import ContextTurn, Request
 from lab.spec import VariantSpec
-from lab.kv import run_layers
 from lab.streaming import StreamingMimiDecoder, chunk_frames, frames_for
 
 FRAME_RATE_HZ = 12.5
@@ -84,8 +83,11 @@ class CsmEngine(Engine):
         # extra ids are specials, never audio, and would index past the codec's codebook.
         self.audio_ids = self.config.codec_config.codebook_size
         self.graphed = spec.compile in GRAPHED
-        # Compiled and graphed steps need fixed shapes: static KV buffers. Eager steps read only what is filled.
-        self.static = spec.compile != "off" if static_kv is None else static_kv
+        # Compiled and graphed steps need fixed shapes: static KV buffers, as do the Triton kernels (they write
+        # keys and values into them). Eager torch steps read only what is filled.
+        if static_kv is None:
+            static_kv = spec.compile != "off" or spec.kernels == "triton"
+        self.static = static_kv
         self.cache_positions = self.config.max_position_embeddings
         width_dtype = self.model.backbone_model.embed_tokens.embed_audio_tokens.weight.dtype
         if self.static:
@@ -98,6 +100,15 @@ class CsmEngine(Engine):
         # The codec's decoder transformer runs at twice the frame rate (its upsampler doubles it).
         codec_positions = 2 * self.cache_positions if self.graphed else None
         self.codec = StreamingMimiDecoder(self.model.codec_model, static_positions=codec_positions)
+        # What the step calls for its layers and projections: the model's modules, or the same weights through
+        # lab.fused's kernels. The step below is the same either way.
+        self.kernels = tc.TorchKernels()
+        if spec.kernels == "triton":
+            from lab.fused import TritonKernels
+
+            self.kernels = TritonKernels({self.model.backbone_model: self.cache_positions,
+                                          self.model.depth_decoder.model: self.num_codebooks},
+                                         stacked_heads=(self.model.depth_decoder.codebooks_head,))
 
         self.prefill_step, self.backbone_step = self._backbone_step, self._backbone_step
         self.head, self.depth_first, self.depth_step = self._head, self._depth_first, self._depth_step
@@ -132,7 +143,7 @@ class CsmEngine(Engine):
         self.depth_kv.reset()
         logits = self.depth_first(hidden, code)
         for i in range(1, self.num_codebooks):
-            code = tc.pick(logits[..., : self.audio_ids], temperature, top_k, u(i))
+            code = self.kernels.pick(logits[..., : self.audio_ids], temperature, top_k, u(i))
             codes.append(code)
             if i < self.num_codebooks - 1:
                 logits = self.depth_step(code)
@@ -141,12 +152,13 @@ class CsmEngine(Engine):
 
     def _backbone_step(self, embeds: torch.Tensor) -> torch.Tensor:
         """Backbone over `embeds` (1, n, width), extending the KV cache; the last position's state (1, width)."""
-        out = run_layers(self.model.backbone_model, embeds, self.kv)
+        out = self.kernels.run_layers(self.model.backbone_model, embeds, self.kv)
         # A fresh contiguous row: a slice keeps the prompt's stride, and a compiled step guards on strides.
         return out[:, -1].clone(memory_format=torch.contiguous_format)
 
     def _head(self, hidden: torch.Tensor, uniform, temperature: float, top_k: int) -> torch.Tensor:
-        return tc.pick(self.model.lm_head(hidden)[..., : self.audio_ids], temperature, top_k, uniform)
+        return self.kernels.pick(self.kernels.linear(self.model.lm_head, hidden)[..., : self.audio_ids], temperature,
+                                 top_k, uniform)
 
     def _depth_first(self, hidden: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         """Depth decoder over [backbone state, codebook 0] at positions 0 and 1, as generate() feeds them:
@@ -158,14 +170,17 @@ class CsmEngine(Engine):
         """Codebook i-1 in at position i: the logits for codebook i. Each codebook has its own slice of the
         embedding table, at offset (i-1) * vocab_size."""
         depth = self.model.depth_decoder.model
-        index = self.depth_kv.next_position() - 1    # a device tensor with static KV: no host sync
-        return self._depth_logits(depth.embed_tokens(code[:, None] + index * depth.config.vocab_size))
+        # code + (position - 1) * vocab_size; the position is a device tensor with static KV: no host sync.
+        offset = torch.add(code[:, None], self.depth_kv.next_position(), alpha=depth.config.vocab_size)
+        return self._depth_logits(depth.embed_tokens(offset - depth.config.vocab_size))
 
     def _depth_logits(self, embeds: torch.Tensor) -> torch.Tensor:
         depth = self.model.depth_decoder
-        hidden = run_layers(depth.model, depth.model.inputs_embeds_projector(embeds), self.depth_kv)
-        # The head keeps one weight per position; the kv knows the positions just run (a device tensor).
-        return depth.codebooks_head(hidden[:, -1:], self.depth_kv.positions[-1:])[:, -1]
+        hidden = self.kernels.run_layers(depth.model, self.kernels.linear(depth.model.inputs_embeds_projector, embeds),
+                                         self.depth_kv, norm=False)
+        # The head keeps one weight per position, and the kv knows the position just run (a device tensor); it
+        # applies the stack's final norm too, so the Triton kernels can fold it into the head's.
+        return self.kernels.codebooks_head(depth.codebooks_head, depth.model.norm, hidden[:, -1], self.depth_kv)
 
     # -- CUDA graphs -----------------------------------------------------------------------------
     @torch.no_grad()   # as every request runs: a capture under autograd would compile and record other kernels
@@ -319,7 +334,7 @@ class CsmEngine(Engine):
         self.last_codes = torch.cat(all_codes) if all_codes else None
 
     def close(self) -> None:
-        for name in ("model", "codec", "processor", "kv", "depth_kv", "prefill_step", "backbone_step", "head",
+        for name in ("model", "codec", "processor", "kernels", "kv", "depth_kv", "prefill_step", "backbone_step", "head",
                      "depth_first", "depth_step", "frame", "frame_graphs", "decode_graphs", "hidden_in",
                      "uniform_in", "last_codes"):
             self.__dict__.pop(name, None)

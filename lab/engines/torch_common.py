@@ -14,6 +14,7 @@ import tempfile
 import torch
 
 from lab.errors import LabError
+from lab.kv import run_layers as kv_run_layers
 from lab.spec import VariantSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -233,6 +234,31 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int, uniform: torch.Te
     # argmax(logits + Gumbel noise) is a draw from softmax(logits): the same distribution as multinomial.
     gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1 - 1e-7)))
     return (logits + gumbel).argmax(-1)
+
+
+class TorchKernels:
+    """The hooks a step function calls for its heavy work (`kernels: torch`), served by the model's own modules
+    and lab.kv.run_layers. lab.fused.TritonKernels serves the same hooks from its kernels (`kernels: triton`);
+    the step itself is the same either way."""
+
+    name = "torch"
+
+    @staticmethod
+    def run_layers(stack: torch.nn.Module, hidden: torch.Tensor, kv, norm: bool = True) -> torch.Tensor:
+        return kv_run_layers(stack, hidden, kv, norm)
+
+    @staticmethod
+    def linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return module(x)
+
+    @staticmethod
+    def codebooks_head(head: torch.nn.Module, norm: torch.nn.Module, hidden: torch.Tensor, kv) -> torch.Tensor:
+        """CSM's per-position head over norm(hidden), hidden (1, width) the last position `kv` ran: (1, vocab)."""
+        return head(norm(hidden)[:, None], kv.positions[-1:])[:, -1]
+
+    @staticmethod
+    def pick(logits: torch.Tensor, temperature: float, top_k: int, uniform: torch.Tensor | None) -> torch.Tensor:
+        return pick(logits, temperature, top_k, uniform)
 
 
 class ByteTokenizer:
