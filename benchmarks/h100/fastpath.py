@@ -43,9 +43,11 @@ PARTS = {
              "csm-triton-no-graph"],
     "axes": ["csm-eager", "csm-sdpa-flash", "csm-fa2", "csm-bnb-nf4", "csm-bnb-nf4-cuda-graphs", "csm-bnb-int8"],
 }
-PREFILL_PAIRS = [("csm-sdpa", "csm-per-segment"), ("csm-cuda-graphs", "csm-per-segment-cuda-graphs")]
+PREFILL_PAIRS = [("csm-sdpa", "csm-per-segment"), ("csm-cuda-graphs", "csm-per-segment-cuda-graphs"),
+                 ("csm-triton-cuda-graphs", "csm-per-segment-triton-cuda-graphs")]
 # Variants measured here that are no preset: (name, preset, changes).
-DERIVED = {"csm-triton-no-graph": ("csm-triton-cuda-graphs", {"compile": "off"})}
+DERIVED = {"csm-triton-no-graph": ("csm-triton-cuda-graphs", {"compile": "off"}),
+           "csm-per-segment-triton-cuda-graphs": ("csm-triton-cuda-graphs", {"prefill": "per-segment"})}
 
 
 def load(name: str):
@@ -118,7 +120,8 @@ def check_replay(engine, request: Request) -> dict:
 
 
 def check_float32_against_generate(frames: int) -> dict:
-    """Float32 random weights on the GPU: the eager loop and the graphed loop against `generate()`."""
+    """Float32 random weights on the GPU: the eager loop, the graphed loop and the graphed Triton kernels against
+    `generate()`."""
     out = {}
     base = presets.load("csm-sdpa", weights="random").replace(dtype="float32", name="csm-sdpa-f32")
     eager = csm.build(base, lambda s, t: None)
@@ -126,8 +129,10 @@ def check_float32_against_generate(frames: int) -> dict:
     with torch.no_grad():
         ref = eager.model.generate(input_ids=ids, do_sample=False, depth_decoder_do_sample=False,
                                    max_new_tokens=frames)[0]
-    for name, engine in [("eager", eager),
-                         ("cuda-graphs", csm.CsmEngine(base.replace(compile="cuda-graphs"), eager.model, None))]:
+    for name, changes in [("eager", None), ("cuda-graphs", {"compile": "cuda-graphs"}),
+                          ("triton cuda-graphs", {"compile": "cuda-graphs", "kernels": "triton"})]:
+        # The same model each time (the Triton engine re-lays some weights out in place: values unchanged).
+        engine = eager if changes is None else csm.CsmEngine(base.replace(**changes), eager.model, None)
         if engine.graphed:
             engine.capture_graphs()
         codes, _ = codes_of(engine, Request(TEXT, max_audio_s=frames / 12.5))
@@ -247,7 +252,7 @@ def main() -> int:
             traceback.print_exc()
         creq = context_request(max_audio_s)
         names = sorted({n for pair in PREFILL_PAIRS for n in pair})
-        pre = bench([presets.load(n, weights="random") for n in names], creq, 5, "/tmp/prefill", manager,
+        pre = bench([load(n) for n in names], creq, 5, "/tmp/prefill", manager,
                     history_path=None, progress_bar=False, wav_dir="/tmp/wavs")
         for r in pre["runs"]:
             r["preset"] += " (3-turn context)"
