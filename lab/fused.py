@@ -40,7 +40,7 @@ MAX_TOKENS = 2   # the depth decoder's first step feeds 2 tokens; every other de
 
 # Block shapes, fixed per matrix shape (not autotuned at build) so that every build sums in the same order. The
 # entries for CSM-1B's shapes were picked on the H100, with PDL on, by benchmarks/h100/fused_sweep.py (results in
-# benchmarks/h100/fused-sweep/); other shapes (the tiny test models) take the defaults.
+# benchmarks/h100/fused-sweep-2e4e8e7/); other shapes (the tiny test models) take the defaults.
 LINEAR_BLOCKS: dict[tuple, tuple] = {    # (N, K, glu, outputs contiguous) -> (rows per program, step, warps)
     (2048, 2048, False, False): (2, 2048, 4), (8192, 2048, True, False): (2, 2048, 2),
     (2048, 8192, False, False): (2, 2048, 4), (2051, 2048, False, False): (2, 2048, 4),
