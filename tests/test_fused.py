@@ -92,8 +92,8 @@ def test_a_stack_over_static_kv_matches_the_torch_layers(n):
 
 def test_the_frame_step_through_the_kernels_gives_the_torch_paths_codes():
     """The engine's one step function, served by the kernels, against the same step served by the model's modules
-    (which tests/test_csm.py checks against transformers' generate()): the same codes, greedy, with a context
-    turn; and two runs are identical."""
+    (tests/test_csm.py checks those against generate() too): the same codes, greedy, with a context turn; two runs
+    are identical; and the codes are transformers generate()'s."""
     spec, model = _tiny_model()
     engine = csm.CsmEngine(spec, model, None)
     reference = csm.CsmEngine(spec.replace(kernels="torch"), model, None, static_kv=True)
@@ -107,6 +107,12 @@ def test_the_frame_step_through_the_kernels_gives_the_torch_paths_codes():
             codes.append(e.last_codes.clone())
         assert len(codes[0]) == round(request.max_audio_s * csm.FRAME_RATE_HZ)
         assert torch.equal(codes[0], codes[1]) and torch.equal(codes[0], codes[2])
+    ids = torch.tensor([engine.tokenizer(f"[0]{TEXT}")], device=DEVICE)
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, do_sample=False, depth_decoder_do_sample=False, max_new_tokens=15)
+    for _ in engine.stream(Request(TEXT, max_audio_s=1.2), Timeline()):
+        pass
+    assert torch.equal(ref[0], engine.last_codes)
 
 
 def test_the_model_keeps_one_copy_of_each_weight():
