@@ -1,21 +1,27 @@
 """Triton kernels for one-token decoder steps (`kernels: triton`): the same layers, in five launches each.
 
 Why: at batch 1 a decoder layer is matrix-vector work plus a dozen small element-wise ops. Through torch each
-op is its own kernel (about 25 per layer), and CSM runs 4 + 16 layers 31 times per frame, so even inside a CUDA
-graph the launches and cuBLAS's batch-1 matrix kernels (about 30% of memory bandwidth on the H100) set the pace,
-not the bytes. Here a layer is five kernels:
+op is its own kernel (about 25 per layer), and CSM runs 4 layers 31 times and 16 layers once per frame, so even
+inside a CUDA graph the launches and cuBLAS's batch-1 matrix kernels (about 30% of memory bandwidth on the H100)
+set the pace, not the bytes. Here a layer is five kernels:
 
     1. RMSNorm -> q, k, v projections -> rotary embedding; k and v written straight into the static KV buffers
-    2. attention of each query head over the filled KV slots (online softmax)
-    3. output projection, added onto the residual stream in place
+    2. attention of each query head over the filled KV slots
+    3. output projection, added onto the residual stream
     4. RMSNorm -> gate and up projections -> silu(gate) * up
-    5. down projection, added onto the residual stream in place
+    5. down projection, added onto the residual stream
+
+and CSM's per-codebook head runs with the stack's final norm folded in, and greedy picks through one argmax
+kernel. Each kernel lets the next one in the stream launch early (programmatic dependent launch, Hopper and newer)
+and loads its first weight tile before waiting for the previous kernel's output: weights never change, so the
+next layer's reads overlap this one's tail (5.1 against 6.3 ms per CSM frame on the H100).
 
 Every kernel reads each weight once, accumulates in float32, and sums in a fixed order (no atomics, no split
 reductions, fixed block shapes), so a frame is bit-for-bit repeatable. Rounding follows the torch layers' (each
 projection's output is rounded to the model dtype before the next op), but the sums run in another order than
-cuBLAS's, so bf16 results differ from the torch path at rounding level; tests/test_fused.py checks each kernel
-against float64 and the whole frame against the torch path.
+cuBLAS's, so bf16 results differ from the torch path at rounding level. tests/test_fused.py checks each kernel
+against torch's ops, a decoder stack against the torch layers, and the frame step's codes against the torch path
+and generate().
 
 `FusedStack` takes a transformers Llama-style decoder (CSM's backbone and depth decoder) as it is: it
 concatenates q/k/v and gate/up weights once and points the model's own parameters at slices of the
@@ -23,7 +29,7 @@ concatenation, so no weight is held twice and the torch path (the prefill) keeps
 Steps of more than MAX_TOKENS tokens (prompts) run through the torch layers: the kernels are for decoding.
 
 Needs Triton, which ships with CUDA builds of torch. With TRITON_INTERPRET=1 the kernels run on the CPU through
-Triton's interpreter (slowly): that is how CI checks them without a GPU.
+Triton's interpreter (slowly, and without PDL): that is how CI checks them without a GPU.
 """
 from __future__ import annotations
 
@@ -113,6 +119,25 @@ def _dot(x, w):
 
 
 @triton.jit
+def _reduce(x_ptr, stride_xm, norm_ptr, rstd, first_a, first_b, ptr_a, rows_a, ptr_b, rows_b, stride_wn, stride_wk,
+            N, K: tl.constexpr, BM: tl.constexpr, M: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
+            TWO: tl.constexpr):
+    """x times the weight rows `rows_a` at ptr_a (and, with TWO, `rows_b` at ptr_b), summed over K in steps of BK:
+    two (BM, rows) float32 sums. The first step's tiles come in already loaded (first_a, first_b)."""
+    x = _x_block(x_ptr, stride_xm, norm_ptr, rstd, 0, K, BM, M, BK, NORM)
+    acc_a = _dot(x, first_a)
+    acc_b = acc_a
+    if TWO:
+        acc_b = _dot(x, first_b)
+    for k0 in range(BK, K, BK):
+        x = _x_block(x_ptr, stride_xm, norm_ptr, rstd, k0, K, BM, M, BK, NORM)
+        acc_a += _dot(x, _w_tile(ptr_a, rows_a, stride_wn, stride_wk, k0, N, K, BK))
+        if TWO:
+            acc_b += _dot(x, _w_tile(ptr_b, rows_b, stride_wn, stride_wk, k0, N, K, BK))
+    return acc_a, acc_b
+
+
+@triton.jit
 def _start(PDL: tl.constexpr):
     """With programmatic dependent launch (PDL), let the next kernel in the stream start now: it loads its weights
     (which nothing writes) while this one runs, and waits in _wait before touching anything else."""
@@ -153,14 +178,8 @@ def _linear_kernel(x_ptr, w_ptr, out_ptr, res_ptr, norm_ptr, index_ptr, N, K: tl
     rstd = tl.zeros([BM], dtype=tl.float32)
     if NORM:
         rstd = _rms_scale(x_ptr, stride_xm, K, eps, BM, M, BK)
-    x = _x_block(x_ptr, stride_xm, norm_ptr, rstd, 0, K, BM, M, BK, NORM)
-    acc = _dot(x, w)
-    acc_up = _dot(x, w_up)
-    for k0 in range(BK, K, BK):
-        x = _x_block(x_ptr, stride_xm, norm_ptr, rstd, k0, K, BM, M, BK, NORM)
-        acc += _dot(x, _w_tile(w_ptr, rows, stride_wn, stride_wk, k0, N, K, BK))
-        if GLU:
-            acc_up += _dot(x, _w_tile(w_ptr + N * stride_wn, rows, stride_wn, stride_wk, k0, N, K, BK))
+    acc, acc_up = _reduce(x_ptr, stride_xm, norm_ptr, rstd, w, w_up, w_ptr, rows, w_ptr + N * stride_wn, rows,
+                          stride_wn, stride_wk, N, K, BM, M, BK, NORM, GLU)
     dtype = out_ptr.dtype.element_ty
     out = acc.to(dtype)
     if GLU:
@@ -196,13 +215,8 @@ def _qkv_rope_kernel(x_ptr, w_ptr, norm_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k
     w_b = _w_tile(w_ptr, rows_b, K, 1, 0, n_rows, K, BK)
     _wait(PDL)
     rstd = _rms_scale(x_ptr, stride_xm, K, eps, BM, M, BK)
-    x = _x_block(x_ptr, stride_xm, norm_ptr, rstd, 0, K, BM, M, BK, True)
-    a = _dot(x, w_a)
-    b = _dot(x, w_b)
-    for k0 in range(BK, K, BK):
-        x = _x_block(x_ptr, stride_xm, norm_ptr, rstd, k0, K, BM, M, BK, True)
-        a += _dot(x, _w_tile(w_ptr, rows_a, K, 1, k0, n_rows, K, BK))
-        b += _dot(x, _w_tile(w_ptr, rows_b, K, 1, k0, n_rows, K, BK))
+    a, b = _reduce(x_ptr, stride_xm, norm_ptr, rstd, w_a, w_b, w_ptr, rows_a, w_ptr, rows_b, K, 1, n_rows, K, BM, M,
+                   BK, True, True)
     dtype = q_ptr.dtype.element_ty
     a = a.to(dtype).to(tl.float32)
     b = b.to(dtype).to(tl.float32)

@@ -74,7 +74,8 @@ class VariantSpec:
 
     @property
     def label(self) -> str:
-        return self.name or f"{self.family}/{self.weights}/{self.attention}/{self.compile}/{self.quantization}"
+        kernels = "" if self.kernels == "torch" else f"/{self.kernels}"
+        return self.name or f"{self.family}/{self.weights}/{self.attention}/{self.compile}{kernels}/{self.quantization}"
 
     def replace(self, **changes) -> "VariantSpec":
         return validate(dataclasses.replace(self, **changes), where=self.name or "spec")

@@ -71,7 +71,7 @@ def test_option_requirements_name_what_each_option_needs():
     # Every option the spec accepts has its row, so the panel cannot fall behind a new one.
     from lab.spec import CHOICES
 
-    for axis in ("attention", "compile", "quantization"):
+    for axis in ("attention", "compile", "kernels", "quantization"):
         assert {o for a, o in rows if a == axis} == set(CHOICES[axis]), axis
 
 

@@ -16,6 +16,7 @@ Writes DIR/sweep.json and DIR/frame.json. Random weights: latency figures only.
 from __future__ import annotations
 
 import argparse
+import ast
 import itertools
 import json
 import os
@@ -171,8 +172,9 @@ def run_sweep(kinds: list[str]) -> dict:
         r = result["linear"][name] = sweep_linear(name, *shape)
         c, us = best(r["configs"])
         r["best"], r["best_us"] = c, us
-        log(f"{name:18s} {r['bytes'] / 1e6:6.1f} MB  torch {r['torch_us']:6.1f} us ({r['bytes'] / r['torch_us'] / 1e3:5.0f}"
-            f" GB/s)  best {c} {us:6.1f} us ({r['bytes'] / us / 1e3:5.0f} GB/s)")
+        torch_gbs = r["bytes"] / r["torch_us"] / 1e3
+        log(f"{name:18s} {r['bytes'] / 1e6:6.1f} MB  torch {r['torch_us']:6.1f} us ({torch_gbs:5.0f} GB/s)  "
+            f"best {c} {us:6.1f} us ({r['bytes'] / us / 1e3:5.0f} GB/s)")
     for name, shape in QKV.items():
         r = result["qkv"][name] = sweep_qkv(name, *shape)
         c, us = best(r["configs"])
@@ -183,9 +185,9 @@ def run_sweep(kinds: list[str]) -> dict:
         c, us = best(r["configs"])
         r["best"], r["best_us"] = c, us
         log(f"{name:18s} best {c} {us:6.1f} us")
-    linear = {(s[0], s[1], s[2], s[3]): eval(result["linear"][n]["best"]) for n, s in LINEAR.items()}
-    qkv = {(s[0] + 2 * s[1], s[2], s[3]): eval(result["qkv"][n]["best"]) for n, s in QKV.items()}
-    attn = {(s[2], s[3]): eval(result["attention"][n]["best"]) for n, s in ATTENTION.items()}
+    linear = {(s[0], s[1], s[2], s[3]): ast.literal_eval(result["linear"][n]["best"]) for n, s in LINEAR.items()}
+    qkv = {(s[0] + 2 * s[1], s[2], s[3]): ast.literal_eval(result["qkv"][n]["best"]) for n, s in QKV.items()}
+    attn = {(s[2], s[3]): ast.literal_eval(result["attention"][n]["best"]) for n, s in ATTENTION.items()}
     result["tables"] = {"LINEAR_BLOCKS": repr(linear), "QKV_BLOCKS": repr(qkv), "ATTENTION_BLOCKS": repr(attn)}
     fused.LINEAR_BLOCKS.update(linear)
     fused.QKV_BLOCKS.update(qkv)
