@@ -37,6 +37,14 @@ def cuda_available() -> bool:
 
 
 @functools.cache
+def cuda_capability() -> tuple[int, int]:
+    """(major, minor) of GPU 0; (0, 0) without one."""
+    import torch
+
+    return torch.cuda.get_device_capability(0) if torch.cuda.is_available() else (0, 0)
+
+
+@functools.cache
 def git_commit() -> str:
     if os.environ.get("LAB_COMMIT"):   # set where the tree travels without .git (the GPU machine)
         return os.environ["LAB_COMMIT"]

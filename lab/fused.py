@@ -23,7 +23,8 @@ cuBLAS's, so bf16 results differ from the torch path at rounding level. tests/te
 against torch's ops, a decoder stack against the torch layers, and the frame step's codes against the torch path
 and generate().
 
-`FusedStack` takes a transformers Llama-style decoder (CSM's backbone and depth decoder) as it is: it
+`FusedStack` takes a transformers Llama-style decoder (CSM's backbone and depth decoder: SiLU-gated MLP, no
+biases; it refuses others) as it is: it
 concatenates q/k/v and gate/up weights once and points the model's own parameters at slices of the
 concatenation, so no weight is held twice and the torch path (the prefill) keeps working on the same memory.
 Steps of more than MAX_TOKENS tokens (prompts) run through the torch layers: the kernels are for decoding.
@@ -67,11 +68,15 @@ def _pdl_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
-# Each kernel lets the next one start early (see _start/_wait); read at every launch, so a benchmark can compare.
-PDL = _pdl_available()
+# Each kernel lets the next one start early (see _start/_wait). None: decided at the first launch (not at import,
+# which would start CUDA); read at every launch, so a benchmark can compare on and off.
+PDL: bool | None = None
 
 
 def _launch(warps: int = 4) -> dict:
+    global PDL
+    if PDL is None:
+        PDL = _pdl_available()
     return {"num_warps": warps, "PDL": PDL, **({"launch_pdl": True} if PDL else {})}
 
 
@@ -247,12 +252,12 @@ def _qkv_rope_kernel(x_ptr, w_ptr, norm_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k
 def _attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, scale, stride_cache_head,
                       HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MAX_KEYS: tl.constexpr,
                       BS: tl.constexpr, PDL: tl.constexpr):
-    """One query (token m, head h) per program, over KV slots 0..pos+m (causal), softmax in float32. Where one
-    block of BS slots covers the whole buffer (CSM's depth decoder: 32 slots), every slot is loaded at once,
-    without waiting for pos: slots not written yet hold finite values (zeros, or an earlier request's), and the
-    mask gives them weight 0. Otherwise an online softmax runs over blocks up to the buffer's size, skipping
-    those past the filled slots: the bound stays a compile-time constant, so a CUDA graph replays it at any
-    position."""
+    """One query (token m, head h) per program, over KV slots 0..pos+m (causal), softmax in float32. Keys and values
+    come from the previous kernel, so everything waits for it. Where one block of BS slots covers the whole buffer,
+    every slot is loaded unmasked, not gated on pos: slots not written yet hold finite values (zeros, or an
+    earlier request's), and the causal mask gives them weight 0. Otherwise an online softmax runs over blocks up to
+    the buffer's size, skipping those past the filled slots: the bound stays a compile-time constant, so a CUDA
+    graph replays it at any position. (The sweep picked 16-slot blocks for CSM's 32-slot depth buffers.)"""
     _start(PDL)
     _wait(PDL)
     pid = tl.program_id(0)
@@ -401,10 +406,15 @@ class FusedStack:
         self.eps = config.rms_norm_eps
         self.layers = stack.layers[: config.num_hidden_layers]
         self.qkv, self.gate_up = [], []
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"kernels: triton's MLP kernel is SiLU-gated (CSM's); this stack uses "
+                             f"{config.hidden_act}: use kernels: torch")
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            if any(p.bias is not None for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)):
-                raise ValueError("kernels: triton covers projections without bias (CSM's); this stack has biases")
+            if any(p.bias is not None for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
+                                                 mlp.up_proj, mlp.down_proj)):
+                raise ValueError("kernels: triton covers projections without bias (CSM's); this stack has biases: "
+                                 "use kernels: torch")
             self.qkv.append(_concatenate(attn.q_proj, attn.k_proj, attn.v_proj))
             self.gate_up.append(_concatenate(mlp.gate_proj, mlp.up_proj))
         # The rotary tables from the model's own rotary module, for every position the KV buffers hold: the kernel
@@ -474,6 +484,8 @@ class TritonKernels:
 
     @staticmethod
     def linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if module.bias is not None:
+            raise ValueError("kernels: triton covers projections without bias (CSM's): use kernels: torch")
         return linear(x.reshape(-1, x.shape[-1]), module.weight).reshape(*x.shape[:-1], -1)
 
     @staticmethod

@@ -115,4 +115,3 @@ def run_layers(stack: nn.Module, hidden: torch.Tensor, kv, norm: bool = True) ->
                        position_embeddings=position_embeddings)
     kv.advance(hidden.shape[1])
     return stack.norm(hidden) if norm else hidden
-

@@ -151,11 +151,15 @@ def _validate_remote_code(spec: VariantSpec, where: str) -> None:
 def _validate_triton(spec: VariantSpec, where: str) -> None:
     if spec.family != "csm":
         raise LabError(where, f"kernels: triton is implemented for csm only; use kernels: torch")
-    if not env.has_package("triton"):
-        raise MissingPackageError(where, "triton", why="kernels: triton needs it (CUDA builds of torch ship it)")
     if spec.device != "cuda" and not env.triton_interpreted():
         raise LabError(where, "kernels: triton runs on a CUDA GPU (on the CPU only under TRITON_INTERPRET=1, for "
                               "tests); use device: cuda, or kernels: torch")
+    if not env.has_package("triton"):
+        raise MissingPackageError(where, "triton", why="kernels: triton needs it (CUDA builds of torch ship it)")
+    if spec.device == "cuda" and env.cuda_capability() < (8, 0):
+        major, minor = env.cuda_capability()
+        raise LabError(where, f"kernels: triton needs a GPU of compute capability 8.0 or newer (bf16 loads; this "
+                              f"one is {major}.{minor}); use kernels: torch")
     if spec.quantization != "none":
         raise LabError(where, f"kernels: triton reads bf16/fp16/fp32 weights, not {spec.quantization}'s packed ones; "
                               f"use quantization: none, or kernels: torch")

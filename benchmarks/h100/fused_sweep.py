@@ -99,6 +99,7 @@ def sweep_linear(name, n, k, glu, transposed, norm) -> dict:
     out = {"bytes": nbytes, "torch_us": graph_us([lambda w=w: torch.nn.functional.linear(
         x, w.T if transposed else w) for w in weights]), "configs": {}}
     key = (n, k, glu, transposed)
+    saved = fused.LINEAR_BLOCKS.pop(key, None)   # put back below: the committed table stays as it was
     for cfg in TRANSPOSED_CANDIDATES if transposed else LINEAR_CANDIDATES:
         fused.LINEAR_BLOCKS[key] = cfg
         try:
@@ -112,7 +113,9 @@ def sweep_linear(name, n, k, glu, transposed, norm) -> dict:
             out["configs"][str(cfg)] = us
         except Exception as e:   # a shape Triton cannot compile (too many registers): skipped, recorded
             out["configs"][str(cfg)] = f"{type(e).__name__}: {str(e)[:120]}"
-    del fused.LINEAR_BLOCKS[key]
+    fused.LINEAR_BLOCKS.pop(key, None)
+    if saved:
+        fused.LINEAR_BLOCKS[key] = saved
     return out
 
 
@@ -126,6 +129,7 @@ def sweep_qkv(name, heads, kv_heads, dim, k) -> dict:
     keys, values = (torch.zeros(1, kv_heads, 2048, dim, device="cuda", dtype=DT) for _ in range(2))
     out = {"bytes": rows * k * 2, "configs": {}}
     key = (heads + 2 * kv_heads, dim, k)
+    saved = fused.QKV_BLOCKS.pop(key, None)
     for cfg in QKV_CANDIDATES:
         if cfg[0] > dim // 2:
             continue
@@ -135,7 +139,9 @@ def sweep_qkv(name, heads, kv_heads, dim, k) -> dict:
                                                                             values, kv_heads) for w in weights])
         except Exception as e:
             out["configs"][str(cfg)] = f"{type(e).__name__}: {str(e)[:120]}"
-    del fused.QKV_BLOCKS[key]
+    fused.QKV_BLOCKS.pop(key, None)
+    if saved:
+        fused.QKV_BLOCKS[key] = saved
     return out
 
 
@@ -145,6 +151,7 @@ def sweep_attention(name, heads, kv_heads, dim, slots, filled) -> dict:
     pos = torch.tensor(filled - 1, device="cuda")
     o = torch.empty(1, heads * dim, device="cuda", dtype=DT)
     out = {"filled": filled, "configs": {}}
+    saved = fused.ATTENTION_BLOCKS.pop((dim, slots), None)
     for cfg in ATTENTION_CANDIDATES:
         if cfg[0] > slots:
             continue
@@ -154,12 +161,16 @@ def sweep_attention(name, heads, kv_heads, dim, slots, filled) -> dict:
                                                  for c in caches])
         except Exception as e:
             out["configs"][str(cfg)] = f"{type(e).__name__}: {str(e)[:120]}"
-    del fused.ATTENTION_BLOCKS[(dim, slots)]
+    fused.ATTENTION_BLOCKS.pop((dim, slots), None)
+    if saved:
+        fused.ATTENTION_BLOCKS[(dim, slots)] = saved
     return out
 
 
 def best(configs: dict) -> tuple[str, float]:
     timed = {c: t for c, t in configs.items() if isinstance(t, float)}
+    if not timed:
+        raise RuntimeError(f"every candidate failed: {configs}")
     c = min(timed, key=timed.get)
     return c, timed[c]
 

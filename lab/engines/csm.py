@@ -87,6 +87,8 @@ class CsmEngine(Engine):
         # keys and values into them). Eager torch steps read only what is filled.
         if static_kv is None:
             static_kv = spec.compile != "off" or spec.kernels == "triton"
+        if spec.kernels == "triton" and not static_kv:
+            raise ValueError("kernels: triton writes keys and values into static KV buffers: leave static_kv unset")
         self.static = static_kv
         self.cache_positions = self.config.max_position_embeddings
         width_dtype = self.model.backbone_model.embed_tokens.embed_audio_tokens.weight.dtype
