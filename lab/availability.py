@@ -124,9 +124,9 @@ def default_selection(own: list[PresetStatus], random: list[PresetStatus], cuda:
     weights and with the switch on.
 
     On a GPU: the CSM presets, eager-loop sdpa against the fastest one that exists (Triton kernels in a CUDA
-    graph, else torch's in one, else inductor). On a CPU: hibari (real speech) against Pocket TTS. The switch is on only when a picked
-    preset needs it (its weights are neither cached nor downloadable), so the first click does something real
-    with no cache and no hub, and stays on real weights where they are there."""
+    graph, else torch's in one, else inductor). On a CPU: hibari (real speech) against Pocket TTS. The switch is
+    on only when a picked preset needs it (its weights are neither cached nor downloadable), so the first click
+    does something real with no cache and no hub, and stays on real weights where they are there."""
     runnable = {s.name for s in random if s.available}
     pick: list[str] = []
     if cuda:

@@ -150,7 +150,7 @@ def _validate_remote_code(spec: VariantSpec, where: str) -> None:
 
 def _validate_triton(spec: VariantSpec, where: str) -> None:
     if spec.family != "csm":
-        raise LabError(where, f"kernels: triton is implemented for csm only; use kernels: torch")
+        raise LabError(where, "kernels: triton is implemented for csm only; use kernels: torch")
     if spec.device != "cuda" and not env.triton_interpreted():
         raise LabError(where, "kernels: triton runs on a CUDA GPU (on the CPU only under TRITON_INTERPRET=1, for "
                               "tests); use device: cuda, or kernels: torch")

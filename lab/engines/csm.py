@@ -2,8 +2,9 @@
 
 Per frame, CSM runs its backbone once (one token: the previous frame's 32 codebook embeddings summed)
 to predict codebook 0, then its depth decoder 31 times for codebooks 1..31. `CsmEngine._frame` is that step,
-written once over the model's own layers (lab/kv.py runs them); variants change how it is wrapped
-(torch.compile, a CUDA graph, the attention kernel, quantized weights), never which function runs.
+written once over the model's own layers and weights; variants change how it is wrapped (torch.compile, a CUDA
+graph, the attention kernel, quantized weights) and which kernels serve its layers (`self.kernels`: the model's
+modules through lab/kv.py, or lab/fused.py's Triton kernels), never which step runs.
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ COMPILED = ("inductor", "inductor+cuda-graphs")
 
 class CsmEngine(Engine):
     """One frame step, `_frame`, run three ways: eagerly (compile: off), with its pieces compiled by inductor,
-    or replayed from a CUDA graph that holds the whole frame (either kind of kernels inside)."""
+    or replayed from a CUDA graph that holds the whole frame; its layers served by the model's modules or by
+    lab/fused.py's Triton kernels (kernels: torch | triton)."""
 
     def __init__(self, spec: VariantSpec, model, processor, static_kv: bool | None = None):
         from lab.kv import GrowingKV, static_kv_for
@@ -336,8 +338,8 @@ class CsmEngine(Engine):
         self.last_codes = torch.cat(all_codes) if all_codes else None
 
     def close(self) -> None:
-        for name in ("model", "codec", "processor", "kernels", "kv", "depth_kv", "prefill_step", "backbone_step", "head",
-                     "depth_first", "depth_step", "frame", "frame_graphs", "decode_graphs", "hidden_in",
+        for name in ("model", "codec", "processor", "kernels", "kv", "depth_kv", "prefill_step", "backbone_step",
+                     "head", "depth_first", "depth_step", "frame", "frame_graphs", "decode_graphs", "hidden_in",
                      "uniform_in", "last_codes"):
             self.__dict__.pop(name, None)
 
