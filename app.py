@@ -50,12 +50,6 @@ CUDA = env.cuda_available()
 STATUSES = {rw: availability.preset_statuses(SPECS, REFUSED, rw, PRESETS_DIR) for rw in (False, True)}
 DEFAULT_PRESETS, DEFAULT_RANDOM = availability.default_selection(STATUSES[False], STATUSES[True], CUDA)
 FAMILY_ORDER = list(availability.grouped(STATUSES[False]))
-# An engine's first request is its cold one. Kept on the engine (not by spec key): a variant evicted and built
-# again starts cold again, with any compile or capture in its first run.
-def is_cold(engine) -> bool:
-    return not getattr(engine, "served", False)
-
-
 def without_user_audio(request: Request) -> Request:
     return dataclasses.replace(request, user_audio=None) if request.user_audio is not None else request
 
@@ -138,7 +132,7 @@ def produce(jobs: list[tuple[int, object]], request: Request, runs: int, out: qu
                 for run in range(runs + 1):
                     if cancel.event.is_set():
                         raise Cancelled()
-                    cold, timeline = is_cold(engine), Timeline()
+                    cold, timeline = not engine.served, Timeline()
                     # A family that takes no spoken turn gets the request without it (its status says so).
                     own = request if FAMILIES[spec.family]["user_audio"] else without_user_audio(request)
                     try:
@@ -151,7 +145,6 @@ def produce(jobs: list[tuple[int, object]], request: Request, runs: int, out: qu
                         history.append(HISTORY_PATH, {**record, "source": "app"})
                         out.put((slot, "cancelled", record))
                         return
-                    engine.served = True
                     record.update(source="app", env_commit=env.git_commit())
                     history.append(HISTORY_PATH, record)
                     out.put((slot, "run", record))
@@ -439,8 +432,7 @@ def ab_play(first, second, text, seed, random_weights, request: gr.Request, prog
                 # Neutral progress: naming the build stage ("compiling") would tell the listener which is which.
                 engine = MANAGER.get(spec, lambda stage, s, i=i: progress((i, 2), desc=f"preparing the pair… {s:.0f} s"))
                 progress((i, 2), desc="generating the pair…")
-                record, samples = run_once(engine, spec, req, cold=is_cold(engine), run=0, cancel=cancel.event)
-                engine.served = True
+                record, samples = run_once(engine, spec, req, cold=not engine.served, run=0, cancel=cancel.event)
                 history.append(HISTORY_PATH, {**record, "source": "ab", "env_commit": env.git_commit()})
                 audio[name] = (engine.sample_rate, pcm16(samples))
     except Exception as e:  # Cancelled (Stop, a closed tab) or a failed build: one line on the page

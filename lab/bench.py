@@ -98,9 +98,9 @@ def bench(specs: list[VariantSpec], request: Request, runs: int, out_dir: str, m
         try:
             engine = manager.get(spec, progress)
             results["builds"][spec.name] = engine.report.to_dict()
-            for run in range(runs + 1):      # run 0 is the cold run, reported apart
+            for run in range(runs + 1):      # a new engine's run 0 is its cold run, reported apart
                 bar.set_description(f"{spec.name}: run {run}/{runs}")
-                record, audio = run_once(engine, spec, request, cold=run == 0, run=run)
+                record, audio = run_once(engine, spec, request, cold=not engine.served, run=run)
                 record["env_commit"] = results["env"]["commit"]
                 write_wav(os.path.join(wav_dir, f"{spec.name}-run{run}.wav"), audio, engine.sample_rate)
                 results["runs"].append(record)

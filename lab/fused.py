@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lab import env
 from lab.engines.torch_common import pick as tc_pick
 from lab.kv import StaticKV, run_layers
 
@@ -65,7 +66,7 @@ def _pdl_available() -> bool:
     """Programmatic dependent launch: Hopper or newer, not under the interpreter; LAB_TRITON_PDL=0 turns it off."""
     if os.environ.get("LAB_TRITON_PDL") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    return env.cuda_capability() >= (9, 0)
 
 
 # Each kernel lets the next one start early (see _start/_wait). None: decided at the first launch (not at import,
@@ -467,8 +468,6 @@ def _concatenate(*linears: torch.nn.Linear) -> torch.Tensor:
 class TritonKernels:
     """The engine's kernel hooks (see lab.engines.torch_common.TorchKernels), served by the kernels above. `stacks`
     maps each decoder stack the engine runs to the number of positions its KV buffers hold."""
-
-    name = "triton"
 
     def __init__(self, stacks: dict[torch.nn.Module, int], stacked_heads: tuple[torch.nn.Module, ...] = ()):
         self.stacks = {id(stack): FusedStack(stack, positions) for stack, positions in stacks.items()}

@@ -55,6 +55,9 @@ class Engine:
     report: BuildReport
     _lock = None
     _lock_guard = threading.Lock()   # engines do not call a base __init__; this makes the lazy lock race-free
+    # Whether a request has run to its end on this engine: its first one is the cold one (any compile or capture
+    # left over from the build lands there). Kept on the engine, so a variant evicted and built again is cold again.
+    served = False
 
     def stream(self, request: Request, timeline: Timeline,
                cancel: threading.Event | None = None) -> Iterator[AudioChunk]:
@@ -65,6 +68,7 @@ class Engine:
                 self._lock = threading.Lock()
         with self._lock:
             yield from self._stream(request, timeline, cancel)
+            self.served = True
 
     def _stream(self, request: Request, timeline: Timeline, cancel: threading.Event | None) -> Iterator[AudioChunk]:
         raise NotImplementedError
@@ -97,7 +101,9 @@ FAMILY_MODULES = {"csm": "lab.engines.csm", "pocket_tts": "lab.engines.pocket_tt
 
 def build(spec: VariantSpec, progress: Progress | None = None) -> Engine:
     module = importlib.import_module(FAMILY_MODULES[spec.family])
-    return module.build(spec, progress or (lambda stage, s: None))
+    engine = module.build(spec, progress or (lambda stage, s: None))
+    engine.served = False   # the build's own warm-up requests do not make the first caller's request warm
+    return engine
 
 
 class StageClock:

@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from lab.engines import AudioChunk, BuildReport, Engine, StageClock
+from lab.engines import AudioChunk, BuildReport, Engine
 from lab.engines import torch_common as tc
 from lab.errors import Cancelled, LabError
 from lab.metrics import Timeline
@@ -345,9 +345,7 @@ class CsmEngine(Engine):
 
 
 def build(spec: VariantSpec, progress) -> CsmEngine:
-    clock = StageClock(progress, tc.device_sync(spec.device))
-    baseline_bytes = tc.reset_peak_memory(spec.device, collect=True)
-    (model, processor), load_s = clock.run("loading", lambda: load_model(spec))
+    clock, baseline_bytes, (model, processor), load_s = tc.begin_build(spec, progress, lambda: load_model(spec))
     engine = CsmEngine(spec, model, processor)
 
     def warm_up():

@@ -33,7 +33,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from lab.engines import AudioChunk, BuildReport, Engine, StageClock
+from lab.engines import AudioChunk, BuildReport, Engine
 from lab.engines import torch_common as tc
 from lab.errors import Cancelled, LabError
 from lab.metrics import Timeline
@@ -231,9 +231,7 @@ class MiniCPMOEngine(Engine):
 
 
 def build(spec: VariantSpec, progress) -> MiniCPMOEngine:
-    clock = StageClock(progress, tc.device_sync(spec.device))
-    baseline_bytes = tc.reset_peak_memory(spec.device, collect=True)
-    (model, tokenizer), load_s = clock.run("loading", lambda: load_model(spec))
+    clock, baseline_bytes, (model, tokenizer), load_s = tc.begin_build(spec, progress, lambda: load_model(spec))
     engine = MiniCPMOEngine(spec, model, tokenizer)
     notes, warmup_s = [], 0.0
     if spec.init_tts == "build":

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from lab.engines import AudioChunk, BuildReport, Engine, Progress, StageClock
+from lab.engines import AudioChunk, BuildReport, Engine, Progress
 from lab.engines import torch_common as tc
 from lab.errors import Cancelled
 from lab.metrics import Timeline
@@ -240,9 +240,7 @@ def _load(spec: VariantSpec):
 
 
 def build(spec: VariantSpec, progress: Progress) -> PocketTTSEngine:
-    clock = StageClock(progress, tc.device_sync(spec.device))
-    baseline_bytes = tc.reset_peak_memory(spec.device, collect=True)
-    (model, codec, processor), load_s = clock.run("loading", lambda: _load(spec))
+    clock, baseline_bytes, (model, codec, processor), load_s = tc.begin_build(spec, progress, lambda: _load(spec))
     fade_in_s = getattr(processor, "fade_in_duration", FADE_IN_S)
     engine = PocketTTSEngine(spec, model, codec, processor, fade_in_s)
 

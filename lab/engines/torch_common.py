@@ -157,6 +157,18 @@ def peak_memory_bytes(device: str, baseline_bytes: int = 0) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def begin_build(spec: VariantSpec, progress, load):
+    """The opening every torch engine's build shares: a stage clock that waits for the device, a peak-memory
+    window starting from what other variants already hold, and `load()` timed as the "loading" stage.
+    Returns (clock, baseline bytes, what load returned, load seconds)."""
+    from lab.engines import StageClock
+
+    clock = StageClock(progress, device_sync(spec.device))
+    baseline_bytes = reset_peak_memory(spec.device, collect=True)
+    loaded, load_s = clock.run("loading", load)
+    return clock, baseline_bytes, loaded, load_s
+
+
 def init_random(cls, config, spec: VariantSpec, skip_modules: list[str] = (), quantize: bool = True):
     """Real-size (or tiny) random initialisation on the spec's device: the same weights every build, without
     touching the caller's RNG. Codec codebooks, which transformers initialises to zeros (so every code would
@@ -240,8 +252,6 @@ class TorchKernels:
     """The hooks a step function calls for its heavy work (`kernels: torch`), served by the model's own modules
     and lab.kv.run_layers. lab.fused.TritonKernels serves the same hooks from its kernels (`kernels: triton`);
     the step itself is the same either way."""
-
-    name = "torch"
 
     @staticmethod
     def run_layers(stack: torch.nn.Module, hidden: torch.Tensor, kv, norm: bool = True) -> torch.Tensor:
