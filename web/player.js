@@ -1,0 +1,646 @@
+// Speech Latency Lab: low-latency PCM player and in-browser latency measurement.
+//
+// One WebSocket per page (/lab/pcm?listener=<random id>) carries runs' PCM from the server (web/pcm.py). Chunks
+// are scheduled back to back with Web Audio behind a small jitter buffer; the page reports per run when the
+// first chunk arrived and when the first audible sample was played, both in ms from the server's request stamp
+// (the page's clock is related to the server's by ping/pong). Runs with transport "gradio" are measured on
+// Gradio's own streaming <audio> element (#player-N audio) instead.
+//
+// Plain script, no build step, no libraries. Exposes window.labAudio.
+(function () {
+  "use strict";
+  if (window.labAudio) return; // loaded twice (Gradio may re-insert <head> content): keep the first
+
+  var DEFAULT_JITTER_MS = 80;
+  var SLOTS = 6;
+  var PINGS_AT_CONNECT = 10;
+  var PINGS_BEFORE_RUN = 3;
+  var PING_SPACING_MS = 15;
+  var PERIODIC_PING_MS = 10000;
+  var CLOCK_SAMPLES_KEPT = 30; // the best of the recent round trips; old ones age out (clock drift)
+  var RECONNECT_MS = 1000;
+  var UI_TICK_MS = 100;
+  // A chunk whose slot in the schedule is less than one render quantum away can no longer start on time.
+  var RENDER_QUANTUM_FRAMES = 128;
+  // A report waits at most this long for the first audible sample to play (e.g. audio blocked by autoplay).
+  var HEARD_WAIT_LIMIT_MS = 30000;
+
+  var scriptUrl = (document.currentScript && document.currentScript.src) || location.href;
+
+  function randomId() {
+    var bytes = new Uint8Array(8);
+    crypto.getRandomValues(bytes); // works on plain http too, unlike crypto.randomUUID
+    return Array.prototype.map.call(bytes, function (b) { return ("0" + b.toString(16)).slice(-2); }).join("");
+  }
+
+  var lab = {
+    listenerId: randomId(),
+    jitterMs: DEFAULT_JITTER_MS,
+    reports: {}, // run_id -> report sent
+    played: {}, // run_id -> true once its audio ended
+    clock: { offsetMs: null, uncertaintyMs: null, samples: [] },
+    connected: false,
+    log: [], // short diagnostics, newest last
+  };
+  window.labAudio = lab;
+
+  function note(text) {
+    lab.log.push(text);
+    if (lab.log.length > 50) lab.log.shift();
+  }
+
+  // -- clock: server perf_counter ms ~= performance.now() + offsetMs ---------------------------------------
+  function toServerMs(perfMs) {
+    return lab.clock.offsetMs === null ? null : perfMs + lab.clock.offsetMs;
+  }
+
+  function onPong(msg) {
+    var t1 = performance.now();
+    var t0 = msg.t_client_ms;
+    var rttMs = t1 - t0;
+    var samples = lab.clock.samples;
+    samples.push({ rttMs: rttMs, offsetMs: msg.t_server_s * 1000 - (t0 + t1) / 2, atMs: t1 });
+    if (samples.length > CLOCK_SAMPLES_KEPT) samples.shift();
+    var best = samples[0];
+    for (var i = 1; i < samples.length; i++) if (samples[i].rttMs < best.rttMs) best = samples[i];
+    lab.clock.offsetMs = best.offsetMs;
+    lab.clock.uncertaintyMs = best.rttMs / 2;
+  }
+
+  function ping(count) {
+    for (var i = 0; i < count; i++) {
+      setTimeout(function () { sendJson({ type: "ping", t_client_ms: performance.now() }); }, i * PING_SPACING_MS);
+    }
+  }
+
+  // -- socket ----------------------------------------------------------------------------------------------
+  var socket = null;
+
+  function socketUrl() {
+    var url = new URL("pcm", scriptUrl); // next to player.js: /lab/pcm, also under a proxy's root path
+    url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+    url.search = "?listener=" + encodeURIComponent(lab.listenerId);
+    return url.href;
+  }
+
+  function sendJson(obj) {
+    if (socket && socket.readyState === WebSocket.OPEN) {
+      socket.send(JSON.stringify(obj));
+      return true;
+    }
+    return false;
+  }
+
+  function connect() {
+    var ws = new WebSocket(socketUrl());
+    ws.binaryType = "arraybuffer";
+    socket = ws;
+    ws.onopen = function () {
+      lab.connected = true;
+      ping(PINGS_AT_CONNECT);
+    };
+    ws.onmessage = function (event) {
+      var arrival = performance.now();
+      if (typeof event.data === "string") onText(JSON.parse(event.data), arrival);
+      else onChunk(event.data, arrival);
+    };
+    ws.onclose = function () {
+      if (socket === ws) {
+        lab.connected = false;
+        socket = null;
+        setTimeout(connect, RECONNECT_MS);
+      }
+    };
+  }
+
+  function onText(msg, arrival) {
+    if (msg.type === "pong") onPong(msg);
+    else if (msg.type === "run") startRun(msg);
+    else if (msg.type === "end") endRun(msg);
+  }
+
+  function onChunk(buffer, arrival) {
+    var view = new DataView(buffer);
+    var headLen = view.getUint32(0, true);
+    var header = JSON.parse(new TextDecoder().decode(new Uint8Array(buffer, 4, headLen)));
+    var pcm = new Int16Array(buffer.slice(4 + headLen)); // copy: the Int16Array needs 2-byte alignment
+    var samples = new Float32Array(pcm.length);
+    for (var i = 0; i < pcm.length; i++) samples[i] = pcm[i] / 32767;
+    addChunk(header, samples, arrival);
+  }
+
+  // -- audio context ---------------------------------------------------------------------------------------
+  var ctx = null;
+
+  function audioContext() {
+    if (!ctx) {
+      var Ctor = window.AudioContext || window.webkitAudioContext;
+      ctx = new Ctor({ latencyHint: "interactive" });
+    }
+    if (ctx.state === "suspended") ctx.resume().catch(function () {});
+    return ctx;
+  }
+
+  function outputLatencyS() {
+    if (ctx.outputLatency > 0) return ctx.outputLatency;
+    return ctx.baseLatency > 0 ? ctx.baseLatency : 0;
+  }
+
+  // performance.now() at which context time ctxTimeS leaves the speakers. getOutputTimestamp() pairs the
+  // context time being output by the device with its performance time, so it already carries the output
+  // latency (measured in Chromium: its contextTime trails currentTime by outputLatency plus a render quantum);
+  // only the fallback from currentTime (which runs ahead of the speakers) adds the reported latency.
+  function perfAtCtxTime(ctxTimeS) {
+    var ts = ctx.getOutputTimestamp ? ctx.getOutputTimestamp() : null;
+    if (ts && ts.performanceTime > 0 && ts.contextTime > 0) {
+      return ts.performanceTime + (ctxTimeS - ts.contextTime) * 1000;
+    }
+    return performance.now() + (ctxTimeS - ctx.currentTime) * 1000 + outputLatencyS() * 1000;
+  }
+
+  function jitterS() {
+    var input = document.querySelector("#jitter-ms input");
+    if (input && input.value !== "" && isFinite(Number(input.value))) lab.jitterMs = Math.max(0, Number(input.value));
+    return lab.jitterMs / 1000;
+  }
+
+  // -- slots -----------------------------------------------------------------------------------------------
+  var slots = [];
+
+  function newSlot(index) {
+    return {
+      index: index, run: null, gain: null, lastPcm: null, replay: null, ui: null,
+    };
+  }
+  for (var s = 0; s < SLOTS; s++) slots.push(newSlot(s));
+
+  function slotFor(index) {
+    index = Number(index) || 0;
+    while (slots.length <= index) slots.push(newSlot(slots.length));
+    return slots[index];
+  }
+
+  // Silence everything the slot plays now: the sources hang off one gain node, dropped here.
+  function silence(slot) {
+    if (slot.gain) {
+      try { slot.gain.disconnect(); } catch (e) { /* already */ }
+    }
+    slot.gain = null;
+    if (slot.replay) {
+      slot.replay.onended = null;
+      try { slot.replay.stop(); } catch (e) { /* not started */ }
+      slot.replay = null;
+    }
+    if (slot.run) {
+      slot.run.sources.forEach(function (src) {
+        src.onended = null;
+        try { src.stop(); } catch (e) { /* not started */ }
+      });
+      slot.run.sources = [];
+      if (slot.run.timer) clearTimeout(slot.run.timer);
+    }
+  }
+
+  function freshGain(slot) {
+    var c = audioContext();
+    slot.gain = c.createGain();
+    slot.gain.connect(c.destination);
+    return slot.gain;
+  }
+
+  function startRun(msg) {
+    var slot = slotFor(msg.slot);
+    silence(slot);
+    var transport = msg.transport || "pcm";
+    slot.run = {
+      id: msg.run_id, label: msg.label || "", transport: transport, msg: msg,
+      sampleRate: msg.sample_rate, tRequestMs: msg.t_request_s * 1000, startPerfMs: performance.now(),
+      chunks: [], receivedSamples: 0, segments: [], sources: [],
+      nextStartCtxS: null, jitterS: jitterS(), underruns: 0, gapS: 0,
+      firstAudibleCtxS: null, firstStartCtxS: null, audible: false,
+      firstChunkPerfMs: null, lastChunkPerfMs: null, jitterMsMax: 0, lastArrivalGapMs: null,
+      end: null, complete: false, reportSent: false, playedSent: false, timer: null,
+      state: "started · waiting for first audio",
+    };
+    slot.lastPcm = null;
+    ping(PINGS_BEFORE_RUN);
+    if (transport === "gradio") startGradioRun(slot);
+    else freshGain(slot);
+    renderSlot(slot);
+  }
+
+  function addChunk(header, samples, arrivalPerfMs) {
+    var slot = slotFor(header.slot);
+    var run = slot.run;
+    if (!run || String(run.id) !== String(header.run_id) || run.transport !== "pcm") return; // stale run
+    var c = audioContext();
+    var rate = header.sample_rate || run.sampleRate;
+    noteArrival(run, header, samples.length, rate, arrivalPerfMs);
+    run.chunks.push(samples);
+    run.receivedSamples += samples.length;
+
+    var startS = scheduleStart(run, c);
+    var buffer = c.createBuffer(1, samples.length, rate);
+    buffer.getChannelData(0).set(samples);
+    var src = c.createBufferSource();
+    src.buffer = buffer;
+    src.connect(slot.gain || freshGain(slot));
+    src.start(startS);
+    src.onended = function () { onSourceEnded(slot, run, src); };
+    run.sources.push(src);
+    run.segments.push({ startS: startS, durS: samples.length / rate });
+    run.nextStartCtxS = startS + samples.length / rate;
+
+    if (run.firstStartCtxS === null) run.firstStartCtxS = startS;
+    if (run.firstAudibleCtxS === null && header.audible_at >= 0) {
+      run.firstAudibleCtxS = startS + header.audible_at / rate;
+      run.audible = true;
+    }
+    if (run.state !== "done") run.state = "playing";
+    maybeReport(slot, run);
+  }
+
+  // Where the next chunk starts: right after the previous one, or, when the schedule ran dry (a browser
+  // underrun), behind a fresh jitter buffer; the silence in between is counted.
+  function scheduleStart(run, c) {
+    var nowS = c.currentTime;
+    if (run.nextStartCtxS === null) return nowS + run.jitterS;
+    var quantumS = RENDER_QUANTUM_FRAMES / c.sampleRate;
+    if (run.nextStartCtxS > nowS + quantumS) return run.nextStartCtxS;
+    var startS = nowS + run.jitterS;
+    run.underruns += 1;
+    run.gapS += startS - run.nextStartCtxS;
+    return startS;
+  }
+
+  // Arrival bookkeeping: first/last arrival, and jitter as the largest lateness against the audio's own pace.
+  function noteArrival(run, header, nSamples, rate, arrivalPerfMs) {
+    if (run.firstChunkPerfMs === null) {
+      run.firstChunkPerfMs = arrivalPerfMs;
+      run.firstChunkHeader = header;
+    } else {
+      var audioSoFarMs = run.receivedSamples / rate * 1000;
+      var latenessMs = (arrivalPerfMs - run.firstChunkPerfMs) - audioSoFarMs;
+      if (latenessMs > run.jitterMsMax) run.jitterMsMax = latenessMs;
+    }
+    run.lastChunkPerfMs = arrivalPerfMs;
+  }
+
+  function endRun(msg) {
+    var slot = slotFor(msg.slot);
+    var run = slot.run;
+    if (!run || String(run.id) !== String(msg.run_id)) return;
+    run.end = msg;
+    if (run.transport === "gradio") { maybeReportGradio(slot, run); return; }
+    maybeReport(slot, run);
+  }
+
+  function maybeReport(slot, run) {
+    if (!run.end || run.reportSent) return;
+    run.complete = run.chunks.length >= run.end.chunks;
+    if (!run.complete) return;
+    var heardCtxS = run.firstAudibleCtxS !== null ? run.firstAudibleCtxS : run.firstStartCtxS;
+    var heardPerfMs = heardCtxS === null ? null : perfAtCtxTime(heardCtxS);
+    var waitMs = heardPerfMs === null ? 0 : heardPerfMs - performance.now();
+    // Sent once the first audible sample has been played; a context that does not run (autoplay blocked)
+    // still gets its report, after a bound, marked with ctx_state.
+    if (waitMs > 0 && performance.now() - run.startPerfMs < HEARD_WAIT_LIMIT_MS) {
+      clearTimeout(run.timer);
+      run.timer = setTimeout(function () { maybeReport(slot, run); }, Math.min(waitMs + 5, 1000));
+      return;
+    }
+    sendReport(slot, run, buildPcmReport(run, heardPerfMs));
+    maybePlayed(slot, run);
+  }
+
+  function sinceRequestMs(run, perfMs) {
+    var serverMs = perfMs === null ? null : toServerMs(perfMs);
+    return serverMs === null ? null : serverMs - run.tRequestMs;
+  }
+
+  function buildPcmReport(run, heardPerfMs) {
+    return {
+      type: "report", run_id: run.id, transport: "pcm",
+      received_ms: sinceRequestMs(run, run.firstChunkPerfMs),
+      received_last_ms: sinceRequestMs(run, run.lastChunkPerfMs),
+      heard_ms: sinceRequestMs(run, heardPerfMs),
+      audible: run.audible,
+      underruns: run.underruns, gap_s: run.gapS, complete: run.complete,
+      chunks: run.chunks.length, samples: run.receivedSamples,
+      output_latency_ms: outputLatencyS() * 1000,
+      clock_uncertainty_ms: lab.clock.uncertaintyMs,
+      jitter_ms: run.jitterMsMax, jitter_buffer_ms: run.jitterS * 1000,
+      ctx_state: ctx ? ctx.state : "none",
+    };
+  }
+
+  function sendReport(slot, run, report) {
+    run.reportSent = true;
+    run.report = report;
+    lab.reports[run.id] = report;
+    sendJson(report);
+    renderSlot(slot);
+  }
+
+  function onSourceEnded(slot, run, src) {
+    if (slot.run !== run) return;
+    var i = run.sources.indexOf(src);
+    if (i >= 0) run.sources.splice(i, 1);
+    maybePlayed(slot, run);
+  }
+
+  // "played" once every chunk of a complete run has been scheduled and played out.
+  function maybePlayed(slot, run) {
+    if (run.playedSent || !run.reportSent || !run.complete || run.sources.length > 0) return;
+    run.playedSent = true;
+    run.state = "done";
+    slot.lastPcm = { chunks: run.chunks, sampleRate: run.sampleRate };
+    lab.played[run.id] = true;
+    sendJson({ type: "played", run_id: run.id, transport: run.transport });
+    renderSlot(slot);
+  }
+
+  // -- Gradio transport: measure Gradio's streaming <audio> (hls.js) in #player-N ---------------------------
+  var hookedAudio = new WeakSet();
+  var resourceEntries = [];
+
+  if (window.PerformanceObserver) {
+    try {
+      new PerformanceObserver(function (list) {
+        list.getEntries().forEach(function (e) { resourceEntries.push(e); onResource(e); });
+        if (resourceEntries.length > 500) resourceEntries.splice(0, resourceEntries.length - 500);
+      }).observe({ type: "resource", buffered: true });
+    } catch (e) { note("no resource observer: " + e); }
+  }
+
+  function gradioAudio(slot) {
+    return document.querySelector("#player-" + slot.index + " audio");
+  }
+
+  // Stream segments of this run: the path the run message names (stream_path), else any Gradio stream
+  // segment (not the playlist) requested after the run started.
+  function isRunSegment(run, entry) {
+    var path = run.msg.stream_path || "/stream/";
+    return entry.name.indexOf(path) >= 0 && entry.name.indexOf(".m3u8") < 0 && entry.startTime >= run.startPerfMs;
+  }
+
+  function onResource(entry) {
+    slots.forEach(function (slot) {
+      var run = slot.run;
+      if (run && run.transport === "gradio" && run.firstChunkPerfMs === null && isRunSegment(run, entry)) {
+        run.firstChunkPerfMs = entry.responseEnd;
+        maybeReportGradio(slot, run);
+      }
+    });
+  }
+
+  function startGradioRun(slot) {
+    var run = slot.run;
+    run.gradio = { firstPlayingPerfMs: null, firstPlayingMediaS: null, waitingSincePerfMs: null, ended: false };
+    var audio = gradioAudio(slot);
+    if (audio) {
+      hookAudio(slot, audio);
+      try { audio.pause(); audio.currentTime = 0; } catch (e) { /* no media yet */ }
+    }
+    var known = resourceEntries.slice(); // entries buffered before the observer callback ran
+    known.forEach(onResource);
+  }
+
+  function hookAudio(slot, audio) {
+    if (hookedAudio.has(audio)) return;
+    hookedAudio.add(audio);
+    // A new stream must not start where the last clip stopped: back to 0 until this run has played.
+    audio.addEventListener("loadedmetadata", function () {
+      var run = slot.run;
+      if (run && run.transport === "gradio" && run.gradio.firstPlayingPerfMs === null && audio.currentTime > 0) {
+        audio.currentTime = 0;
+      }
+    });
+    audio.addEventListener("playing", function () { onGradioPlaying(slot, audio); });
+    audio.addEventListener("waiting", function () { onGradioWaiting(slot); });
+    audio.addEventListener("ended", function () { onGradioEnded(slot); });
+  }
+
+  function gradioRun(slot) {
+    var run = slot.run;
+    return run && run.transport === "gradio" ? run : null;
+  }
+
+  function onGradioPlaying(slot, audio) {
+    var run = gradioRun(slot);
+    if (!run) return;
+    var g = run.gradio;
+    var now = performance.now();
+    if (g.firstPlayingPerfMs === null) {
+      g.firstPlayingPerfMs = now;
+      g.firstPlayingMediaS = audio.currentTime;
+      run.state = "playing";
+    } else if (g.waitingSincePerfMs !== null) {
+      run.gapS += (now - g.waitingSincePerfMs) / 1000;
+    }
+    g.waitingSincePerfMs = null;
+    maybeReportGradio(slot, run);
+    renderSlot(slot);
+  }
+
+  function onGradioWaiting(slot) {
+    var run = gradioRun(slot);
+    if (!run || run.gradio.firstPlayingPerfMs === null || run.gradio.waitingSincePerfMs !== null) return;
+    run.underruns += 1;
+    run.gradio.waitingSincePerfMs = performance.now();
+  }
+
+  function onGradioEnded(slot) {
+    var run = gradioRun(slot);
+    if (!run) return;
+    run.gradio.ended = true;
+    run.state = "done";
+    maybeReportGradio(slot, run);
+    if (run.reportSent && !run.playedSent) {
+      run.playedSent = true;
+      lab.played[run.id] = true;
+      sendJson({ type: "played", run_id: run.id, transport: "gradio" });
+    }
+    renderSlot(slot);
+  }
+
+  function maybeReportGradio(slot, run) {
+    var g = run.gradio;
+    if (run.reportSent || !run.end || g.firstPlayingPerfMs === null) return;
+    run.complete = true;
+    var firstAudibleS = Number(run.end.first_audible_s || 0);
+    // The media time of the first audible sample, counted from the first 'playing' event and its position;
+    // the element's own output latency is not exposed, the page's AudioContext's (same device) stands in.
+    var aheadMs = Math.max(0, firstAudibleS - g.firstPlayingMediaS) * 1000;
+    var heardPerfMs = g.firstPlayingPerfMs + aheadMs + (ctx ? outputLatencyS() * 1000 : 0);
+    var waitMs = heardPerfMs - performance.now();
+    if (waitMs > 0) {
+      clearTimeout(run.timer);
+      run.timer = setTimeout(function () { maybeReportGradio(slot, run); }, waitMs + 5);
+      return;
+    }
+    sendReport(slot, run, {
+      type: "report", run_id: run.id, transport: "gradio",
+      received_ms: sinceRequestMs(run, run.firstChunkPerfMs),
+      received_last_ms: null,
+      heard_ms: sinceRequestMs(run, heardPerfMs),
+      audible: run.end.first_audible_s !== undefined,
+      underruns: run.underruns, gap_s: run.gapS, complete: true,
+      start_position_s: g.firstPlayingMediaS,
+      output_latency_ms: ctx ? outputLatencyS() * 1000 : null,
+      clock_uncertainty_ms: lab.clock.uncertaintyMs, jitter_ms: null,
+    });
+    if (g.ended) onGradioEnded(slot);
+  }
+
+  // -- replay ----------------------------------------------------------------------------------------------
+  function replay(index) {
+    var slot = slotFor(index);
+    var last = slot.lastPcm;
+    if (!last || !last.chunks.length) return false;
+    silence(slot);
+    var c = audioContext();
+    var total = 0;
+    last.chunks.forEach(function (ch) { total += ch.length; });
+    var buffer = c.createBuffer(1, total, last.sampleRate);
+    var data = buffer.getChannelData(0);
+    var at = 0;
+    last.chunks.forEach(function (ch) { data.set(ch, at); at += ch.length; });
+    var src = c.createBufferSource();
+    src.buffer = buffer;
+    src.connect(freshGain(slot));
+    var startS = c.currentTime + 0.02;
+    src.start(startS); // always from sample 0
+    slot.replay = src;
+    slot.replayInfo = { startS: startS, durS: total / last.sampleRate };
+    src.onended = function () {
+      if (slot.replay === src) { slot.replay = null; renderSlot(slot); }
+    };
+    renderSlot(slot);
+    return true;
+  }
+
+  // -- state for the UI and tests --------------------------------------------------------------------------
+  function playedS(run) {
+    if (!ctx || !run) return 0;
+    var nowS = ctx.currentTime;
+    var total = 0;
+    run.segments.forEach(function (seg) { total += Math.min(Math.max(nowS - seg.startS, 0), seg.durS); });
+    return total;
+  }
+
+  function slotState(index) {
+    var slot = slotFor(index);
+    var run = slot.run;
+    if (!run) return { slot: slot.index, state: "waiting", run_id: null, position_s: 0, received_s: 0 };
+    var rate = run.sampleRate || 1;
+    var position = run.transport === "gradio"
+      ? (gradioAudio(slot) ? gradioAudio(slot).currentTime : 0)
+      : playedS(run);
+    return {
+      slot: slot.index, state: slot.replay ? "replaying" : run.state, run_id: run.id, label: run.label,
+      transport: run.transport, position_s: position, received_s: run.receivedSamples / rate,
+      chunks: run.chunks.length, underruns: run.underruns, gap_s: run.gapS, complete: run.complete,
+      report: run.report || null, elapsed_ms: performance.now() - run.startPerfMs,
+    };
+  }
+
+  // -- slot UI ---------------------------------------------------------------------------------------------
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+
+  // Gradio may re-render the container (gr.HTML): rebuild the UI inside it whenever it went missing.
+  function ensureUi(slot) {
+    var container = document.getElementById("pcm-slot-" + slot.index);
+    if (!container) return null;
+    if (slot.ui && slot.ui.root.parentNode === container) return slot.ui;
+    var root = el("div", "lab-pcm");
+    root.style.cssText = "font:12px/1.4 system-ui,sans-serif;display:flex;flex-direction:column;gap:3px";
+    var row = el("div");
+    row.style.cssText = "display:flex;gap:8px;align-items:center";
+    var button = el("button", "lab-pcm-replay", "▶ replay");
+    button.type = "button";
+    button.style.cssText = "font-size:12px;padding:1px 6px;cursor:pointer";
+    button.addEventListener("click", function () { replay(slot.index); });
+    var stateText = el("span", "lab-pcm-state", "waiting");
+    row.appendChild(button);
+    row.appendChild(stateText);
+    var track = el("div");
+    track.style.cssText = "height:3px;background:rgba(128,128,128,.25);border-radius:2px;overflow:hidden";
+    var bar = el("div", "lab-pcm-bar");
+    bar.style.cssText = "height:100%;width:0;background:#f97316";
+    track.appendChild(bar);
+    var figures = el("div", "lab-pcm-figures", "");
+    figures.style.opacity = "0.8";
+    root.appendChild(row);
+    root.appendChild(track);
+    root.appendChild(figures);
+    container.textContent = "";
+    container.appendChild(root);
+    slot.ui = { root: root, button: button, state: stateText, bar: bar, figures: figures };
+    return slot.ui;
+  }
+
+  function fmtMs(v) { return v === null || v === undefined ? "–" : Math.round(v) + " ms"; }
+
+  function renderSlot(slot) {
+    var ui = ensureUi(slot);
+    if (!ui) return;
+    var st = slotState(slot.index);
+    var text = st.state;
+    if (st.state === "started · waiting for first audio") text += " (" + (st.elapsed_ms / 1000).toFixed(1) + " s)";
+    if (st.label) text = st.label + ": " + text;
+    ui.state.textContent = text;
+    var fraction = 0;
+    if (slot.replay && slot.replayInfo && ctx) {
+      fraction = (ctx.currentTime - slot.replayInfo.startS) / slot.replayInfo.durS;
+    } else if (st.received_s > 0) {
+      fraction = st.position_s / st.received_s;
+    }
+    ui.bar.style.width = (Math.min(Math.max(fraction, 0), 1) * 100).toFixed(1) + "%";
+    var r = st.report;
+    ui.figures.textContent = r
+      ? "received " + fmtMs(r.received_ms) + " · heard " + fmtMs(r.heard_ms) + " · stalls " + r.underruns
+      : "";
+    ui.button.disabled = !slot.lastPcm || st.transport === "gradio";
+  }
+
+  function tick() {
+    slots.forEach(function (slot) {
+      // Gradio may create the run's <audio> element only once its stream starts.
+      var audio = slot.run && slot.run.transport === "gradio" ? gradioAudio(slot) : null;
+      if (audio) hookAudio(slot, audio);
+      if (slot.run || slot.ui || document.getElementById("pcm-slot-" + slot.index)) renderSlot(slot);
+    });
+  }
+
+  // -- public API ------------------------------------------------------------------------------------------
+  lab.setJitterMs = function (ms) { lab.jitterMs = Math.max(0, Number(ms) || 0); };
+  lab.reset = function () {
+    slots.forEach(function (slot) {
+      silence(slot);
+      slot.run = null;
+      slot.lastPcm = null;
+      var audio = gradioAudio(slot);
+      if (audio) { try { audio.pause(); audio.currentTime = 0; } catch (e) { /* no media */ } }
+      renderSlot(slot);
+    });
+  };
+  lab.state = slotState;
+  lab.replay = replay;
+  lab.audioContext = function () { return audioContext(); };
+  lab.ping = ping;
+
+  // Autoplay: try at load (allowed by policy or flags); otherwise the first user gesture resumes it.
+  try { audioContext(); } catch (e) { note("no AudioContext: " + e); }
+  ["pointerdown", "keydown", "touchstart"].forEach(function (type) {
+    document.addEventListener(type, function () { try { audioContext(); } catch (e) { /* none */ } }, true);
+  });
+  setInterval(tick, UI_TICK_MS);
+  setInterval(function () { ping(1); }, PERIODIC_PING_MS);
+  connect();
+})();
