@@ -6,6 +6,7 @@ The audio is synthetic transport test data: a 440 Hz tone after 0.3 s of silence
 The checks are of order and presence (the report arrives, heard >= received >= the chunk's stamp, underruns only
 when a chunk is late), with loose bounds: the machine is shared and its timing noisy.
 """
+import io
 import shutil
 import socket
 import threading
@@ -14,8 +15,9 @@ import time
 import numpy as np
 import pytest
 import uvicorn
+import wave
 from fastapi import FastAPI
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 
 from web.pcm import PcmHub, attach, decode_chunk, encode_chunk, to_int16_bytes
 
@@ -29,7 +31,10 @@ JITTER_MS = 80
 REPORT_TIMEOUT_S = 15
 PAGE = """<!doctype html><html><body>
 <div id="pcm-slot-0"></div><div id="pcm-slot-1"></div>
+<div id="player-1"><audio></audio></div>
 <script src="/lab/player.js"></script></body></html>"""
+# Stands in for Gradio's stream segments in the "gradio" transport test.
+SEGMENT_PATH = "/fake/stream/"
 
 
 def free_port() -> int:
@@ -54,6 +59,16 @@ def tone(lead_silence_s=LEAD_SILENCE_S, tone_s=TONE_S) -> np.ndarray:
     t = np.arange(int(tone_s * RATE_HZ)) / RATE_HZ
     return np.concatenate([np.zeros(int(lead_silence_s * RATE_HZ)), 0.3 * np.sin(2 * np.pi * 440 * t)]).astype(
         np.float32)
+
+
+def wav_bytes(audio: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE_HZ)
+        w.writeframes(to_int16_bytes(audio))
+    return out.getvalue()
 
 
 def chunks_of(audio: np.ndarray, sizes_s=(0.08, 0.16, 0.32)):
@@ -108,6 +123,10 @@ def lab_server():
     def page():
         return HTMLResponse(PAGE)
 
+    @app.get(SEGMENT_PATH + "{name}.wav")
+    def segment(name: str):
+        return Response(wav_bytes(tone()), media_type="audio/wav")
+
     server, thread, url = serve_in_thread(app)
     yield hub, url
     server.should_exit = True
@@ -158,6 +177,21 @@ def test_clock_offset_on_loopback_is_tight(page):
     clock = pg.evaluate("({u: labAudio.clock.uncertaintyMs, o: labAudio.clock.offsetMs})")
     assert clock["o"] is not None
     assert 0 <= clock["u"] < 20
+
+
+def test_a_dropped_socket_reconnects_with_the_same_listener(lab_server, page):
+    hub, _ = lab_server
+    pg, listener = page
+    pg.evaluate("labAudio.dropSocket()")
+    deadline_s = time.monotonic() + 5
+    while hub.connected(listener):
+        assert time.monotonic() < deadline_s
+        time.sleep(0.02)
+    while not hub.connected(listener):  # the page retries after a second
+        assert time.monotonic() < deadline_s + 5
+        time.sleep(0.05)
+    assert pg.evaluate("labAudio.listenerId") == listener
+    pg.wait_for_function("labAudio.connected", timeout=5000)
 
 
 def test_on_time_run_reports_received_then_heard_after_the_leading_silence(lab_server, page):
@@ -232,3 +266,63 @@ def test_a_new_run_on_a_playing_slot_starts_from_zero(lab_server, page):
     assert pg.evaluate("labAudio.state(0).state") == "replaying"
     pg.evaluate("labAudio.reset()")
     assert pg.evaluate("labAudio.state(0).state") == "waiting"
+
+
+def test_gradio_transport_is_measured_on_the_audio_element(lab_server, page):
+    """A run with transport "gradio": the page measures #player-1's <audio> (here a WAV file standing in for
+    Gradio's HLS stream) and sends the same report shape; a new run puts the element back at 0."""
+    hub, _ = lab_server
+    pg, listener = page
+    pg.evaluate("""() => { const a = document.querySelector('#player-1 audio');
+        a.src = '/fake/stream/old.wav'; a.load(); return a.play(); }""")
+    pg.wait_for_function("document.querySelector('#player-1 audio').currentTime > 0.2", timeout=10000)
+    t_request_s = time.perf_counter()
+    hub.start_run(listener, "hls", 1, RATE_HZ, t_request_s, transport="gradio", stream_path=SEGMENT_PATH)
+    pg.wait_for_function("labAudio.state(1).run_id === 'hls'", timeout=5000)
+    assert pg.evaluate("document.querySelector('#player-1 audio').currentTime") == 0
+    # What hls.js would do: fetch this run's segment and play it.
+    pg.evaluate("""() => { const a = document.querySelector('#player-1 audio');
+        a.src = '/fake/stream/run-hls.wav'; a.load(); return a.play(); }""")
+    hub.end_run(listener, "hls", chunks=1, samples=len(tone()), first_audible_s=LEAD_SILENCE_S)
+    report = hub.wait_report("hls", REPORT_TIMEOUT_S)
+    assert report is not None, pg.evaluate("labAudio.log")
+    assert report["transport"] == "gradio" and report["complete"]
+    assert report["start_position_s"] < 0.05
+    assert report["received_ms"] is not None and report["heard_ms"] >= report["received_ms"]
+    assert report["heard_ms"] - report["received_ms"] >= LEAD_SILENCE_S * 1000 - 50
+    assert hub.wait_played("hls", REPORT_TIMEOUT_S) is not None
+
+
+# -- mounted next to a Gradio app, as `python app.py` serves ----------------------------------------------------
+def test_build_app_keeps_the_gradio_queue_and_loads_the_player(page):
+    import gradio as gr
+    from gradio_client import Client
+
+    from web.server import build_app
+
+    browser = page[0].context.browser
+    with gr.Blocks() as demo:
+        gr.HTML('<div id="pcm-slot-0"></div>')
+        text = gr.Textbox(elem_id="in")
+        out = gr.Textbox()
+        gr.Button("go").click(lambda s: s.upper(), text, out, concurrency_id="gpu", concurrency_limit=1,
+                              api_name="shout")
+    demo.queue(default_concurrency_limit=2)
+    hub = PcmHub()
+    app = build_app(demo, hub, host="127.0.0.1", port=0, max_file_size="1mb")
+    assert demo.max_file_size == 2**20
+    server, thread, url = serve_in_thread(app)
+    try:
+        assert Client(url, verbose=False).predict("hi", api_name="/shout") == "HI"
+        pg = browser.new_page()
+        pg.goto(url)
+        pg.wait_for_function("window.labAudio && labAudio.connected", timeout=20000)
+        pg.wait_for_selector("#pcm-slot-0 .lab-pcm-state")
+        listener = pg.evaluate("labAudio.listenerId")
+        publish(hub, listener, "mounted", slot=0, pace=0.1)
+        report = hub.wait_report("mounted", REPORT_TIMEOUT_S)
+        assert report is not None and report["complete"] and report["heard_ms"] >= report["received_ms"]
+        pg.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

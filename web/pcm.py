@@ -223,14 +223,27 @@ async def _send_text(connection: _Connection, message: dict) -> None:
 
 async def _sender(connection: _Connection) -> None:
     """Drain the queue in publish order; chunk headers get t_sent_s right before their frame goes out."""
-    while True:
-        kind, payload, pcm = await connection.queue.get()
-        if kind == "chunk":
-            async with connection.send_lock:
-                payload["t_sent_s"] = time.perf_counter()
-                await connection.websocket.send_bytes(encode_chunk(payload, pcm))
-        else:
-            await _send_text(connection, payload)
+    try:
+        while True:
+            kind, payload, pcm = await connection.queue.get()
+            if kind == "chunk":
+                async with connection.send_lock:
+                    payload["t_sent_s"] = time.perf_counter()
+                    await connection.websocket.send_bytes(encode_chunk(payload, pcm))
+            else:
+                await _send_text(connection, payload)
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        pass  # the page went away; _serve_socket unregisters it
+
+
+def _parse(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
 
 
 async def _serve_socket(websocket: WebSocket, hub: PcmHub) -> None:
@@ -244,13 +257,12 @@ async def _serve_socket(websocket: WebSocket, hub: PcmHub) -> None:
     sender = asyncio.create_task(_sender(connection))
     try:
         while True:
-            text = await websocket.receive_text()
-            try:
-                message = json.loads(text)
-            except ValueError:
-                continue
-            if not isinstance(message, dict):
-                continue
+            frame = await websocket.receive()
+            if frame["type"] == "websocket.disconnect":
+                break
+            message = _parse(frame.get("text"))
+            if message is None:
+                continue  # binary or malformed: the page only sends JSON text
             if message.get("type") == "ping":
                 # Answer at once, stamped as late as possible: the page halves the round trip around it.
                 async with connection.send_lock:
@@ -260,7 +272,7 @@ async def _serve_socket(websocket: WebSocket, hub: PcmHub) -> None:
                 hub.pings += 1
             else:
                 hub._on_page_message(message)
-    except (WebSocketDisconnect, RuntimeError):
+    except (WebSocketDisconnect, RuntimeError, OSError):
         pass
     finally:
         hub._unregister(listener, connection)

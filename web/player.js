@@ -309,6 +309,8 @@
       run.timer = setTimeout(function () { maybeReport(slot, run); }, Math.min(waitMs + 5, 1000));
       return;
     }
+    // A context that never ran played nothing: no heard figure rather than a made-up one.
+    if (!ctx || ctx.state !== "running") heardPerfMs = null;
     sendReport(slot, run, buildPcmReport(run, heardPerfMs));
     maybePlayed(slot, run);
   }
@@ -634,6 +636,8 @@
   lab.replay = replay;
   lab.audioContext = function () { return audioContext(); };
   lab.ping = ping;
+  // Closes the socket as a network drop would (tests); the page reconnects with the same listener id.
+  lab.dropSocket = function () { if (socket) socket.close(); };
 
   // Autoplay: try at load (allowed by policy or flags); otherwise the first user gesture resumes it.
   try { audioContext(); } catch (e) { note("no AudioContext: " + e); }
