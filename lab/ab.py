@@ -28,12 +28,31 @@ def blind_order(preset_1: str, preset_2: str, rng: random.Random | None = None) 
     return pair[0], pair[1]
 
 
-def vote_record(a: str, b: str, choice: str, text: str = "", seed: int = 0, weights: dict | None = None) -> dict:
+MODES = ("streamed", "prebuffered")   # each side at its real start delay; or both generated first, loudness matched
+TARGET_RMS_DBFS = -23.0                 # pre-buffered pairs are matched to this level, so loudness does not decide
+
+
+def vote_record(a: str, b: str, choice: str, text: str = "", seed: int = 0, weights: dict | None = None,
+                mode: str = "streamed") -> dict:
     if choice not in CHOICES:
         raise LabError("vote", f"{choice!r} is not one of {', '.join(CHOICES)}")
-    return {"a": a, "b": b, "choice": choice, "pair": sorted((a, b)),
+    if mode not in MODES:
+        raise LabError("listening mode", f"{mode!r} is not one of {', '.join(MODES)}")
+    return {"a": a, "b": b, "choice": choice, "pair": sorted((a, b)), "mode": mode,
             "winner": {"A": a, "B": b}.get(choice), "text": text, "seed": seed, "weights": weights or {},
             "time": time.time()}
+
+
+def loudness_matched(samples, target_dbfs: float = TARGET_RMS_DBFS):
+    """The clip scaled to `target_dbfs` RMS, lowered further if a peak would clip."""
+    import numpy as np
+
+    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if len(samples) else 0.0
+    if rms == 0.0:
+        return samples
+    gain = 10 ** (target_dbfs / 20) / rms
+    peak = float(np.max(np.abs(samples))) * gain
+    return (samples * (gain * min(1.0, 0.99 / peak) if peak > 0 else gain)).astype(np.float32)
 
 
 def record_vote(path: str, a: str, b: str, choice: str, **fields) -> dict:
@@ -85,3 +104,12 @@ def tally(votes: list[dict]) -> list[dict]:
         rows.append({**row, "votes": decided + row["same"], "first_share": share, "ci95_lo": lo, "ci95_hi": hi,
                      "verdict": verdict})
     return rows
+
+
+def tally_table(votes: list[dict]) -> list[dict]:
+    """The tally as the page shows it."""
+    return [{"pair": f"{r['first']} vs {r['second']}", "votes": r["votes"], "prefer first": r["first_wins"],
+             "prefer second": r["second_wins"], "same": r["same"],
+             "first's share": None if r["first_share"] is None else round(r["first_share"], 3),
+             "95% interval": f"{r['ci95_lo']:.2f} – {r['ci95_hi']:.2f}", "verdict": r["verdict"]}
+            for r in tally(votes)] or [{"pair": "no votes yet"}]

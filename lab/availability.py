@@ -1,27 +1,21 @@
-"""Which presets can run on this machine, and for those that cannot, a short reason a person can act on.
+"""The presets a page offers: which run on this machine (with the presets' own weights, or with the random-weights
+switch on), why the others do not, what the first click runs, and what each option needs.
 
-`lab.presets.load_all` already refuses what cannot work (no GPU, a package missing); this adds what only
-shows at build time (pretrained weights that are neither cached nor downloadable) and sorts everything into
-the few reasons the page shows: no GPU, bitsandbytes or flash-attn not installed, weights not cached and the
-hub unreachable. It also picks what the first click runs, and says what each option needs.
+One door for a front end: `Catalog.runnable_spec(name, random_weights)` gives the spec to run or raises a LabError
+with the reason (lab.machine's sentence). The statuses carry lab.machine's reason codes, so the page groups the
+unavailable presets by reason without reading any sentence back apart.
 """
 from __future__ import annotations
 
 import os
-import socket
-import time
 from dataclasses import dataclass
-from typing import Callable
-from urllib.parse import urlparse
 
-from lab import env
-from lab.presets import PRESETS_DIR
+from lab import env, machine, presets
+from lab.errors import LabError
+from lab.machine import Refusal
 from lab.spec import FAMILIES, VariantSpec
 
-NO_GPU = "no GPU"
-NO_BNB = "bitsandbytes not installed"
-NO_FLASH_ATTN = "flash-attn not installed"
-NO_WEIGHTS = "weights not cached and the hub unreachable"
+INVALID = "invalid"   # a preset file whose values are refused (its own message says which field)
 
 
 @dataclass(frozen=True)
@@ -30,115 +24,94 @@ class PresetStatus:
     family: str
     description: str
     weights: str                  # what would run: the preset's own, or the random-weights switch's
-    available: bool
-    reason: str = ""              # one of the constants above, or the loader's own message
-    detail: str = ""              # the full sentence, with the fix
+    refusal: Refusal | None       # why it cannot run here; None when it can
 
     @property
-    def label(self) -> str:
-        return self.name if self.available else f"{self.name} (unavailable: {self.reason})"
+    def available(self) -> bool:
+        return self.refusal is None
 
 
-def classify(message: str) -> str:
-    """The short reason behind a refusal message from lab.spec / lab.presets."""
-    if "no GPU" in message:
-        return NO_GPU
-    if "bitsandbytes is not installed" in message:
-        return NO_BNB
-    if "flash-attn is not installed" in message:
-        return NO_FLASH_ATTN
-    return message
+class Catalog:
+    """The presets of one folder, checked against this machine once (the hub probe is slow to repeat)."""
+
+    def __init__(self, presets_dir: str = presets.PRESETS_DIR, weights_here=machine.weights_available):
+        self.presets_dir = presets_dir
+        self.specs, broken = presets.load_all(presets_dir)
+        self.broken = {name: Refusal(INVALID, message) for name, message in broken.items()}
+        self.statuses = {rw: self._statuses(rw, weights_here) for rw in (False, True)}
+
+    def spec(self, name: str, random_weights: bool) -> VariantSpec:
+        spec = self.specs[name]
+        return spec.with_weights("random") if random_weights else spec
+
+    def _statuses(self, random_weights: bool, weights_here) -> dict[str, PresetStatus]:
+        out = {}
+        for name in sorted({*self.specs, *self.broken}):
+            if name in self.broken:
+                out[name] = PresetStatus(name, _declared_family(self.presets_dir, name), "", "", self.broken[name])
+                continue
+            spec = self.spec(name, random_weights)
+            out[name] = PresetStatus(name, spec.family, spec.description, spec.weights,
+                                     machine.check(spec, weights_here))
+        return out
+
+    def runnable_spec(self, name: str, random_weights: bool) -> VariantSpec:
+        status = self.statuses[bool(random_weights)].get(name)
+        if status is None:
+            raise LabError(f"preset {name!r}", f"no such preset in {self.presets_dir}")
+        if status.refusal is not None:
+            raise LabError(f"preset {name!r}", status.refusal.sentence)
+        return self.spec(name, random_weights)
+
+    def grouped(self, random_weights: bool) -> dict[str, list[PresetStatus]]:
+        """Statuses by family, families in FAMILIES order."""
+        groups: dict[str, list[PresetStatus]] = {}
+        for s in self.statuses[bool(random_weights)].values():
+            groups.setdefault(s.family, []).append(s)
+        order = [f for f in FAMILIES if f in groups] + [f for f in groups if f not in FAMILIES]
+        return {f: groups[f] for f in order}
+
+    def unavailable_by_reason(self, random_weights: bool) -> dict[str, list[str]]:
+        """The presets that cannot run here, folded by reason: {"need a GPU": [names], ...}."""
+        folded: dict[str, list[str]] = {}
+        for s in self.statuses[bool(random_weights)].values():
+            if s.refusal is not None:
+                reason = "invalid preset file" if s.refusal.code == INVALID else s.refusal.short
+                folded.setdefault(reason, []).append(s.name)
+        return folded
+
+    def default_selection(self, cuda: bool) -> tuple[list[str], bool]:
+        """What the first click runs: (preset names, random-weights switch).
+
+        On a GPU: the CSM presets, eager-loop sdpa against the fastest one that exists (Triton kernels in a CUDA
+        graph, else torch's in one, else inductor). On a CPU: two real voices that differ audibly, hibari
+        speaking sentence by sentence against hibari speaking the whole text at once: the listener hears one
+        start sooner. The switch is on only when a picked preset needs it, so the first click does something real
+        with no cache and no hub, and stays on real weights where they are there."""
+        runnable = {n for n, s in self.statuses[True].items() if s.available}
+        pick: list[str] = []
+        if cuda:
+            fast = ("csm-triton-cuda-graphs", "csm-cuda-graphs", "csm-sdpa-inductor")
+            pick = [n for n in ["csm-sdpa", next((n for n in fast if n in runnable), "")] if n in runnable]
+        if len(pick) < 2:
+            pick = [n for n in ("hibari", "hibari-whole") if n in runnable]
+        if len(pick) < 2:   # a presets folder without those (tests use their own): the first ones that run
+            pick = (pick + sorted(n for n in runnable if n not in pick))[:2]
+        as_is = {n for n, s in self.statuses[False].items() if s.available}
+        return pick, any(n not in as_is for n in pick)
 
 
-def weights_cached(spec: VariantSpec) -> bool:
-    """Pretrained weights are on disk: a local directory with a config, or the hub id in the HF cache."""
-    source = spec.model_id
-    if os.path.isdir(source):
-        return os.path.exists(os.path.join(source, "config.json"))
+def _declared_family(presets_dir: str, name: str) -> str:
+    """The family a refused preset declares in its YAML, read without validating it: a refused preset has no
+    spec, but the page still groups it with its model."""
+    import yaml
+
     try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    # At the preset's pinned revision, if it has one: a cache made with `--revision <sha>` has no refs/main.
-    return isinstance(try_to_load_from_cache(source, "config.json", revision=spec.revision or None),
-                      str)
-
-
-_HUB_PROBE: dict[str, tuple[float, bool]] = {}
-
-
-def hub_reachable(timeout_s: float = 1.5, ttl_s: float = 300.0) -> bool:
-    """A TCP connect to the hub endpoint, remembered for `ttl_s`, so listing presets never hangs the page."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    now = time.monotonic()
-    if endpoint in _HUB_PROBE and now - _HUB_PROBE[endpoint][0] < ttl_s:
-        return _HUB_PROBE[endpoint][1]
-    url = urlparse(endpoint)
-    try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s):
-            ok = True
-    except OSError:
-        ok = False
-    _HUB_PROBE[endpoint] = (now, ok)
-    return ok
-
-
-def preset_statuses(specs: dict[str, VariantSpec], unavailable: dict[str, str], random_weights: bool = False,
-                    presets_dir: str = PRESETS_DIR, cached: Callable[[VariantSpec], bool] = weights_cached,
-                    reachable: Callable[[], bool] = hub_reachable) -> list[PresetStatus]:
-    """Every preset, in name order, with whether it can run here given the random-weights switch."""
-    out = []
-    for name in sorted({*specs, *unavailable}):
-        if name in unavailable:
-            detail = unavailable[name]
-            out.append(PresetStatus(name, refused_family(presets_dir, name), "", "", False, classify(detail),
-                                    f"{name}: {detail}"))
-            continue
-        spec = specs[name]
-        weights = "random" if random_weights and "random" in FAMILIES[spec.family]["weights"] else spec.weights
-        if weights == "pretrained" and FAMILIES[spec.family]["torch"] and not cached(spec) and not reachable():
-            out.append(PresetStatus(name, spec.family, spec.description, weights, False, NO_WEIGHTS,
-                                    f"{name}: {spec.model_id} is not in the Hugging Face cache and the hub is "
-                                    f"unreachable; switch on random weights (latency only), or download it with "
-                                    f"`huggingface-cli download {spec.model_id}"
-                                    f"{' --revision ' + spec.revision if spec.revision else ''}` "
-                                    f"where the hub is reachable"))
-            continue
-        out.append(PresetStatus(name, spec.family, spec.description, weights, True))
-    return out
-
-
-def grouped(statuses: list[PresetStatus]) -> dict[str, list[PresetStatus]]:
-    """Statuses by family, families in FAMILIES order."""
-    groups: dict[str, list[PresetStatus]] = {}
-    for s in statuses:
-        groups.setdefault(s.family, []).append(s)
-    order = [f for f in FAMILIES if f in groups] + [f for f in groups if f not in FAMILIES]
-    return {f: groups[f] for f in order}
-
-
-def default_selection(own: list[PresetStatus], random: list[PresetStatus], cuda: bool) -> tuple[list[str], bool]:
-    """What the first click runs: (preset names, random-weights switch), from the statuses with the presets' own
-    weights and with the switch on.
-
-    On a GPU: the CSM presets, eager-loop sdpa against the fastest one that exists (Triton kernels in a CUDA
-    graph, else torch's in one, else inductor). On a CPU: hibari (real speech) against Pocket TTS. The switch is
-    on only when a picked preset needs it (its weights are neither cached nor downloadable), so the first click
-    does something real with no cache and no hub, and stays on real weights where they are there."""
-    runnable = {s.name for s in random if s.available}
-    pick: list[str] = []
-    if cuda:
-        fast = ("csm-triton-cuda-graphs", "csm-cuda-graphs", "csm-sdpa-inductor")
-        wanted = ["csm-sdpa", next((n for n in fast if n in runnable), "")]
-        pick = [n for n in wanted if n in runnable]
-    if not pick:
-        pick = [n for n in ("hibari", "pocket-tts-cpu") if n in runnable]
-    if len(pick) < 2:   # a presets folder without those (tests use their own): the first ones that run
-        pick = (pick + sorted(n for n in runnable if n not in pick))[:2]
-    runs_as_is = {s.name for s in own if s.available}
-    return pick, any(n not in runs_as_is for n in pick)
+        with open(os.path.join(presets_dir, f"{name}.yaml"), encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+        return str(data.get("family", "other")) if isinstance(data, dict) else "other"
+    except (OSError, yaml.YAMLError):
+        return "other"
 
 
 def option_requirements() -> list[dict]:
@@ -165,16 +138,3 @@ def option_requirements() -> list[dict]:
         ("quantization", "bnb-nf4", "a CUDA GPU and `pip install bitsandbytes`", cuda and bnb),
     ]
     return [{"axis": a, "option": o, "needs": n, "here": "yes" if ok else "no"} for a, o, n, ok in rows]
-
-
-def refused_family(presets_dir: str, name: str) -> str:
-    """The family a refused preset declares in its YAML, read without validating it: a refused preset has no
-    spec, but the page still groups it with its model."""
-    import yaml
-
-    try:
-        with open(os.path.join(presets_dir, f"{name}.yaml"), encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-        return str(data.get("family", "other")) if isinstance(data, dict) else "other"
-    except (OSError, yaml.YAMLError):
-        return "other"

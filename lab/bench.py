@@ -1,23 +1,19 @@
-"""`python -m lab.bench`: run presets from the command line and write JSON, CSV, a chart and WAVs.
+"""`python -m lab.bench`: the command line over lab.session's run loop; writes JSON, CSV, a chart and WAVs.
 
     python -m lab.bench --presets hibari pocket-tts-cpu --text "Hello there." --runs 5 --out results/
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import threading
-import time
 import wave
 
 import numpy as np
 
-from lab import env, history, presets, report
+from lab import env, machine, presets, report, session
 from lab.errors import LabError
 from lab.manager import ModelManager
-from lab.metrics import Timeline, figures
 from lab.request import MAX_TEXT_CHARS, Request, validate_request, validate_user_audio
 from lab.spec import FAMILIES, VariantSpec
 
@@ -50,76 +46,36 @@ def read_wav(path: str) -> tuple[np.ndarray, int]:
     return np.frombuffer(raw, f"<i{width}").reshape(-1, channels), rate
 
 
-def run_once(engine, spec: VariantSpec, request: Request, cold: bool, run: int,
-             cancel: threading.Event | None = None, on_chunk=None,
-             timeline: Timeline | None = None) -> tuple[dict, np.ndarray]:
-    """One request through one engine: its record (figures, timeline, settings) and its audio. Pass a
-    `timeline` to keep the stamps of a run that raises (a cancelled one: which frames came after the cancel)."""
-    timeline = timeline if timeline is not None else Timeline()
-    engine.reset_peak_memory()
-    parts = []
-    for chunk in engine.stream(request, timeline, cancel):
-        parts.append(chunk.samples)
-        if on_chunk:
-            on_chunk(chunk, timeline)
-    if not parts:
-        raise LabError("text", f"{request.text!r} produced no audio on {spec.name}: type words to speak")
-    audio = np.concatenate(parts)
-    record = {
-        "preset": spec.name, "run": run, "cold": cold, "weights": spec.weights, "family": spec.family,
-        "spec": json.loads(spec.key), **figures(timeline), "peak_mem_bytes": engine.peak_memory_bytes(),
-        "text": request.text, "seed": request.seed, "max_audio_s": request.max_audio_s,
-        # a spoken user turn changes what prefill does: runs with and without one must be told apart
-        "user_audio_s": request.user_audio_s or 0.0,
-        "tokenizer": engine.report.tokenizer, "sample_rate": engine.sample_rate,
-        "timeline": timeline.to_dict(), "time": time.time(),
-    }
-    if getattr(engine, "last_text", None) is not None:   # models that answer (minicpm_o): what it said
-        record["reply_text"] = engine.last_text
-    return record, audio
-
-
 def bench(specs: list[VariantSpec], request: Request, runs: int, out_dir: str, manager: ModelManager | None = None,
           history_path: str | None = HISTORY_PATH, progress_bar: bool = True, wav_dir: str | None = None) -> dict:
+    """lab.session's loop with a progress bar, a WAV per run, and results.json/csv/chart.png in `out_dir`."""
     from tqdm import tqdm
 
-    manager = manager or ModelManager()
     wav_dir = wav_dir or out_dir
-    os.makedirs(out_dir, exist_ok=True)
     os.makedirs(wav_dir, exist_ok=True)
     results = {"env": env.environment(), "request": {"text": request.text, "seed": request.seed,
                "max_audio_s": request.max_audio_s, "user_audio_s": request.user_audio_s}, "runs": [], "builds": {},
                "errors": {}}
     bar = tqdm(total=len(specs) * (runs + 1), disable=not progress_bar, unit="run", file=sys.stderr)
-    for spec in specs:
-        def progress(stage, seconds, name=spec.name):
-            bar.set_description(f"{name}: {stage} {seconds:.0f}s")
-
-        try:
-            engine = manager.get(spec, progress)
-            results["builds"][spec.name] = engine.report.to_dict()
-            for run in range(runs + 1):      # a new engine's run 0 is its cold run, reported apart
-                bar.set_description(f"{spec.name}: run {run}/{runs}")
-                record, audio = run_once(engine, spec, request, cold=not engine.served, run=run)
-                record["env_commit"] = results["env"]["commit"]
-                write_wav(os.path.join(wav_dir, f"{spec.name}-run{run}.wav"), audio, engine.sample_rate)
-                results["runs"].append(record)
-                if history_path:
-                    history.append(history_path, record)
-                bar.update(1)
-        except Exception as e:  # one failing preset must not stop the others; its error is reported
-            results["errors"][spec.name] = str(e) if isinstance(e, LabError) else f"{type(e).__name__}: {e}"
-            bar.update(runs + 1 - sum(r["preset"] == spec.name for r in results["runs"]))
+    done: dict[str, int] = {}
+    for event in session.run_presets(manager or ModelManager(), specs, request, runs, history_path=history_path):
+        if isinstance(event, session.Stage):
+            bar.set_description(f"{event.preset}: {event.stage} {event.seconds:.0f}s")
+        elif isinstance(event, session.Built):
+            results["builds"][event.preset] = event.report.to_dict()
+        elif isinstance(event, session.RunStarted):
+            bar.set_description(f"{event.preset}: run {event.run}/{runs}")
+        elif isinstance(event, session.RunDone):
+            write_wav(os.path.join(wav_dir, f"{event.preset}-run{event.record['run']}.wav"), event.audio,
+                      event.record["sample_rate"])
+            results["runs"].append(event.record)
+            done[event.preset] = done.get(event.preset, 0) + 1
+            bar.update(1)
+        elif isinstance(event, session.Failed):   # one failing preset does not stop the others; it is reported
+            results["errors"][event.preset] = event.message
+            bar.update(runs + 1 - done.get(event.preset, 0))
     bar.close()
-
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(out_dir, "results.csv"), "w") as f:
-        f.write(report.to_csv(results["runs"]))
-    if results["runs"]:
-        e = results["env"]
-        report.chart(results["runs"], f"{e['device']} · torch {e['torch']} · transformers {e['transformers']} · "
-                                      f"commit {e['commit']}", os.path.join(out_dir, "chart.png"))
+    report.write_results(out_dir, results)
     return results
 
 
@@ -132,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=10.0, help="cap on audio length per run")
     p.add_argument("--weights", choices=["pretrained", "random", "tiny"], help="override every preset's weights")
-    p.add_argument("--max-chars", type=int, default=MAX_TEXT_CHARS)
+    p.add_argument("--max-chars", type=int, default=MAX_TEXT_CHARS, help="refuse longer texts (default: %(default)s)")
     p.add_argument("--wavs", help="folder for the WAVs (default: --out)")
     p.add_argument("--history", default=HISTORY_PATH, help="JSONL file every run is appended to ('' for none)")
     p.add_argument("--user-audio", metavar="FILE.wav", help="a spoken user turn (PCM WAV) sent with --text, for "
@@ -149,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                                            user_audio=user_audio, user_audio_sample_rate=user_audio_rate),
                                    args.max_chars)
         specs = [presets.load(name, weights=args.weights) for name in args.presets]
+        for spec in specs:   # what this machine cannot run is refused before anything is built
+            machine.require(spec, weights_here=lambda s: True)
         deaf = [s.name for s in specs if not FAMILIES[s.family]["user_audio"]]
         if user_audio is not None and deaf:
             raise LabError("--user-audio", f"{', '.join(deaf)} take no spoken user turn; drop --user-audio, or "

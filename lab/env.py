@@ -60,7 +60,7 @@ def git_commit() -> str:
 
 @functools.cache
 def environment() -> dict:
-    """The facts METRICS.md asks to record with every result."""
+    """The facts docs/METRICS.md asks to record with every result."""
     import torch
 
     env = {
@@ -76,6 +76,10 @@ def environment() -> dict:
         "onnxruntime": _version("onnxruntime"),
         "hibari_tts": _version("hibari-tts"),
         "commit": git_commit(),
+        # Thread settings: on a 2-core machine, torch's threads, ONNX Runtime's and a web server's compete.
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cuda": None,
         "driver": None,
     }

@@ -11,7 +11,7 @@ import threading
 from collections import OrderedDict
 from typing import Callable
 
-from lab import engines
+from lab import engines, machine
 from lab.engines import Engine, Progress
 from lab.spec import VariantSpec
 
@@ -33,6 +33,9 @@ class ModelManager:
         self.builds = 0                                        # builds started, for tests and the UI
 
     def get(self, spec: VariantSpec, progress: Progress | None = None) -> Engine:
+        # A GPU or a package this machine lacks is refused here, with the fix, not as an ImportError mid-build.
+        # Pretrained weights are left to the loader, which says the same when they are neither cached nor reachable.
+        machine.require(spec, weights_here=lambda s: True)
         with self._lock:
             slot = self._slots.get(spec.key)
             owner = slot is None

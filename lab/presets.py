@@ -8,7 +8,7 @@ import os
 import yaml
 
 from lab.errors import LabError
-from lab.spec import FAMILIES, VariantSpec, from_dict
+from lab.spec import VariantSpec, from_dict
 
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
 
@@ -44,13 +44,12 @@ def load(name: str, directory: str = PRESETS_DIR, weights: str | None = None) ->
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise LabError(f"preset {name!r}", f"no such preset; {hint}available: {', '.join(names)}")
     spec = load_file(path)
-    if weights and weights != spec.weights and weights in FAMILIES[spec.family]["weights"]:
-        spec = spec.replace(weights=weights)
-    return spec
+    return spec.with_weights(weights) if weights else spec
 
 
 def load_all(directory: str = PRESETS_DIR) -> tuple[dict[str, VariantSpec], dict[str, str]]:
-    """Every preset that loads, and for the rest the reason (e.g. no GPU, package missing)."""
+    """Every preset whose file is valid, and for the rest the reason (the field and the fix). Whether a valid one
+    runs on this machine is lab.machine's question."""
     specs, errors = {}, {}
     for name in available(directory):
         try:

@@ -1,8 +1,17 @@
-"""Tables and charts from run records, shared by the CLI and the app."""
+"""Every figure declared once, and the tables, lines, CSV, charts and result files made from that declaration.
+
+A figure is computed in lab.metrics (or the browser, for the heard figures) and declared here, once: its key in
+a run record, its label with its unit, its digits, and how a preset's warm runs summarize it. The CLI's table and
+CSV, the page's tables, the live line and the history view are all generated from these declarations, so a new
+figure is added in two places: where it is computed, and one line below.
+"""
 from __future__ import annotations
 
 import csv
 import io
+import json
+import os
+from dataclasses import dataclass
 
 from lab.metrics import PHASES, summarize
 
@@ -10,120 +19,288 @@ WEIGHTS_NOTE = {"random": "random weights: latency only, audio is noise",
                 "tiny": "tiny test weights: not a real-size figure, audio is noise"}
 
 
+@dataclass(frozen=True)
+class Figure:
+    key: str                 # in a run record (or a build report)
+    name: str                # what a person reads
+    unit: str = ""           # "ms", "s", "MiB", or "" for a ratio or a count
+    digits: int | None = 1   # decimals (significant digits when `significant`); None: text, shown as it is
+    significant: bool = False
+    scale: float = 1.0       # shown value = record value × scale (bytes -> MiB)
+    spread: bool = False     # the summary shows the warm runs' spread next to their median
+    tails: bool = False      # the summary shows p90 and p99 of the warm runs
+    cold: bool = False       # the summary shows the cold run's value apart
+    live: bool = False       # on the line that updates while a run streams
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.unit}".strip()
+
+    def value(self, v):
+        """The number as a table shows it (rounded, scaled), or None."""
+        if v is None or self.digits is None:
+            return v
+        v = v * self.scale
+        return float(f"{v:.{self.digits}g}") if self.significant else round(v, self.digits)
+
+    def text(self, v) -> str:
+        if v is None:
+            return "-"
+        if self.digits is None:
+            return str(v)
+        v = v * self.scale
+        return f"{v:.{self.digits}g}" if self.significant else f"{v:.{self.digits}f}"
+
+
+# One run's figures, in the order tables show them.
+RUN_FIGURES = (
+    Figure("ttfb_ms", "TTFB", "ms", 1, spread=True, tails=True, cold=True, live=True),
+    Figure("first_audible_ms", "first audible", "ms", 1, spread=True),
+    Figure("rtf", "RTF", "", 3, significant=True, spread=True, live=True),
+    Figure("steady_rtf", "steady RTF", "", 3, significant=True),
+    Figure("audio_s", "audio", "s", 2, live=True),
+    Figure("underruns", "underruns", "", 0, live=True),
+    Figure("stall_s", "stall", "s", 3),
+    Figure("peak_mem_bytes", "peak", "MiB", 0, scale=2 ** -20),
+    # Measured in the browser, for the run a listener hears (lab.session.HEARD); the others have none.
+    Figure("received_ms", "received", "ms", 1),
+    Figure("heard_ttfb_ms", "heard TTFB", "ms", 1, spread=True),
+    Figure("browser_underruns", "browser stalls", "", 0),
+    Figure("browser_gap_s", "browser gap", "s", 3),
+)
+# One build's figures (BuildReport.to_dict(): the one build-row schema of the CLI, the page and the GPU scripts).
+BUILD_FIGURES = (
+    Figure("load_s", "load", "s", 2),
+    Figure("warmup_s", "warm-up / compile", "s", 2),
+    Figure("memory_bytes", "memory", "MiB", 1, scale=2 ** -20),
+    Figure("peak_mem_bytes", "build peak", "MiB", 0, scale=2 ** -20),
+    Figure("params", "params", "M", 2, scale=1e-6),
+    Figure("tokenizer", "tokenizer", digits=None),
+)
+FIGURES = {f.key: f for f in RUN_FIGURES}
+
+
 def label(preset: str, weights: str) -> str:
     return f"{preset}\n[{weights} weights]" if weights != "pretrained" else preset
 
 
+def kind(record: dict) -> str:
+    return "cancelled" if record.get("cancelled") else "cold" if record.get("cold") else "warm"
+
+
+# -- a preset's warm runs, summarized --------------------------------------------------------------------------
 def summary_rows(runs: list[dict]) -> list[dict]:
-    """One row per preset: warm medians with spread, and the cold run apart."""
+    """One row per preset, in first-seen order: each figure's summary over warm runs (`summarize`), the cold run's
+    figures apart, and the phases of the median-TTFB run (the lower middle one for an even count), so the stacked
+    phases add up to a measured TTFB."""
     rows = []
     for preset in dict.fromkeys(r["preset"] for r in runs):
-        mine = [r for r in runs if r["preset"] == preset]
-        warm = [r for r in mine if not r["cold"]]
-        cold = [r for r in mine if r["cold"]]
+        mine = [r for r in runs if r["preset"] == preset and not r.get("cancelled")]
         if not mine:
             continue
-        row = {"preset": preset, "weights": mine[0]["weights"], "warm_runs": len(warm)}
-        for fig in ("ttfb_ms", "rtf", "steady_rtf", "stall_s", "underruns"):
-            s = summarize([r[fig] for r in warm])
-            row[fig] = s["median"]
-            row[f"{fig}_lo"], row[f"{fig}_hi"] = s["lo"], s["hi"]
-        # The phases of the run whose TTFB is the median (the lower middle one for an even count), so the
-        # stack adds up to a measured TTFB.
+        warm = [r for r in mine if not r["cold"]]
+        cold = next((r for r in mine if r["cold"]), None)
         ranked = sorted(warm or mine, key=lambda r: r["ttfb_ms"])
-        row["phases_ms"] = ranked[(len(ranked) - 1) // 2]["phases_ms"]
-        row["cold_ttfb_ms"] = cold[0]["ttfb_ms"] if cold else None
-        row["peak_mem_bytes"] = max(r["peak_mem_bytes"] for r in mine)
-        rows.append(row)
+        rows.append({
+            "preset": preset, "weights": mine[0]["weights"], "warm_runs": len(warm),
+            "texts": sorted({r.get("text", "") for r in mine}),
+            "warm": {f.key: summarize([r.get(f.key) for r in warm]) for f in RUN_FIGURES},
+            "cold": {f.key: cold.get(f.key) for f in RUN_FIGURES} if cold else None,
+            "phases_ms": ranked[(len(ranked) - 1) // 2]["phases_ms"],
+            "peak_mem_bytes": max(r["peak_mem_bytes"] for r in mine),
+        })
     return rows
 
 
-def _fmt(v, digits=3):
-    if v is None:
-        return "-"
-    return f"{v:#.{digits}g}".rstrip(".") if isinstance(v, float) else str(v)
+def median(row: dict, key: str):
+    return row["warm"][key]["median"]
+
+
+def summary_table(rows: list[dict], compact: bool = False) -> list[dict]:
+    """The per-preset table: warm median of each figure, the spread, tails and cold value where declared.
+    `compact` (the CLI's text table) puts the spread in the median's cell: "29.0 (18.8–39.1)"."""
+    out = []
+    for row in rows:
+        line = {"preset": row["preset"], "weights": row["weights"] + (" (audio is noise)" if row["weights"] in
+                                                                      WEIGHTS_NOTE else ""),
+                "warm runs": row["warm_runs"]}
+        for f in RUN_FIGURES:
+            s = row["warm"][f.key]
+            spread = "-" if s["lo"] is None else f"{f.text(s['lo'])} – {f.text(s['hi'])}"
+            if compact:
+                line[f.label] = f.text(s["median"]) + (f" ({spread.replace(' – ', '–')})" if f.spread and
+                                                       s["lo"] is not None else "")
+            else:
+                line[f"{f.label} (warm median)"] = f.value(s["median"])
+                if f.spread:
+                    line[f"{f.label} spread"] = spread
+            if f.tails:
+                line[f"{f.name} p90 {f.unit}".strip()] = f.value(s["p90"])
+                line[f"{f.name} p99 {f.unit}".strip()] = f.value(s["p99"])
+            if f.cold:
+                line[f"cold {f.label}"] = f.value(row["cold"][f.key]) if row["cold"] else None
+        out.append(line)
+    return out
+
+
+def run_table(records: list[dict], extra: tuple[str, ...] = ()) -> list[dict]:
+    """One line per run record (cancelled ones say so and have no figures). `extra`: record keys shown first."""
+    return [{**{k: r.get(k) for k in extra}, "preset": r["preset"], "weights": r.get("weights"), "run": r.get("run"),
+             "cold/warm": kind(r), **{f.label: f.value(r.get(f.key)) for f in RUN_FIGURES}} for r in records]
+
+
+def build_table(builds: dict[str, dict]) -> list[dict]:
+    return [{"preset": name, **{f.label: f.value(b.get(f.key)) for f in BUILD_FIGURES}} for name, b in builds.items()]
+
+
+def live_line(run: int, runs: int, cold: bool, figures: dict) -> str:
+    """The figures of a run so far, while it streams (the same lab.metrics.figures as the final ones)."""
+    shown = " · ".join(f"{f.name} **{f.text(figures[f.key])}**{(' ' + f.unit) if f.unit else ''}"
+                       for f in RUN_FIGURES if f.live)
+    return f"run {run + 1}/{runs + 1} ({'cold' if cold else 'warm'}) · {shown} so far"
+
+
+def result_line(row: dict) -> str:
+    """A preset's result under its player: warm medians of the live figures, and its cold TTFB. A preset whose
+    warm runs all failed has only its cold run."""
+    ttfb = FIGURES["ttfb_ms"]
+    if row["warm_runs"]:
+        line = " · ".join(f"warm median {f.name} **{f.text(median(row, f.key))}**{(' ' + f.unit) if f.unit else ''}"
+                          for f in RUN_FIGURES if f.live and f.key != "audio_s")
+    else:
+        line = "cold run only"
+    if row["cold"]:
+        line += f" · cold {ttfb.name} {ttfb.text(row['cold']['ttfb_ms'])} {ttfb.unit}"
+    return line
 
 
 def table(rows: list[dict], builds: dict) -> str:
-    head = ["preset", "weights", "TTFB ms (warm)", "RTF", "steady RTF", "underruns", "stall s", "cold TTFB ms",
-            "load s", "warm-up s", "peak MiB"]
-    lines = [head]
-    for r in rows:
-        b = builds.get(r["preset"], {})
-        lines.append([
-            r["preset"], r["weights"],
-            f"{r['ttfb_ms']:.1f} ({r['ttfb_ms_lo']:.1f}-{r['ttfb_ms_hi']:.1f})" if r["ttfb_ms"] is not None else "-",
-            f"{_fmt(r['rtf'])} ({_fmt(r['rtf_lo'])}-{_fmt(r['rtf_hi'])})" if r["rtf"] is not None else "-",
-            _fmt(r["steady_rtf"]), _fmt(None if r["underruns"] is None else round(r["underruns"])), _fmt(r["stall_s"]),
-            _fmt(r["cold_ttfb_ms"], 4), _fmt(b.get("load_s")), _fmt(b.get("warmup_s")),
-            f"{r['peak_mem_bytes'] / 2**20:.0f}"])
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-    out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
-    notes = {WEIGHTS_NOTE[r["weights"]] for r in rows if r["weights"] in WEIGHTS_NOTE}
-    return "\n".join(out + [f"note: {n}" for n in sorted(notes)])
+    """The CLI's table: the summary table's columns as text, then the build's load and warm-up seconds."""
+    lines = []
+    for row, line in zip(rows, summary_table(rows, compact=True)):
+        b = builds.get(row["preset"], {})
+        lines.append({**line, **{f.label: f.text(b.get(f.key)) for f in BUILD_FIGURES[:2]}})
+    if not lines:
+        return "no runs"
+    head = list(lines[0])
+    cells = [head] + [["-" if line[h] is None else str(line[h]) for h in head] for line in lines]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
+    notes = sorted({WEIGHTS_NOTE[r["weights"]] for r in rows if r["weights"] in WEIGHTS_NOTE})
+    return "\n".join(out + [f"note: {n}" for n in notes])
 
 
 def to_csv(runs: list[dict]) -> str:
-    cols = ["preset", "run", "cold", "weights", "ttfb_ms", *[f"phase_{p}_ms" for p in PHASES], "rtf", "steady_rtf",
-            "audio_s", "chunks", "underruns", "stall_s", "peak_mem_bytes"]
+    cols = ["preset", "run", "cold", "weights", *[f.key for f in RUN_FIGURES], *[f"phase_{p}_ms" for p in PHASES],
+            "chunks"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     for r in runs:
-        w.writerow({**r, **{f"phase_{p}_ms": r.get("phases_ms", {}).get(p) for p in PHASES}})
+        if not r.get("cancelled"):
+            w.writerow({**r, **{f"phase_{p}_ms": r.get("phases_ms", {}).get(p) for p in PHASES}})
     return buf.getvalue()
 
 
-def chart(runs: list[dict], title: str, path: str | None = None):
-    """TTFB and RTF per preset (warm median, bars for spread, cold as a hollow marker), and TTFB's phases."""
+def environment_title(env: dict) -> str:
+    return (f"{env['device']} · torch {env['torch']} · transformers {env.get('transformers')} · "
+            f"commit {env['commit']}")
+
+
+def write_results(out_dir: str, results: dict) -> None:
+    """results.json, results.csv and chart.png: what the CLI, a merge and the GPU scripts all write."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out_dir, "results.csv"), "w") as f:
+        f.write(to_csv(results["runs"]))
+    if any(not r.get("cancelled") for r in results["runs"]):
+        chart(results["runs"], environment_title(results["env"]), os.path.join(out_dir, "chart.png"))
+
+
+# -- charts ----------------------------------------------------------------------------------------------------
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = summary_rows(runs)
-    names = [label(r["preset"], r["weights"]) for r in rows]
-    x = range(len(rows))
-    fig, axes = plt.subplots(1, 3, figsize=(max(12, 2.2 * len(rows) * 1.5), 4.8))
-    for ax, fig_name, unit in ((axes[0], "ttfb_ms", "TTFB (ms)"), (axes[1], "rtf", "RTF (below 1 is faster than real time)")):
-        med = [r[fig_name] or 0 for r in rows]
-        # `is None`, not `or`: a spread that reaches 0 (no underruns) is a real bar end, not a missing one.
-        err = [[m - (m if r[f"{fig_name}_lo"] is None else r[f"{fig_name}_lo"]) for m, r in zip(med, rows)],
-               [(m if r[f"{fig_name}_hi"] is None else r[f"{fig_name}_hi"]) - m for m, r in zip(med, rows)]]
-        ax.bar(x, med, yerr=err, capsize=4, color="#4c72b0", label="warm median (spread)")
-        if fig_name == "ttfb_ms":
-            cold = [(i, r["cold_ttfb_ms"]) for i, r in zip(x, rows) if r["cold_ttfb_ms"] is not None]
-            if cold:
-                ax.scatter([c[0] for c in cold], [c[1] for c in cold], facecolors="none", edgecolors="#c44e52",
-                           label="cold (first run after build)", zorder=3)
-        if fig_name == "rtf":
-            ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
-        ax.set_ylabel(unit)
-        ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
-        ax.legend(fontsize=7)
-    bottom = [0.0] * len(rows)
-    for phase in ("session", "prefill", "generator", "first_frame", "first_decode"):
-        vals = [r["phases_ms"][phase] or 0 for r in rows]
-        axes[2].bar(x, vals, bottom=bottom, label=phase)
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    axes[2].set_ylabel("TTFB phases (ms, the median-TTFB warm run)")
-    axes[2].set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
-    axes[2].legend(fontsize=7)
+    return plt
+
+
+def _bars(ax, rows, key, colour):
+    """Warm median bars with the spread as error bars, the cold run as a hollow marker."""
+    f = FIGURES[key]
+    x = list(range(len(rows)))
+    med = [(median(r, key) or 0) * f.scale for r in rows]
+    # `is None`, not `or`: a spread that reaches 0 (no underruns) is a real bar end, not a missing one.
+    lo = [m if r["warm"][key]["lo"] is None else r["warm"][key]["lo"] * f.scale for m, r in zip(med, rows)]
+    hi = [m if r["warm"][key]["hi"] is None else r["warm"][key]["hi"] * f.scale for m, r in zip(med, rows)]
+    ax.bar(x, med, yerr=[[m - v for m, v in zip(med, lo)], [v - m for m, v in zip(med, hi)]], capsize=4,
+           color=colour, label="warm median (spread)")
+    cold = [(i, r["cold"][key] * f.scale) for i, r in zip(x, rows) if r["cold"] and r["cold"][key] is not None]
+    if cold:
+        ax.scatter([c[0] for c in cold], [c[1] for c in cold], facecolors="none", edgecolors="#c44e52",
+                   label="cold (first run after build)", zorder=3)
+    ax.set_ylabel(f.label, fontsize=8)
+    ax.set_xticks(x, [label(r["preset"], r["weights"]) for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.legend(fontsize=7)
+
+
+def _title(fig, rows, title):
     notes = sorted({WEIGHTS_NOTE[r["weights"]] for r in rows if r["weights"] in WEIGHTS_NOTE})
-    fig.suptitle(title + ("\n" + "; ".join(notes) if notes else ""), fontsize=9)
+    texts = {t for r in rows for t in r["texts"]}
+    if len(texts) > 1:
+        notes.append(f"{len(texts)} different texts: figures of different texts are not comparable")
+    fig.suptitle("\n".join([title] * bool(title) + ["; ".join(notes)] * bool(notes)), fontsize=9)
     fig.tight_layout()
+
+
+def close(fig) -> None:
+    _pyplot().close(fig)
+
+
+def _save(fig, path):
     if path:
         fig.savefig(path, dpi=110)
-        plt.close(fig)
+        _pyplot().close(fig)
     return fig
+
+
+def chart(runs: list[dict], title: str, path: str | None = None):
+    """TTFB and RTF per preset (warm median, bars for spread, cold as a hollow marker), and TTFB's phases."""
+    plt = _pyplot()
+    rows = summary_rows(runs)
+    fig, axes = plt.subplots(1, 3, figsize=(max(12, 3.3 * len(rows)), 4.8))
+    _bars(axes[0], rows, "ttfb_ms", "#4c72b0")
+    _bars(axes[1], rows, "rtf", "#4c72b0")
+    axes[1].axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    axes[1].set_ylabel("RTF (below 1 is faster than real time)", fontsize=8)
+    x, bottom = list(range(len(rows))), [0.0] * len(rows)
+    for phase in PHASES:
+        vals = [r["phases_ms"].get(phase) or 0 for r in rows]
+        axes[2].bar(x, vals, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    axes[2].set_ylabel("TTFB phases ms (the median-TTFB warm run)", fontsize=8)
+    axes[2].set_xticks(x, [label(r["preset"], r["weights"]) for r in rows], rotation=30, ha="right", fontsize=8)
+    axes[2].legend(fontsize=7)
+    _title(fig, rows, title)
+    return _save(fig, path)
+
+
+def stall_chart(runs: list[dict], title: str = "", path: str | None = None):
+    """Underruns and stall seconds per preset: what a listener hears as gaps."""
+    rows = summary_rows(runs)
+    fig, axes = _pyplot().subplots(1, 2, figsize=(max(8, 3.2 * len(rows)), 3.6))
+    _bars(axes[0], rows, "underruns", "#dd8452")
+    _bars(axes[1], rows, "stall_s", "#dd8452")
+    _title(fig, rows, title)
+    return _save(fig, path)
 
 
 def merge(result_dirs: list[str], out_dir: str) -> dict:
     """One results.json/csv/chart from bench runs made as separate calls on one machine (the GPU machine
     limits each command to 10 minutes). Refuses to mix machines or commits: that would not be one run."""
-    import json
-    import os
-
     parts = [json.load(open(os.path.join(d, "results.json"))) for d in result_dirs]
     env = parts[0]["env"]
     for d, p in zip(result_dirs, parts):
@@ -134,49 +311,8 @@ def merge(result_dirs: list[str], out_dir: str) -> dict:
               "runs": [r for p in parts for r in p["runs"]],
               "builds": {k: v for p in parts for k, v in p["builds"].items()},
               "errors": {k: v for p in parts for k, v in p["errors"].items()}}
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(merged, f, indent=1)
-    with open(os.path.join(out_dir, "results.csv"), "w") as f:
-        f.write(to_csv(merged["runs"]))
-    chart(merged["runs"], f"{env['device']} · torch {env['torch']} · transformers {env['transformers']} · "
-                          f"commit {env['commit']}", os.path.join(out_dir, "chart.png"))
+    write_results(out_dir, merged)
     return merged
-
-
-def stall_chart(runs: list[dict], title: str = "", path: str | None = None):
-    """Underruns and stall seconds per preset: what a listener hears as gaps. Warm median with its spread as
-    bars, the cold run as a hollow marker, as in `chart`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = summary_rows(runs)
-    names = [label(r["preset"], r["weights"]) for r in rows]
-    x = list(range(len(rows)))
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) * 2), 3.6))
-    for ax, fig_name, unit in ((axes[0], "underruns", "underruns (late chunks, warm median)"),
-                               (axes[1], "stall_s", "stall (s the player waits, warm median)")):
-        med = [r[fig_name] or 0 for r in rows]
-        # `is None`, not `or`: a spread that reaches 0 (no underruns) is a real bar end, not a missing one.
-        err = [[m - (m if r[f"{fig_name}_lo"] is None else r[f"{fig_name}_lo"]) for m, r in zip(med, rows)],
-               [(m if r[f"{fig_name}_hi"] is None else r[f"{fig_name}_hi"]) - m for m, r in zip(med, rows)]]
-        ax.bar(x, med, yerr=err, capsize=4, color="#dd8452", label="warm median (spread)")
-        cold = [(i, c[fig_name]) for i, r in zip(x, rows) for c in runs if c["preset"] == r["preset"] and c["cold"]]
-        if cold:
-            ax.scatter([c[0] for c in cold], [c[1] for c in cold], facecolors="none", edgecolors="#c44e52",
-                       label="cold (first run after build)", zorder=3)
-        ax.set_ylabel(unit, fontsize=8)
-        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
-        ax.legend(fontsize=7)
-    notes = sorted({WEIGHTS_NOTE[r["weights"]] for r in rows if r["weights"] in WEIGHTS_NOTE})
-    fig.suptitle((title + "\n" if title else "") + "; ".join(notes), fontsize=9)
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return fig
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""What one synthesis request asks for, validated the same way for the app and the CLI."""
+"""What one synthesis request asks for, validated the same way for the app and the CLI: each error names the
+field and the fix."""
 from __future__ import annotations
 
+import math
+import re
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -9,8 +12,11 @@ import numpy as np
 from lab.errors import LabError
 
 MAX_TEXT_CHARS = 1000
+MARKUP = re.compile(r"<\s*/?\s*[A-Za-z][^<>]*>")   # an SSML or HTML tag: the voices would read it out
 MAX_USER_AUDIO_S = 30.0          # a spoken user turn for models that take audio input (omni models)
 MAX_USER_AUDIO_BYTES = 20 * 2**20
+MAX_RUNS = 20                    # warm runs per preset; one cold run comes first
+MAX_SEED = 2**32 - 1             # numpy's and torch's seeded generators both take this range
 
 
 @dataclass(frozen=True)
@@ -50,12 +56,15 @@ def _is_latin(ch: str) -> bool:
 
 
 def validate_text(text: str, max_chars: int = MAX_TEXT_CHARS, where: str = "text") -> str:
-    """The voices here are English: refuse what they cannot say, naming the characters and the fix."""
+    """The voices here are English plain text: refuse what they cannot say, naming the characters and the fix."""
     if not isinstance(text, str) or not text.strip():
         raise LabError(where, "is empty; type a sentence to synthesize")
     if len(text) > max_chars:
-        raise LabError(where, f"has {len(text)} characters, over the limit of {max_chars}; "
-                              f"shorten it or raise the limit (--max-chars)")
+        raise LabError(where, f"has {len(text)} characters, over the limit of {max_chars}; shorten it")
+    tag = MARKUP.search(text)
+    if tag:
+        raise LabError(where, f"has markup ({tag.group(0)[:40]}); the voices read plain text and would speak the "
+                              f"tags: remove them")
     bad = sorted({ch for ch in text if not _is_latin(ch) and ch not in "\n\t"})
     if bad:
         shown = " ".join(f"{ch!r} (U+{ord(ch):04X})" for ch in bad[:5])
@@ -108,3 +117,38 @@ def validate_request(req: Request, max_chars: int = MAX_TEXT_CHARS) -> Request:
     if req.user_audio is not None:
         validate_user_audio(req.user_audio, req.user_audio_sample_rate)
     return req
+
+
+def _whole_number(value, field: str, example: str) -> int:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise LabError(field, f"is empty; type a whole number, e.g. {example}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise LabError(field, f"{value!r} is not a number; type a whole number, e.g. {example}") from None
+    if not math.isfinite(number):
+        raise LabError(field, f"{value!r} is not a finite number; type a whole number, e.g. {example}")
+    if number != int(number):
+        raise LabError(field, f"{value} is not a whole number; type e.g. {example}")
+    return int(number)
+
+
+def validate_inputs(text, seed, max_audio_s, runs, max_chars: int = MAX_TEXT_CHARS) -> tuple[Request, int]:
+    """A comparison's form, as a person typed it: the shared request (the same text, seed and cap for every
+    preset) and the warm runs per preset."""
+    seed = _whole_number(seed, "seed", "0")
+    if not 0 <= seed <= MAX_SEED:
+        raise LabError("seed", f"{seed} is out of range; use 0 to {MAX_SEED}")
+    runs = _whole_number(runs, "runs per preset", "3")
+    if not 1 <= runs <= MAX_RUNS:
+        raise LabError("runs per preset", f"{runs} is out of range; use 1 to {MAX_RUNS} "
+                                          f"(one cold run comes first and is reported apart)")
+    if max_audio_s is None:
+        raise LabError("max_audio_s", "is empty; type a cap on audio length in seconds, e.g. 8")
+    try:
+        max_audio_s = float(max_audio_s)
+    except (TypeError, ValueError):
+        raise LabError("max_audio_s", f"{max_audio_s!r} is not a number of seconds, e.g. 8") from None
+    request = validate_request(Request(text if isinstance(text, str) else "", seed=seed, max_audio_s=max_audio_s),
+                               max_chars)
+    return Request(request.text.strip(), seed=seed, max_audio_s=max_audio_s), runs

@@ -1,7 +1,8 @@
 """VariantSpec: the frozen, validated description of one inference variant.
 
-Validation runs before any build, so a combination that cannot work is refused with its reason
-instead of failing minutes into a weight download or a compile.
+Validation checks values and combinations only, the same on every machine, so a combination that cannot work
+anywhere is refused with its reason instead of failing minutes into a weight download or a compile. Whether this
+machine can run a valid spec (a GPU, a package, cached weights) is lab.machine's question.
 """
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, fields
 
-from lab import env
-from lab.errors import LabError, MissingPackageError
+from lab.errors import LabError
 
 FAMILIES = {
     # family: default model, whether torch axes apply, which weights modes it has, whether a request may carry a
@@ -37,6 +37,7 @@ CHOICES = {
     "quantization": ("none", "bnb-int8", "bnb-nf4"),
     "prefill": ("batched", "per-segment"),
     "init_tts": ("build", "request"),
+    "streaming": ("per-sentence", "whole"),
 }
 
 
@@ -60,22 +61,29 @@ class VariantSpec:
     trust_remote_code: bool = False  # run the hub repo's own Python: allowlisted ids at a pinned revision only
     revision: str = ""              # the hub commit (40 hex digits) that weights and remote code are pinned to
     init_tts: str = "build"         # minicpm_o: init_tts() at build, or in the first request's session phase
+    streaming: str = "per-sentence"  # hibari: a chunk per sentence, or the whole text synthesized before the first
+
+    def identity(self) -> dict:
+        """What makes the variant: every field but the labels, with the family's default model filled in."""
+        ident = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("name", "description")}
+        ident["model"] = ident["model"] or FAMILIES[self.family]["model"]
+        return ident
 
     @property
     def key(self) -> str:
         """Equal specs are one variant: the label fields do not count."""
-        ident = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("name", "description")}
-        ident["model"] = ident["model"] or FAMILIES[self.family]["model"]
-        return json.dumps(ident, sort_keys=True)
+        return json.dumps(self.identity(), sort_keys=True)
 
     @property
     def model_id(self) -> str:
         return self.model or FAMILIES[self.family]["model"]
 
-    @property
-    def label(self) -> str:
-        kernels = "" if self.kernels == "torch" else f"/{self.kernels}"
-        return self.name or f"{self.family}/{self.weights}/{self.attention}/{self.compile}{kernels}/{self.quantization}"
+    def with_weights(self, weights: str) -> "VariantSpec":
+        """The CLI's --weights and the page's random-weights switch: a family whose weights ship with its package
+        (hibari) keeps them, as the real-speech reference row."""
+        if weights == self.weights or weights not in FAMILIES[self.family]["weights"]:
+            return self
+        return self.replace(weights=weights)
 
     def replace(self, **changes) -> "VariantSpec":
         return validate(dataclasses.replace(self, **changes), where=self.name or "spec")
@@ -133,9 +141,6 @@ def _validate_remote_code(spec: VariantSpec, where: str) -> None:
     if spec.device != "cuda":
         raise LabError(where, "device: MiniCPM-o's streaming_generate moves tensors with .cuda(), so it runs on a "
                               "GPU only; use device: cuda")
-    if not env.cuda_available():
-        raise LabError(where, "device: cuda was asked for but no GPU is visible to torch, and MiniCPM-o has no CPU "
-                              "path; run this preset on a machine with an NVIDIA GPU")
     if spec.attention not in ("sdpa", "flash_attention_2"):
         why = ("the model does not support eager attention (its model card: sdpa or flash_attention_2, no eager)"
                if spec.attention == "eager" else "the model's own generate loop runs outside the lab's SDPA kernel pin")
@@ -151,15 +156,8 @@ def _validate_remote_code(spec: VariantSpec, where: str) -> None:
 def _validate_triton(spec: VariantSpec, where: str) -> None:
     if spec.family != "csm":
         raise LabError(where, "kernels: triton is implemented for csm only; use kernels: torch")
-    if spec.device != "cuda" and not env.triton_interpreted():
-        raise LabError(where, "kernels: triton runs on a CUDA GPU (on the CPU only under TRITON_INTERPRET=1, for "
-                              "tests); use device: cuda, or kernels: torch")
-    if not env.has_package("triton"):
-        raise MissingPackageError(where, "triton", why="kernels: triton needs it (CUDA builds of torch ship it)")
-    if spec.device == "cuda" and env.cuda_capability() < (8, 0):
-        major, minor = env.cuda_capability()
-        raise LabError(where, f"kernels: triton needs a GPU of compute capability 8.0 or newer (bf16 loads; this "
-                              f"one is {major}.{minor}); use kernels: torch")
+    # device: cpu is a valid value: the kernels run there under Triton's interpreter (tests); lab.machine refuses
+    # it elsewhere.
     if spec.quantization != "none":
         raise LabError(where, f"kernels: triton reads bf16/fp16/fp32 weights, not {spec.quantization}'s packed ones; "
                               f"use quantization: none, or kernels: torch")
@@ -173,7 +171,7 @@ def _validate_triton(spec: VariantSpec, where: str) -> None:
 
 
 def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
-    """Refuse before any build what cannot work here, saying why and what to change."""
+    """Refuse before any build what cannot work on any machine, saying why and what to change."""
     for field_name, allowed in CHOICES.items():
         value = getattr(spec, field_name)
         if value not in allowed:
@@ -188,6 +186,9 @@ def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
     if spec.chunk_growth < 1.0:
         raise LabError(where, f"chunk_growth: {spec.chunk_growth} would shrink chunks; use 1.0 or more")
 
+    if spec.streaming != "per-sentence" and spec.family != "hibari":
+        raise LabError(where, f"streaming: {spec.family} streams in frame chunks (first_chunk_frames, chunk_growth, "
+                              f"max_chunk_frames); streaming: {spec.streaming} is for hibari; remove the field")
     if not fam["torch"]:
         defaults = VariantSpec(family=spec.family)
         for axis in ("device", "dtype", "attention", "compile", "kernels", "quantization"):
@@ -196,21 +197,14 @@ def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
                                       f"apply; remove the field")
         return spec
 
-    if spec.device == "cuda" and not env.cuda_available():
-        raise LabError(where, "device: cuda was asked for but no GPU is visible to torch; use device: cpu")
     if spec.quantization.startswith("bnb"):
         if spec.device != "cuda":
             raise LabError(where, f"quantization: {spec.quantization} needs a CUDA GPU (bitsandbytes kernels); "
                                   f"use quantization: none on the CPU")
-        if not env.has_package("bitsandbytes"):
-            raise MissingPackageError(where, "bitsandbytes", why=f"quantization: {spec.quantization} needs it")
         if spec.quantization == "bnb-int8" and spec.compile in ("cuda-graphs", "inductor+cuda-graphs"):
             raise LabError(where, "bnb-int8 cannot run inside a CUDA graph (LLM.int8 syncs with the host); "
                                   "use compile: off, or quantization: bnb-nf4")
     if spec.attention == "flash_attention_2":
-        if not env.has_package("flash_attn"):
-            raise MissingPackageError(where, "flash-attn", why="attention: flash_attention_2 needs it; "
-                                      "attention: sdpa-flash uses PyTorch's built-in FlashAttention-2 kernel instead")
         if spec.device != "cuda" or spec.dtype == "float32":
             raise LabError(where, "attention: flash_attention_2 needs device: cuda and dtype bfloat16 or float16")
     if spec.attention == "sdpa-flash" and spec.dtype == "float32" and spec.device == "cuda":

@@ -1,4 +1,6 @@
 import os
+import shutil
+import socket
 import sys
 
 # Never reach for a hub in tests: a pretrained load must fail fast with the lab's own message.
@@ -28,3 +30,15 @@ def csm_tiny():
 @pytest.fixture(scope="session")
 def hibari_engine():
     return engines.build(VariantSpec(family="hibari", name="hibari"))
+
+
+# Browser tests drive Debian's chromium through Playwright (`playwright install` cannot download here).
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--autoplay-policy=no-user-gesture-required"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

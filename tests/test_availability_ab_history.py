@@ -2,65 +2,76 @@
 history filtering, and the comparison's input checks."""
 import random
 
+import numpy as np
 import pytest
 
-from lab import ab, availability, history, presets
-from lab.compare import cancelled_record, figures_line, validate_inputs
+from lab import ab, availability, env, history, machine, presets, report
 from lab.errors import LabError
 from lab.metrics import Timeline
+from lab.request import validate_inputs
+from lab.session import cancelled_record
 from lab.spec import VariantSpec
 
-
-def statuses(random_weights, cached=False, reachable=False, cuda_presets=False):
-    specs = {"hibari": VariantSpec(family="hibari", name="hibari"),
-             "pocket-tts-cpu": VariantSpec(family="pocket_tts", name="pocket-tts-cpu"),
-             "csm-cpu": VariantSpec(family="csm", name="csm-cpu")}
-    refused = {"csm-bnb-nf4": "device: cuda was asked for but no GPU is visible to torch; use device: cpu",
-               "csm-fa2": "flash-attn is not installed: attention: flash_attention_2 needs it; install it with "
-                          "`pip install flash-attn`",
-               "csm-bnb-int8": "bitsandbytes is not installed: quantization: bnb-int8 needs it; install it with "
-                               "`pip install bitsandbytes`"}
-    if cuda_presets:
-        specs["csm-sdpa"] = VariantSpec(family="csm", name="csm-sdpa")
-        specs["csm-sdpa-inductor"] = VariantSpec(family="csm", name="csm-sdpa-inductor", compile="inductor")
-    return availability.preset_statuses(specs, refused, random_weights, cached=lambda s: cached,
-                                        reachable=lambda: reachable)
+PRESETS = {"hibari": "family: hibari\n", "hibari-whole": "family: hibari\nstreaming: whole\n",
+           "pocket-tts-cpu": "family: pocket_tts\n", "csm-cpu": "family: csm\n",
+           "csm-sdpa": "family: csm\ndevice: cuda\ndtype: bfloat16\n",
+           "csm-sdpa-inductor": "family: csm\ndevice: cuda\ndtype: bfloat16\ncompile: inductor\n",
+           "csm-bnb-nf4": "family: csm\ndevice: cuda\ndtype: bfloat16\nquantization: bnb-nf4\n",
+           "csm-typo": "family: csm\ncompile: cuda-graph\n"}
 
 
-def test_each_unavailable_preset_says_why_in_a_few_words_and_the_fix_in_full():
-    by_name = {s.name: s for s in statuses(random_weights=False)}
-    assert by_name["hibari"].available                     # its weights ship in the wheel
-    assert by_name["csm-bnb-nf4"].reason == availability.NO_GPU
-    assert by_name["csm-fa2"].reason == availability.NO_FLASH_ATTN
-    assert by_name["csm-bnb-int8"].reason == availability.NO_BNB
-    pocket = by_name["pocket-tts-cpu"]
-    assert not pocket.available and pocket.reason == availability.NO_WEIGHTS
-    assert "switch on random weights" in pocket.detail and "huggingface-cli download eustlb/pocket-tts" in pocket.detail
-    assert pocket.label == "pocket-tts-cpu (unavailable: weights not cached and the hub unreachable)"
+@pytest.fixture
+def folder(tmp_path):
+    for name, text in PRESETS.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+    return str(tmp_path)
 
 
-def test_random_weights_or_a_cache_or_a_hub_make_pretrained_presets_runnable():
-    assert {s.name: s.weights for s in statuses(True) if s.available} == {
-        "hibari": "pretrained", "pocket-tts-cpu": "random", "csm-cpu": "random"}
-    assert {s.name for s in statuses(False, cached=True) if s.available} == {"hibari", "pocket-tts-cpu", "csm-cpu"}
-    assert {s.name for s in statuses(False, reachable=True) if s.available} == {"hibari", "pocket-tts-cpu", "csm-cpu"}
+def test_unavailable_presets_fold_by_reason_and_the_door_says_why(folder):
+    catalog = availability.Catalog(folder, weights_here=lambda s: False)     # no GPU here, no hub
+    folded = catalog.unavailable_by_reason(False)
+    assert sorted(folded["need a GPU"]) == ["csm-bnb-nf4", "csm-sdpa", "csm-sdpa-inductor"]
+    assert sorted(folded["need weights that are not cached (the hub is unreachable)"]) == ["csm-cpu",
+                                                                                          "pocket-tts-cpu"]
+    assert folded["invalid preset file"] == ["csm-typo"]
+    with pytest.raises(LabError) as e:
+        catalog.runnable_spec("pocket-tts-cpu", random_weights=False)
+    assert e.value.where == "preset 'pocket-tts-cpu'" and "switch on random weights" in e.value.message
+    assert "huggingface-cli download eustlb/pocket-tts" in e.value.message
+    assert catalog.runnable_spec("hibari", random_weights=False).family == "hibari"   # weights in the wheel
+
+
+def test_random_weights_or_cached_weights_make_pretrained_presets_runnable(folder):
+    catalog = availability.Catalog(folder, weights_here=lambda s: False)
+    assert {n: s.weights for n, s in catalog.statuses[True].items() if s.available} == {
+        "hibari": "pretrained", "hibari-whole": "pretrained", "pocket-tts-cpu": "random", "csm-cpu": "random"}
+    assert catalog.runnable_spec("csm-cpu", random_weights=True).weights == "random"
+    cached = availability.Catalog(folder, weights_here=lambda s: True)
+    assert {n for n, s in cached.statuses[False].items() if s.available} == {"hibari", "hibari-whole",
+                                                                             "pocket-tts-cpu", "csm-cpu"}
+
+
+def test_a_missing_package_is_its_own_reason(folder, monkeypatch):
+    monkeypatch.setattr(env, "cuda_available", lambda: True)
+    monkeypatch.setattr(env, "has_package", lambda name: name != "bitsandbytes")
+    catalog = availability.Catalog(folder, weights_here=lambda s: True)
+    assert catalog.statuses[False]["csm-bnb-nf4"].refusal.code == machine.NO_PACKAGE
+    assert catalog.unavailable_by_reason(False)["need bitsandbytes (not installed)"] == ["csm-bnb-nf4"]
 
 
 def test_refused_presets_are_grouped_with_their_model():
-    specs, refused = presets.load_all()
-    groups = availability.grouped(availability.preset_statuses(specs, refused, True, reachable=lambda: False))
+    catalog = availability.Catalog(presets.PRESETS_DIR, weights_here=lambda s: False)
+    groups = catalog.grouped(True)
     assert list(groups)[:3] == ["csm", "pocket_tts", "hibari"]
     assert {s.name for s in groups["csm"]} == {n for n in presets.available() if n.startswith("csm")}
 
 
-def test_first_click_is_hibari_against_random_pocket_tts_on_a_cpu_and_csm_on_a_gpu():
-    assert availability.default_selection(statuses(False), statuses(True), cuda=False) == (
-        ["hibari", "pocket-tts-cpu"], True)
-    # Weights cached: no need for the random switch.
-    assert availability.default_selection(statuses(False, cached=True), statuses(True, cached=True), False) == (
-        ["hibari", "pocket-tts-cpu"], False)
-    gpu = availability.default_selection(statuses(False, cuda_presets=True), statuses(True, cuda_presets=True), True)
-    assert gpu == (["csm-sdpa", "csm-sdpa-inductor"], True)
+def test_first_click_is_two_real_voices_on_a_cpu_and_csm_on_a_gpu(folder, monkeypatch):
+    catalog = availability.Catalog(folder, weights_here=lambda s: False)
+    assert catalog.default_selection(cuda=False) == (["hibari", "hibari-whole"], False)
+    monkeypatch.setattr(env, "cuda_available", lambda: True)
+    gpu = availability.Catalog(folder, weights_here=lambda s: False)
+    assert gpu.default_selection(cuda=True) == (["csm-sdpa", "csm-sdpa-inductor"], True)
 
 
 def test_option_requirements_name_what_each_option_needs():
@@ -89,6 +100,16 @@ def test_wilson_interval_matches_the_textbook_values():
     assert ab.wilson_interval(50, 100) == pytest.approx((0.4038315304, 0.5961684696), abs=1e-9)
 
 
+def test_prebuffered_pairs_are_loudness_matched_without_clipping():
+    quiet = (0.01 * np.sin(np.linspace(0, 200, 24000))).astype(np.float32)
+    loud = (0.9 * np.sin(np.linspace(0, 300, 24000))).astype(np.float32)
+    rms = [float(np.sqrt(np.mean(ab.loudness_matched(x) ** 2))) for x in (quiet, loud)]
+    assert rms[0] == pytest.approx(rms[1], rel=1e-3) == pytest.approx(10 ** (ab.TARGET_RMS_DBFS / 20), rel=1e-3)
+    spiky = np.zeros(24000, np.float32)
+    spiky[100] = 1.0
+    assert np.max(np.abs(ab.loudness_matched(spiky))) <= 0.99
+
+
 def test_votes_persist_and_tally_per_pair_whichever_side_played_as_a(tmp_path):
     path = str(tmp_path / "votes.jsonl")
     for _ in range(9):
@@ -104,6 +125,8 @@ def test_votes_persist_and_tally_per_pair_whichever_side_played_as_a(tmp_path):
     assert rows[("csm", "hibari")]["verdict"].startswith("no clear preference")
     with pytest.raises(LabError, match="vote"):
         ab.record_vote(path, "a", "b", "C")
+    with pytest.raises(LabError, match="listening mode"):
+        ab.record_vote(path, "a", "b", "A", mode="loud")
 
 
 def test_history_filters_by_preset_weights_kind_and_text():
@@ -155,11 +178,9 @@ def test_a_cancelled_run_records_its_frames_against_the_cancel_time():
 
 
 def test_a_preset_with_only_its_cold_run_gets_a_result_line_not_a_crash():
-    from lab import report
-
     cold = {"preset": "p", "weights": "random", "cold": True, "ttfb_ms": 120.0, "rtf": 0.5, "steady_rtf": 0.4,
             "underruns": 0, "stall_s": 0.0, "audio_s": 1.0, "phases_ms": {}, "peak_mem_bytes": 0}
-    line = figures_line(report.summary_rows([cold])[0])
-    assert line == "cold run only · cold TTFB 120 ms"
+    line = report.result_line(report.summary_rows([cold])[0])
+    assert line == "cold run only · cold TTFB 120.0 ms"
     warm = dict(cold, cold=False, ttfb_ms=80.0)
-    assert "warm median TTFB **80 ms**" in figures_line(report.summary_rows([cold, warm])[0])
+    assert "warm median TTFB **80.0** ms" in report.result_line(report.summary_rows([cold, warm])[0])

@@ -7,7 +7,7 @@ import wave
 
 import pytest
 
-from lab import bench, history, presets
+from lab import bench, env, history, machine, presets
 from lab.errors import LabError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +44,7 @@ def test_cli_writes_json_csv_chart_and_a_wav_per_preset_and_run(tmp_path):
     (["--presets", "hibari", "--text", "🎉 party"], "outside Latin script"),
     (["--presets", "hibary"], "no such preset; did you mean hibari?"),
     (["--presets", "hibari", "--runs", "0"], "--runs: must be at least 1"),
+    (["--presets", "hibari", "--text", "<b>bold</b> words"], "has markup"),
 ])
 def test_cli_bad_input_is_one_clear_error(args, expect, capsys):
     assert bench.main(args) == 2
@@ -51,11 +52,18 @@ def test_cli_bad_input_is_one_clear_error(args, expect, capsys):
     assert expect in err and "Traceback" not in err
 
 
-def test_every_committed_preset_loads_or_says_why_not_here():
+def test_every_committed_preset_is_valid_and_runs_here_or_says_why():
     specs, errors = presets.load_all()
-    assert "hibari" in specs and "csm-cpu" in specs
-    for name, why in errors.items():
-        assert any(reason in why for reason in ("no GPU", "not installed")), (name, why)
+    assert not errors and {"hibari", "hibari-whole", "csm-cpu"} <= set(specs)
+    for name, spec in specs.items():
+        refusal = machine.check(spec.with_weights("random"), weights_here=lambda s: True)
+        assert refusal is None or refusal.code in (machine.NO_GPU, machine.NO_PACKAGE), (name, refusal)
+
+
+@pytest.mark.skipif(env.cuda_available(), reason="this machine has a GPU: csm-sdpa runs here")
+def test_cli_refuses_what_this_machine_cannot_run_before_building(capsys):
+    assert bench.main(["--presets", "csm-sdpa", "--weights", "random"]) == 2
+    assert "no GPU is visible" in capsys.readouterr().err
 
 
 def test_bad_preset_files_name_the_file_and_field(tmp_path):

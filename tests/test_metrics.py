@@ -1,9 +1,10 @@
 import json
 
+import numpy as np
 import pytest
 
 from lab import history
-from lab.metrics import PHASES, Timeline, figures, summarize, underruns
+from lab.metrics import AUDIBLE_DBFS, PHASES, Timeline, audible_index, figures, summarize, underruns
 
 
 def timeline(stamps: dict, chunks: list[tuple[float, float]]) -> Timeline:
@@ -43,10 +44,30 @@ def test_underruns_counts_late_chunks_and_stall_seconds():
     assert late == 1 and stall == pytest.approx(0.12)
 
 
-def test_summary_uses_min_max_for_few_runs_and_p10_p90_for_many():
-    assert summarize([3.0, 1.0, 2.0]) == {"median": 2.0, "lo": 1.0, "hi": 3.0, "n": 3}
-    many = summarize([float(i) for i in range(11)])
-    assert many["median"] == 5.0 and many["lo"] == pytest.approx(1.0) and many["hi"] == pytest.approx(9.0)
+def test_summary_uses_min_max_for_few_runs_and_p10_p90_for_many_with_tails():
+    few = summarize([3.0, 1.0, 2.0])
+    assert (few["median"], few["lo"], few["hi"], few["n"]) == (2.0, 1.0, 3.0, 3)
+    many = summarize([float(i) for i in range(101)])
+    assert many["median"] == 50.0 and many["lo"] == pytest.approx(10.0) and many["hi"] == pytest.approx(90.0)
+    assert many["p90"] == pytest.approx(90.0) and many["p99"] == pytest.approx(99.0)
+
+
+def test_first_audible_is_the_first_10ms_window_at_minus_50_dbfs_and_its_chunk_stamp():
+    rate = 24000
+    quiet = np.full(rate // 10, 10 ** ((AUDIBLE_DBFS - 6) / 20), np.float32)      # 100 ms at -56 dBFS: silence
+    loud = np.full(rate // 10, 10 ** ((AUDIBLE_DBFS + 6) / 20), np.float32)       # 100 ms at -44 dBFS
+    assert audible_index(quiet, rate) == -1 and audible_index(loud, rate) == 0
+    assert audible_index(np.concatenate([quiet, loud]), rate) == len(quiet)
+    t = timeline({}, [])
+    for stamp, samples in ((0.05, quiet), (0.15, np.concatenate([quiet, loud]))):
+        t.chunks.append((stamp, len(samples) / rate))
+        t.listen(samples, rate)
+    f = figures(t)
+    assert f["ttfb_ms"] == pytest.approx(50.0) and f["first_audible_ms"] == pytest.approx(150.0)
+    assert f["first_audible_s"] == pytest.approx(0.2)       # 100 ms in the first chunk + 100 ms in the second
+    silent = timeline({}, [(0.05, 0.1)])
+    silent.listen(quiet, rate)
+    assert figures(silent)["first_audible_ms"] is None
 
 
 def test_history_survives_a_writer_killed_mid_line(tmp_path):

@@ -1,7 +1,7 @@
 import pytest
 
-from lab import env
-from lab.errors import LabError, MissingPackageError
+from lab import env, machine
+from lab.errors import LabError
 from lab.spec import VariantSpec, from_dict
 
 
@@ -29,18 +29,23 @@ def test_missing_family():
     assert "family is required" in refused({"weights": "tiny"})
 
 
-def test_cuda_without_gpu_is_refused(monkeypatch):
+def test_what_this_machine_lacks_is_a_reason_code_and_a_sentence_not_a_value_error(monkeypatch):
+    gpu = from_dict({"family": "csm", "device": "cuda", "dtype": "bfloat16"})   # a valid value on any machine
     monkeypatch.setattr(env, "cuda_available", lambda: False)
-    assert "no GPU is visible" in refused({"family": "csm", "device": "cuda", "dtype": "bfloat16"})
+    refusal = machine.check(gpu, weights_here=lambda s: True)
+    assert refusal.code == machine.NO_GPU and "no GPU is visible" in refusal.sentence
+    with pytest.raises(LabError, match="no GPU is visible"):
+        machine.require(gpu.replace(name="csm-gpu"), weights_here=lambda s: True)
+    cpu = from_dict({"family": "csm"})
+    assert machine.check(cpu, weights_here=lambda s: False).code == machine.NO_WEIGHTS
+    assert machine.check(cpu, weights_here=lambda s: True) is None
 
 
 def test_bnb_on_cpu_is_refused():
     assert "needs a CUDA GPU" in refused({"family": "csm", "quantization": "bnb-nf4"})
 
 
-def test_bnb_int8_with_cuda_graphs_is_refused(monkeypatch):
-    monkeypatch.setattr(env, "cuda_available", lambda: True)
-    monkeypatch.setattr(env, "has_package", lambda name: True)
+def test_bnb_int8_with_cuda_graphs_is_refused():
     msg = refused({"family": "csm", "device": "cuda", "dtype": "bfloat16", "quantization": "bnb-int8",
                    "compile": "cuda-graphs"})
     assert "bnb-int8 cannot run inside a CUDA graph" in msg
@@ -49,18 +54,18 @@ def test_bnb_int8_with_cuda_graphs_is_refused(monkeypatch):
 def test_missing_optional_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(env, "cuda_available", lambda: True)
     monkeypatch.setattr(env, "has_package", lambda name: name != "flash_attn")
-    with pytest.raises(MissingPackageError) as e:
-        from_dict({"family": "csm", "device": "cuda", "dtype": "bfloat16", "attention": "flash_attention_2"})
-    assert "flash-attn is not installed" in str(e.value) and "pip install flash-attn" in str(e.value)
+    fa2 = from_dict({"family": "csm", "device": "cuda", "dtype": "bfloat16", "attention": "flash_attention_2"})
+    refusal = machine.check(fa2, weights_here=lambda s: True)
+    assert refusal.code == machine.NO_PACKAGE and refusal.package == "flash-attn"
+    assert "flash-attn is not installed" in refusal.sentence and "pip install flash-attn" in refusal.sentence
     monkeypatch.setattr(env, "has_package", lambda name: name != "bitsandbytes")
-    with pytest.raises(MissingPackageError, match="pip install bitsandbytes"):
-        from_dict({"family": "csm", "device": "cuda", "dtype": "bfloat16", "quantization": "bnb-nf4"})
+    nf4 = from_dict({"family": "csm", "device": "cuda", "dtype": "bfloat16", "quantization": "bnb-nf4"})
+    assert "pip install bitsandbytes" in machine.check(nf4, weights_here=lambda s: True).sentence
 
 
-def test_cuda_graphs_need_csm_on_cuda_and_a_maskable_attention(monkeypatch):
+def test_cuda_graphs_need_csm_on_cuda_and_a_maskable_attention():
     assert "needs device: cuda" in refused({"family": "csm", "compile": "cuda-graphs"})
     assert "csm only" in refused({"family": "pocket_tts", "compile": "inductor+cuda-graphs"})
-    monkeypatch.setattr(env, "cuda_available", lambda: True)
     msg = refused({"family": "csm", "device": "cuda", "dtype": "bfloat16", "attention": "sdpa-flash",
                    "compile": "cuda-graphs"})
     assert "flash kernels take no mask" in msg and "use attention: sdpa" in msg
@@ -84,3 +89,9 @@ def test_equal_specs_share_one_key():
     assert a.key == b.key and a.key != c.key
     assert VariantSpec(family="csm").model_id == "sesame/csm-1b"
     assert from_dict({"family": "csm", "chunk_growth": 2}).key == from_dict({"family": "csm", "chunk_growth": 2.0}).key
+
+
+def test_streaming_whole_is_hibari_only():
+    assert from_dict({"family": "hibari", "streaming": "whole"}).streaming == "whole"
+    assert "streaming: whole is for hibari" in refused({"family": "csm", "streaming": "whole"})
+    assert "streaming: 'all' is not one of per-sentence|whole" in refused({"family": "hibari", "streaming": "all"})

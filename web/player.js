@@ -11,7 +11,7 @@
   "use strict";
   if (window.labAudio) return; // loaded twice (Gradio may re-insert <head> content): keep the first
 
-  var DEFAULT_JITTER_MS = 80;
+  var DEFAULT_JITTER_MS = 60;
   var SLOTS = 6;
   var PINGS_AT_CONNECT = 10;
   var PINGS_BEFORE_RUN = 3;

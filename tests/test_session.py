@@ -1,0 +1,87 @@
+"""lab.session, the one run loop the CLI and both tabs consume: its events in order, cold and heard runs, the
+history it writes, one failing preset among others, a cancel, and a consumer adding to a record before it is
+written. Real tiny Pocket TTS engines (a few hundred thousand parameters) through the ModelManager."""
+import threading
+
+import pytest
+
+from lab import history, session
+from lab.manager import ModelManager
+from lab.request import Request
+from lab.spec import VariantSpec
+
+TINY_POCKET = VariantSpec(family="pocket_tts", name="pocket-tiny", weights="tiny")
+ON_GPU = VariantSpec(family="csm", name="csm-gpu", weights="tiny", device="cuda")   # refused here: no GPU
+REQUEST = Request("Two short words.", max_audio_s=0.5)
+
+
+def names(events):
+    return [type(e).__name__ for e in events]
+
+
+def test_events_come_in_order_with_a_cold_run_then_the_heard_warm_one(tmp_path):
+    path = str(tmp_path / "history.jsonl")
+    events = list(session.run_presets(ModelManager(), [TINY_POCKET], REQUEST, runs=2, history_path=path,
+                                      source="test"))
+    kinds = names(events)
+    assert kinds[0] == "Started" and kinds[-1] == "PresetDone" and kinds.index("Built") < kinds.index("RunStarted")
+    assert "Stage" in kinds[:kinds.index("Built")]
+    started = [e for e in events if isinstance(e, session.RunStarted)]
+    assert [(e.run, e.cold, e.heard) for e in started] == [(0, True, False), (1, False, True), (2, False, False)]
+    chunks = [e for e in events if isinstance(e, session.Chunk)]
+    assert chunks and all(c.figures()["ttfb_ms"] > 0 for c in chunks)
+    records = history.read(path)
+    assert [(r["run"], r["cold"], r["heard"], r["source"]) for r in records] == [
+        (0, True, False, "test"), (1, False, True, "test"), (2, False, False, "test")]
+    assert all(r["env_commit"] and r["first_audible_ms"] is not None for r in records)
+
+
+def test_one_preset_refused_does_not_stop_the_next(tmp_path):
+    events = list(session.run_presets(ModelManager(), [ON_GPU, TINY_POCKET], REQUEST, runs=1))
+    failed = [e for e in events if isinstance(e, session.Failed)]
+    assert len(failed) == 1 and failed[0].slot == 0 and "no GPU is visible" in failed[0].message
+    assert [e.slot for e in events if isinstance(e, session.RunDone)] == [1, 1]
+
+
+def test_a_cancel_mid_run_stops_the_loop_and_records_the_cancelled_run(tmp_path):
+    path = str(tmp_path / "history.jsonl")
+    cancel = session.Cancel()
+    long = Request("Two short words.", max_audio_s=30)
+    seen = []
+    for e in session.run_presets(ModelManager(), [TINY_POCKET, TINY_POCKET.replace(name="second")], long, 1,
+                                 cancel, path):
+        seen.append(e)
+        if isinstance(e, session.Chunk) and e.run == 0 and e.chunk.index == 2:
+            cancel.set()
+    stopped = [e for e in seen if isinstance(e, session.Stopped)]
+    assert len(stopped) == 1 and stopped[0].record["cancelled"] and stopped[0].record["cancel_s"] is not None
+    assert not any(isinstance(e, session.RunStarted) and e.slot == 1 for e in seen)   # the next preset never ran
+    assert history.read(path)[-1]["cancelled"]
+
+
+def test_in_background_hands_over_events_and_a_hook_can_add_to_the_record_before_it_is_written(tmp_path):
+    path = str(tmp_path / "history.jsonl")
+    hook_thread = []
+
+    def hook(e):
+        hook_thread.append(threading.current_thread().name)
+        if isinstance(e, session.RunDone) and e.heard:
+            e.record["heard_ttfb_ms"] = 123.0          # what a browser's report adds
+
+    events = session.run_presets(ModelManager(), [TINY_POCKET], REQUEST, 1, history_path=path)
+    got = [e for e in session.in_background(events, on_event=hook, tick_s=0.05) if e is not None]
+    assert names(got)[-1] == "PresetDone" and set(hook_thread) == {"run loop"}
+    heard = [r for r in history.read(path) if r["heard"]]
+    assert len(heard) == 1 and heard[0]["heard_ttfb_ms"] == pytest.approx(123.0)
+
+
+def test_closing_the_background_generator_cancels_the_loop():
+    cancel = session.Cancel()
+    long = Request("Two short words.", max_audio_s=60)
+    events = session.run_presets(ModelManager(), [TINY_POCKET], long, 1, cancel)
+    consumer = session.in_background(events, cancel=cancel, tick_s=0.05)
+    for e in consumer:
+        if isinstance(e, session.Chunk):
+            break
+    consumer.close()                                    # what a closed page does to the handler
+    assert cancel.is_set()

@@ -1,0 +1,105 @@
+"""The listener's side of a run: each preset's heard run (lab.session.HEARD) goes to the page as it is generated,
+and the page's own measurements come back into that run's record.
+
+`Listener.on_event` runs in the run loop's thread (lab.session.in_background), so a chunk is on the socket the
+moment it is ready, and the loop waits for the browser where waiting is right: before a heard run starts, until the
+previous one has finished playing (one voice at a time, each starting as it would in production), and after a
+heard run, until the page has received all of it and reported what it played.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+
+from lab import ab, session
+from lab.errors import LabError
+from web.pcm import PcmHub
+
+REPORT_WAIT_S = 8.0     # past the audio's first audible second; a page that never reports does not hold the loop
+PLAYED_SLACK_S = 5.0    # past the previous clip's length, before the next heard run starts anyway
+
+
+def browser_figures(report: dict, late_start_ms: float) -> dict:
+    """The page's report as run-record figures (docs/METRICS.md, "Browser figures"). The page measures from the
+    moment the run was announced; the engine's request stamp came `late_start_ms` after it."""
+    def shifted(key):
+        return None if report.get(key) is None else report[key] - late_start_ms
+
+    return {"received_ms": shifted("received_ms"), "heard_ttfb_ms": shifted("heard_ms"),
+            "browser_underruns": report.get("underruns"), "browser_gap_s": report.get("gap_s"),
+            "browser_complete": report.get("complete"), "transport": report.get("transport"),
+            "clock_uncertainty_ms": report.get("clock_uncertainty_ms"),
+            "output_latency_ms": report.get("output_latency_ms"), "jitter_buffer_ms": report.get("jitter_buffer_ms")}
+
+
+class Listener:
+    """One page listening to one comparison (or one blind pair)."""
+
+    def __init__(self, hub: PcmHub, listener: str, transport: str, slot_offset: int = 0,
+                 labels: list[str] | None = None):
+        self.hub, self.listener, self.transport = hub, listener or "", transport
+        self.slot_offset, self.labels = slot_offset, labels
+        self.run_id: str | None = None
+        self.previous: tuple[str, float] | None = None   # (run id, audio seconds) of the last heard run
+
+    def on_event(self, e) -> None:
+        if not self.listener or not self.hub.connected(self.listener):
+            return   # an API client, or a page whose socket is gone: the loop runs as the CLI's does
+        if isinstance(e, session.RunStarted) and e.heard:
+            self._start(e)
+        elif self.run_id is None:
+            return
+        elif isinstance(e, session.Chunk) and e.heard:
+            self._chunk(e)
+        elif isinstance(e, session.RunDone) and e.heard:
+            self._done(e)
+        elif isinstance(e, (session.Stopped, session.Failed)):
+            self.hub.end_run(self.listener, self.run_id, self.chunks, self.samples)
+            self.run_id = None
+
+    def _start(self, e: session.RunStarted) -> None:
+        if self.previous is not None:
+            run_id, audio_s = self.previous
+            self.hub.wait_played(run_id, audio_s + PLAYED_SLACK_S)
+        self.run_id, self.chunks, self.samples = uuid.uuid4().hex, 0, 0
+        self.announced_s, self.request_s = time.perf_counter(), None
+        label = self.labels[e.slot] if self.labels else e.preset
+        self.hub.start_run(self.listener, self.run_id, e.slot + self.slot_offset, 0, self.announced_s, label=label,
+                           transport=self.transport)
+
+    def _chunk(self, e: session.Chunk) -> None:
+        if self.request_s is None:
+            self.request_s = e.timeline.stamp("request")
+        if self.transport == "pcm":
+            self.hub.send_chunk(self.listener, self.run_id, e.chunk.index, e.chunk.samples, e.timeline.chunks[-1][0],
+                                e.audible_at, slot=e.slot + self.slot_offset, sample_rate=e.chunk.sample_rate)
+        self.chunks += 1
+        self.samples += len(e.chunk.samples)
+
+    def _done(self, e: session.RunDone) -> None:
+        first_audible_s = e.record.get("first_audible_s") or 0.0
+        self.hub.end_run(self.listener, self.run_id, self.chunks, self.samples, first_audible_s=first_audible_s)
+        report = self.hub.wait_report(self.run_id, REPORT_WAIT_S + first_audible_s)
+        if report is not None:   # the loop appends the record to the history once this returns
+            e.record.update(browser_figures(report, ((self.request_s or self.announced_s) - self.announced_s) * 1e3))
+        self.previous, self.run_id = (self.run_id, e.record["audio_s"]), None
+
+
+def ab_pair(hub: PcmHub, manager, specs, request, mode: str, listener: str, cancel, history_path, lock):
+    """A blind pair's audio, A then B, as [(sample rate, samples)]: each side's heard run. "streamed" plays each
+    side to the page as it is generated (slots 6 and 7, labelled A and B only); "prebuffered" returns both
+    loudness matched."""
+    hook = Listener(hub, listener, "pcm", slot_offset=6, labels=["A", "B"]).on_event if mode == "streamed" else None
+    heard: dict[int, tuple[int, object]] = {}
+    events = session.run_presets(manager, specs, request, 1, cancel, history_path, "ab", lock)
+    for e in session.in_background(events, on_event=hook, cancel=cancel):
+        if isinstance(e, session.RunDone) and e.heard:
+            heard[e.slot] = (e.record["sample_rate"], e.audio)
+        elif isinstance(e, session.Failed):
+            raise LabError("A/B", f"{'AB'[e.slot]} could not run: {e.message}")
+        elif isinstance(e, session.Stopped):
+            raise LabError("A/B", "stopped before both sides were generated")
+    pair = [heard[0], heard[1]]
+    if mode == "prebuffered":
+        pair = [(rate, ab.loudness_matched(samples)) for rate, samples in pair]
+    return pair

@@ -1,0 +1,179 @@
+"""What the Compare tab shows, made from lab.session's events. No Gradio here: the view returns plain values keyed
+by field name ("overall", "summary", ...; per slot ("status", i), ...), and app.py maps names to components.
+
+Everything the page echoes (preset names, error messages that quote the text) is escaped here.
+"""
+from __future__ import annotations
+
+import html
+import threading
+import time
+
+from lab import report, session
+from lab.spec import FAMILIES, VariantSpec
+
+SLOT_FIELDS = ("box", "header", "status", "player", "pcm", "live")
+
+
+def status_html(done: int, total: int, text: str, kind: str = "info") -> str:
+    """A progress bar (when `total`) over one line of text; `text` is escaped."""
+    colour = {"info": "inherit", "error": "#c0392b", "ok": "#1e8449", "warn": "#b9770e"}[kind]
+    bar = f'<progress value="{done}" max="{max(total, 1)}" style="width:100%"></progress>' if total else ""
+    role = ' role="alert"' if kind == "error" else ""
+    return (f'<div class="lab-status lab-{kind}"{role}>{bar}<div style="color:{colour}">'
+            f'{html.escape(text)}</div></div>')
+
+
+def header_md(spec: VariantSpec, ignores_turn: bool) -> str:
+    note = report.WEIGHTS_NOTE.get(spec.weights)
+    return (f"### {html.escape(spec.name)}" + (f" · ⚠️ {note}" if note else "")
+            + (" · ignores the spoken turn (it takes text only)" if ignores_turn else "")
+            + (f"\n{html.escape(spec.description)}" if spec.description else ""))
+
+
+class Sessions:
+    """The cancels of each browser session's comparisons in flight: Stop and a closed tab set them."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open: dict[str, list[session.Cancel]] = {}
+
+    def open(self, key: str) -> session.Cancel:
+        cancel = session.Cancel()
+        with self._lock:
+            self._open.setdefault(key, []).append(cancel)
+        return cancel
+
+    def close(self, key: str, cancel: session.Cancel) -> None:
+        with self._lock:
+            if cancel in self._open.get(key, []):
+                self._open[key].remove(cancel)
+
+    def cancel(self, key: str) -> int:
+        with self._lock:
+            cancels = list(self._open.get(key, []))
+        for c in cancels:
+            c.set()
+        return len(cancels)
+
+
+class CompareView:
+    """One comparison on the page: which slot shows which preset, and what each event changes."""
+
+    def __init__(self, specs: list[VariantSpec], runs: int, has_turn: bool, transport: str, env_title: str):
+        self.specs, self.runs, self.transport, self.env_title = specs, runs, transport, env_title
+        self.total = runs + 1
+        self.ignores_turn = {i: has_turn and not FAMILIES[s.family]["user_audio"] for i, s in enumerate(specs)}
+        self.records: list[dict] = []
+        self.builds: dict[str, dict] = {}
+        self.runs_done: dict[int, int] = {}
+        self.stage: dict[int, tuple[str, float, float]] = {}     # slot -> (stage, seconds then, when)
+        self.started_at = time.perf_counter()
+        self.holds_model = False
+
+    def start(self) -> dict:
+        """Every slot in tick order, waiting; last comparison's charts and tables cleared."""
+        ui = {"overall": status_html(0, 0, "waiting for the model"), "chart_main": None, "chart_stalls": None,
+              "summary": None, "builds": None, "runs_table": None}
+        for i, spec in enumerate(self.specs):
+            ui[("header", i)] = header_md(spec, self.ignores_turn[i])
+            ui[("status", i)] = status_html(0, self.total, "waiting")
+            ui[("live", i)] = ""
+            ui[("player", i)] = None
+        return ui
+
+    def tick(self) -> dict:
+        """Nothing new for a while: keep the build clocks moving, and say how long the model has been waited for."""
+        ui = {("status", slot): status_html(0, self.total, f"{stage} {s + time.perf_counter() - since:.0f} s")
+              for slot, (stage, s, since) in self.stage.items()}
+        if not self.holds_model:
+            ui["overall"] = status_html(0, 0, f"waiting for the model: another comparison is running "
+                                              f"({time.perf_counter() - self.started_at:.0f} s)")
+        return ui
+
+    def on(self, event) -> dict:
+        handler = getattr(self, f"_on_{type(event).__name__.lower()}", None)
+        return handler(event) if handler else {}
+
+    def _on_started(self, event) -> dict:
+        self.holds_model = True
+        return {"overall": status_html(0, 0, "running")}
+
+    def _on_stage(self, e: session.Stage) -> dict:
+        self.stage[e.slot] = (e.stage, e.seconds, time.perf_counter())
+        return {("status", e.slot): status_html(0, self.total, f"{e.stage} {e.seconds:.0f} s")}
+
+    def _on_built(self, e: session.Built) -> dict:
+        self.stage.pop(e.slot, None)
+        self.builds[e.preset] = e.report.to_dict()
+        return {("status", e.slot): status_html(0, self.total, f"built: {e.report.load_s:.1f} s load + "
+                                                               f"{e.report.warmup_s:.1f} s warm-up/compile")}
+
+    def _on_runstarted(self, e: session.RunStarted) -> dict:
+        kind = "cold" if e.cold else "warm"
+        text = f"run {e.run + 1}/{self.total} ({kind}) running"
+        if e.heard:   # the one the listener hears (lab.session.HEARD): say so the moment it starts
+            text = f"▶ run {e.run + 1}/{self.total} ({kind}) started: listen now"
+        return {("status", e.slot): status_html(self.runs_done.get(e.slot, 0), self.total, text)}
+
+    def _on_chunk(self, e: session.Chunk) -> dict:
+        ui = {("live", e.slot): report.live_line(e.run, self.runs, e.cold, e.figures())}
+        if self.transport == "gradio" and e.heard:
+            ui[("player", e.slot)] = (e.chunk.sample_rate, pcm16(e.chunk.samples))
+        return ui
+
+    def _on_rundone(self, e: session.RunDone) -> dict:
+        self.records.append(e.record)
+        self.runs_done[e.slot] = self.runs_done.get(e.slot, 0) + 1
+        done = self.runs_done[e.slot]
+        return {("status", e.slot): status_html(done, self.total, f"run {done}/{self.total} done")}
+
+    def _on_failed(self, e: session.Failed) -> dict:
+        self.stage.pop(e.slot, None)
+        return {("status", e.slot): status_html(self.runs_done.get(e.slot, 0), self.total, f"⚠️ {e.message}",
+                                                "error")}
+
+    def _on_stopped(self, e: session.Stopped) -> dict:
+        self.stage.pop(e.slot, None)
+        return {("status", e.slot): status_html(self.runs_done.get(e.slot, 0), self.total,
+                                                "stopped: generation cancelled", "warn")}
+
+    def _on_presetdone(self, e: session.PresetDone) -> dict:
+        """Between presets: the figures so far (drawing never competes with a timed run)."""
+        self.stage.pop(e.slot, None)
+        rows = report.summary_rows([r for r in self.records if r["preset"] == e.preset])
+        if not rows:
+            return {}
+        return {("status", e.slot): status_html(self.total, self.total, f"done: {rows[0]['warm_runs'] + 1} runs",
+                                                "ok"),
+                ("live", e.slot): report.result_line(rows[0]), **self.results()}
+
+    def results(self, stopped: bool = False) -> dict:
+        records = self.records
+        title = self.env_title + (" · STOPPED: partial results" if stopped else "")
+        charts = (report.chart(records, title), report.stall_chart(records, title)) if records else (None, None)
+        for fig in charts:   # Gradio only saves them as images; open pyplot figures would pile up across clicks
+            if fig is not None:
+                report.close(fig)
+        return {"chart_main": charts[0], "chart_stalls": charts[1],
+                "summary": report.summary_table(report.summary_rows(records)) if records else None,
+                "builds": report.build_table(self.builds) if self.builds else None,
+                "runs_table": report.run_table(records) if records else None}
+
+    def finish(self, stopped: bool) -> dict:
+        """The last word: stopped, or done with how many presets failed. Not "done" after a Stop."""
+        ran = {r["preset"] for r in self.records}
+        failed = len(self.specs) - len(ran)
+        if stopped:
+            text, kind, done = f"stopped after {len(self.records)} runs; finished runs are kept in History", "warn", 0
+        else:
+            text = f"done: {len(self.records)} runs of {len(ran)} presets" + (
+                f"; {failed} failed (see its status)" if failed else "")
+            kind, done = ("warn" if failed else "ok"), 1
+        return {"overall": status_html(done, 1, text, kind), **self.results(stopped)}
+
+
+def pcm16(samples):
+    import numpy as np
+
+    return (np.clip(samples, -1, 1) * 32767).astype(np.int16)
