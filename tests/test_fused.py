@@ -64,7 +64,7 @@ def test_linear_and_its_fused_options_match_the_torch_ops(dtype, tol, m):
 
 def _tiny_model(attention="sdpa"):
     spec = TINY_CSM.replace(device=DEVICE, kernels="triton", attention=attention)
-    model, _ = csm.load_model(spec)
+    model, _ = csm.load(spec)
     return spec, model
 
 

@@ -94,8 +94,8 @@ def test_a_variant_over_the_budget_alone_is_freed_before_the_next_one_builds():
 
     class Big(engines.Engine):
         def __init__(self, name):
-            self.spec, self.name = TINY, name
-            self.report = engines.BuildReport(memory_bytes=12)
+            super().__init__(TINY, 24000, engines.BuildReport(memory_bytes=12))
+            self.name = name
 
         def close(self):
             events.append(f"freed {self.name}")
