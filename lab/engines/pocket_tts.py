@@ -150,29 +150,29 @@ class PocketTTSEngine(Engine):
         frames_left = None  # frames still to make once end of speech is heard
         timeline.mark("generator")
 
-        for frame in range(max_frames):
+        for frame_index in range(max_frames):
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
             noise = zeros if noise_scale == 0 else noise_scale * torch.randn(
                 1, cfg.latent_dim, device=self.device, dtype=dtype, generator=generator)
-            if frame == 0:   # the prefill already ran the backbone for this frame
+            if frame_index == 0:   # the prefill already ran the backbone for this frame
                 latent, eos_logit = next_latent(self.model, outputs, noise, self.num_flow_steps)
                 del outputs
             else:  # a fresh contiguous (1, 1, latent_dim) input, so a compiled step keeps one stride
                 latent, eos_logit = self.step(self.model, step_ids, latent[:, None, :].clone(), cache, noise,
                                               self.num_flow_steps)
             timeline.frame()
-            if frame == 0:
+            if frame_index == 0:
                 timeline.mark("first_frame")
             emitter.add(latent)
             self._latents.append(latent)
             # `generate`'s end-of-speech rule (PocketTTSEosThresholdCriteria); `.item()` syncs once a frame.
             if frames_left is not None:
                 frames_left -= 1
-            elif (self.eos_threshold is not None and frame >= self.min_frames_before_eos
+            elif (self.eos_threshold is not None and frame_index >= self.min_frames_before_eos
                   and eos_logit.item() > self.eos_threshold):
                 frames_left = frames_after_eos
-            finished = frames_left == 0 or frame == max_frames - 1
+            finished = frames_left == 0 or frame_index == max_frames - 1
             if not emitter.due(finished):
                 continue
             # No pinned kernel here: the codec's windowed attention passes a mask, which the flash kernel refuses.
