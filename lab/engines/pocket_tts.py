@@ -44,6 +44,52 @@ FADE_IN_S = 0.005  # the processor fades each waveform in: a fresh decoder state
 SKIP_QUANT_MODULES = ["flow_head", "eos_head", "audio_latent_proj", "audio_prompt_proj", "loss_weighting"]
 
 
+def tiny_config():
+    """(model_config, codec_config): a few-hundred-thousand-parameter model and codec with the real structure, for
+    fast CPU tests.
+    The codec keeps the real 24 kHz rate and 1920-sample frames; its transformer window is shortened
+    to 24 positions (1.5 frames) so that a short stream already runs past it."""
+    from transformers import PocketTTSAudioTokenizerConfig, PocketTTSConfig
+
+    latent_dim = 8
+    model_config = PocketTTSConfig(
+        vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        latent_dim=latent_dim, max_position_embeddings=2048, audio_prompt_token_id=256, audio_latent_token_id=257,
+        audio_prompt_bos_token_id=258, audio_bos_token_id=259,
+        flow_head_config=dict(hidden_size=64, num_hidden_layers=2, latent_dim=latent_dim, condition_dim=64,
+                              frequency_embedding_size=32))
+    codec_config = PocketTTSAudioTokenizerConfig(
+        hidden_size=32, num_filters=4, upsample_groups=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=64, latent_dim=latent_dim, sliding_window=24, encoder_config=None)
+    return model_config, codec_config
+
+
+def load(spec: VariantSpec):
+    """(model, codec, processor or None) on the spec's device, in its dtype, attention and quantization."""
+    from transformers import (PocketTTSAudioTokenizerConfig, PocketTTSAudioTokenizerModel,
+                              PocketTTSConfig, PocketTTSForConditionalGeneration)
+
+    cls, dtype = PocketTTSForConditionalGeneration, tc.DTYPES[spec.dtype]
+    if spec.weights == "pretrained":
+        model = tc.from_pretrained(cls, spec, spec.model_id, SKIP_QUANT_MODULES)
+        # The processor holds the tokenizer, the chat template and the audio tokenizer (the codec).
+        processor = tc.load_processor(spec, dtype=dtype)
+        codec = processor.audio_tokenizer
+    else:
+        # Random init at real size (latency only: the audio is noise), or the tiny test config. The encoder
+        # half of the codec is left out: without voice cloning nothing is encoded.
+        if spec.weights == "tiny":
+            model_config, codec_config = tiny_config()
+        else:
+            model_config, codec_config = PocketTTSConfig(), PocketTTSAudioTokenizerConfig(encoder_config=None)
+        model = tc.init_random(cls, model_config, spec, SKIP_QUANT_MODULES)
+        codec = tc.init_random(PocketTTSAudioTokenizerModel, codec_config, spec, quantize=False)
+        processor = None
+    if spec.quantization == "none":
+        model = model.to(spec.device)
+    return model.eval(), codec.to(spec.device, dtype).eval(), processor
+
+
 def next_latent(model, outputs, noise: torch.Tensor, num_flow_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """From the backbone's last hidden state: the next normalised latent (1, latent_dim) and its
     end-of-speech logit (1,), as `generate` computes them."""
@@ -179,51 +225,6 @@ class PocketTTSEngine(Engine):
             yield emitter.emit(self.decode(emitter.take(), first=emitter.index == 0))
             if finished:
                 return
-
-
-def tiny_config():
-    """A few-hundred-thousand-parameter model and codec with the real structure, for fast CPU tests.
-    The codec keeps the real 24 kHz rate and 1920-sample frames; its transformer window is shortened
-    to 24 positions (1.5 frames) so that a short stream already runs past it."""
-    from transformers import PocketTTSAudioTokenizerConfig, PocketTTSConfig
-
-    latent_dim = 8
-    model_config = PocketTTSConfig(
-        vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        latent_dim=latent_dim, max_position_embeddings=2048, audio_prompt_token_id=256, audio_latent_token_id=257,
-        audio_prompt_bos_token_id=258, audio_bos_token_id=259,
-        flow_head_config=dict(hidden_size=64, num_hidden_layers=2, latent_dim=latent_dim, condition_dim=64,
-                              frequency_embedding_size=32))
-    codec_config = PocketTTSAudioTokenizerConfig(
-        hidden_size=32, num_filters=4, upsample_groups=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, intermediate_size=64, latent_dim=latent_dim, sliding_window=24, encoder_config=None)
-    return model_config, codec_config
-
-
-def load(spec: VariantSpec):
-    """(model, codec, processor or None) on the spec's device, in its dtype, attention and quantization."""
-    from transformers import (PocketTTSAudioTokenizerConfig, PocketTTSAudioTokenizerModel,
-                              PocketTTSConfig, PocketTTSForConditionalGeneration)
-
-    cls, dtype = PocketTTSForConditionalGeneration, tc.DTYPES[spec.dtype]
-    if spec.weights == "pretrained":
-        model = tc.from_pretrained(cls, spec, spec.model_id, SKIP_QUANT_MODULES)
-        # The processor holds the tokenizer, the chat template and the audio tokenizer (the codec).
-        processor = tc.load_processor(spec, dtype=dtype)
-        codec = processor.audio_tokenizer
-    else:
-        # Random init at real size (latency only: the audio is noise), or the tiny test config. The encoder
-        # half of the codec is left out: without voice cloning nothing is encoded.
-        if spec.weights == "tiny":
-            model_config, codec_config = tiny_config()
-        else:
-            model_config, codec_config = PocketTTSConfig(), PocketTTSAudioTokenizerConfig(encoder_config=None)
-        model = tc.init_random(cls, model_config, spec, SKIP_QUANT_MODULES)
-        codec = tc.init_random(PocketTTSAudioTokenizerModel, codec_config, spec, quantize=False)
-        processor = None
-    if spec.quantization == "none":
-        model = model.to(spec.device)
-    return model.eval(), codec.to(spec.device, dtype).eval(), processor
 
 
 def build(spec: VariantSpec, progress: Progress) -> PocketTTSEngine:
