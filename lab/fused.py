@@ -62,23 +62,19 @@ ATTENTION_BLOCKS: dict[tuple, tuple] = {  # (head_dim, KV slots) -> (slots per s
 DEFAULT_LINEAR, DEFAULT_TRANSPOSED, DEFAULT_QKV, DEFAULT_ATTENTION = (16, 256, 4), (64, 32, 4), (8, 256, 4), (32, 4)
 
 
-def _pdl_available() -> bool:
-    """Programmatic dependent launch: Hopper or newer, not under the interpreter; LAB_TRITON_PDL=0 turns it off."""
+def pdl_available() -> bool:
+    """Programmatic dependent launch: Hopper or newer, not under the interpreter; LAB_TRITON_PDL=0 turns it off.
+    Asks the device (CUDA starts), so it is called when kernels are set up, never at import."""
     if os.environ.get("LAB_TRITON_PDL") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     return env.cuda_capability() >= (9, 0)
 
 
-# Each kernel lets the next one start early (see _start/_wait). None: decided at the first launch (not at import,
-# which would start CUDA); read at every launch, so a benchmark can compare on and off.
-PDL: bool | None = None
-
-
-def _launch(warps: int = 4) -> dict:
-    global PDL
-    if PDL is None:
-        PDL = _pdl_available()
-    return {"num_warps": warps, "PDL": PDL, **({"launch_pdl": True} if PDL else {})}
+def _launch(warps: int, pdl: bool) -> dict:
+    """Launch options. `pdl`: each kernel lets the next one start early (see _start/_wait); it is a constexpr of
+    the kernels, so each setting compiles its own variant, and it is read at every launch (a graph captured with
+    one setting replays it)."""
+    return {"num_warps": warps, "PDL": pdl, **({"launch_pdl": True} if pdl else {})}
 
 
 @triton.jit
@@ -319,11 +315,11 @@ def _m_block(m: int) -> int:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None, *, norm: torch.Tensor | None = None,
            eps: float = 1e-6, glu: bool = False, residual: torch.Tensor | None = None, transposed: bool = False,
-           index: torch.Tensor | None = None, index_offset: int = 0) -> torch.Tensor:
+           index: torch.Tensor | None = None, index_offset: int = 0, pdl: bool = False) -> torch.Tensor:
     """x (M, K) @ W.T -> (M, N), into `out` if given. W is `weight` (N, K) as nn.Linear keeps it, or (K, N) with
     transposed=True; with `index`, `weight` is a stack (S, ...) of such matrices and slice index + index_offset
     (read on the device) is used. norm: RMSNorm x first with this weight. glu: W is [gate; up] and the result
-    silu(gate) * up. residual: (M, N) added to the result; it may be `out` itself."""
+    silu(gate) * up. residual: (M, N) added to the result; it may be `out` itself. pdl: see _launch."""
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -346,7 +342,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
         residual.stride(0) if residual is not None else 0, stride_wn, stride_wk,
         weight.stride(0) if index is not None else 0, index_offset, eps,
         M=m, BM=_m_block(m), BN=rows, BK=cols, NORM=norm is not None, GLU=glu, RESIDUAL=residual is not None,
-        INDEXED=index is not None, **_launch(warps))
+        INDEXED=index is not None, **_launch(warps, pdl))
     return out
 
 
@@ -361,16 +357,16 @@ def _argmax_kernel(x_ptr, out_ptr, N, stride_xm, BLOCK: tl.constexpr, PDL: tl.co
     tl.store(out_ptr + row, tl.argmax(x, axis=0, tie_break_left=True).to(tl.int64))
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, pdl: bool = False) -> torch.Tensor:
     m, k = x.shape
     out = torch.empty_like(x)
-    _rmsnorm_kernel[(m,)](x, weight, out, k, eps, x.stride(0), BK=triton.next_power_of_2(k), **_launch())
+    _rmsnorm_kernel[(m,)](x, weight, out, k, eps, x.stride(0), BK=triton.next_power_of_2(k), **_launch(4, pdl))
     return out
 
 
 def qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor, eps: float, cos: torch.Tensor,
              sin: torch.Tensor, pos: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-             kv_heads: int) -> None:
+             kv_heads: int, pdl: bool = False) -> None:
     """RMSNorm(x) @ [Wq; Wk; Wv].T with rotary at positions pos.. (a device tensor): queries into q (M, heads,
     head_dim), keys and values into the (1, kv_heads, slots, head_dim) buffers."""
     m, width = x.shape
@@ -380,18 +376,18 @@ def qkv_rope(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor, eps: flo
     half = min(half, head_dim // 2)
     _qkv_rope_kernel[(n_heads * (head_dim // 2 // half),)](
         x, weight, norm, cos, sin, pos, q, keys, values, width, eps, x.stride(0), keys.stride(1), HEADS=heads,
-        KV_HEADS=kv_heads, HEAD_DIM=head_dim, M=m, BM=_m_block(m), HALF=half, BK=cols, **_launch(warps))
+        KV_HEADS=kv_heads, HEAD_DIM=head_dim, M=m, BM=_m_block(m), HALF=half, BK=cols, **_launch(warps, pdl))
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, out: torch.Tensor,
-              scale: float) -> None:
+              scale: float, pdl: bool = False) -> None:
     """Causal attention of q (M, heads, head_dim) at positions pos.. over the filled slots of the KV buffers."""
     m, heads, head_dim = q.shape
     kv_heads, max_slots = keys.shape[1], keys.shape[2]
     slots, warps = ATTENTION_BLOCKS.get((head_dim, max_slots), DEFAULT_ATTENTION)
     _attention_kernel[(m * heads,)](
         q, keys, values, pos, out, scale, keys.stride(1), HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim,
-        MAX_KEYS=max_slots, BS=min(slots, triton.next_power_of_2(max_slots)), **_launch(warps))
+        MAX_KEYS=max_slots, BS=min(slots, triton.next_power_of_2(max_slots)), **_launch(warps, pdl))
 
 
 class FusedStack:
@@ -427,7 +423,7 @@ class FusedStack:
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
 
     @torch.no_grad()
-    def run(self, hidden: torch.Tensor, kv: StaticKV, norm: bool = True) -> torch.Tensor:
+    def run(self, hidden: torch.Tensor, kv: StaticKV, norm: bool = True, pdl: bool = False) -> torch.Tensor:
         """Drop-in for lab.kv.run_layers over static KV buffers."""
         n = hidden.shape[1]
         if n > MAX_TOKENS:
@@ -441,15 +437,16 @@ class FusedStack:
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             qkv_rope(x, self.qkv[i], layer.input_layernorm.weight, self.eps, self.cos, self.sin, kv.pos, q,
-                     kv.keys[i], kv.values[i], self.kv_heads)
-            attention(q, kv.keys[i], kv.values[i], kv.pos, attended, attn.scaling)
+                     kv.keys[i], kv.values[i], self.kv_heads, pdl=pdl)
+            attention(q, kv.keys[i], kv.values[i], kv.pos, attended, attn.scaling, pdl=pdl)
             # The residual stream: a new buffer at the first layer (the caller's input stays as it was), then
             # updated in place.
-            x = linear(attended, attn.o_proj.weight, x if i else None, residual=x)
-            inner = linear(x, self.gate_up[i], norm=layer.post_attention_layernorm.weight, eps=self.eps, glu=True)
-            linear(inner, mlp.down_proj.weight, x, residual=x)
+            x = linear(attended, attn.o_proj.weight, x if i else None, residual=x, pdl=pdl)
+            inner = linear(x, self.gate_up[i], norm=layer.post_attention_layernorm.weight, eps=self.eps, glu=True,
+                           pdl=pdl)
+            linear(inner, mlp.down_proj.weight, x, residual=x, pdl=pdl)
         kv.advance(n)
-        out = rmsnorm(x, self.stack.norm.weight, self.eps) if norm else x
+        out = rmsnorm(x, self.stack.norm.weight, self.eps, pdl) if norm else x
         return out[None]
 
 
@@ -467,9 +464,13 @@ def _concatenate(*linears: torch.nn.Linear) -> torch.Tensor:
 
 class TritonKernels:
     """The engine's kernel hooks (see lab.engines.torch_common.TorchKernels), served by the kernels above. `stacks`
-    maps each decoder stack the engine runs to the number of positions its KV buffers hold."""
+    maps each decoder stack the engine runs to the number of positions its KV buffers hold. `pdl`: programmatic
+    dependent launch; None asks the device (pdl_available). Every launch reads `self.pdl`, so a benchmark can set it
+    and capture again to compare on and off."""
 
-    def __init__(self, stacks: dict[torch.nn.Module, int], stacked_heads: tuple[torch.nn.Module, ...] = ()):
+    def __init__(self, stacks: dict[torch.nn.Module, int], stacked_heads: tuple[torch.nn.Module, ...] = (),
+                 pdl: bool | None = None):
+        self.pdl = pdl_available() if pdl is None else pdl
         self.stacks = {id(stack): FusedStack(stack, positions) for stack, positions in stacks.items()}
         for head in stacked_heads:
             # CSM keeps each codebook head as (width, vocab), contiguous along the vocab: read that way a
@@ -479,26 +480,23 @@ class TritonKernels:
             head.weight = torch.nn.Parameter(rows_major.transpose(1, 2), requires_grad=False)
 
     def run_layers(self, stack: torch.nn.Module, hidden: torch.Tensor, kv: StaticKV, norm: bool = True):
-        return self.stacks[id(stack)].run(hidden, kv, norm)
+        return self.stacks[id(stack)].run(hidden, kv, norm, self.pdl)
 
-    @staticmethod
-    def linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if module.bias is not None:
             raise ValueError("kernels: triton covers projections without bias (CSM's): use kernels: torch")
-        return linear(x.reshape(-1, x.shape[-1]), module.weight).reshape(*x.shape[:-1], -1)
+        return linear(x.reshape(-1, x.shape[-1]), module.weight, pdl=self.pdl).reshape(*x.shape[:-1], -1)
 
-    @staticmethod
-    def codebooks_head(head: torch.nn.Module, norm: torch.nn.Module, hidden: torch.Tensor, kv: StaticKV):
+    def codebooks_head(self, head: torch.nn.Module, norm: torch.nn.Module, hidden: torch.Tensor, kv: StaticKV):
         # The norm runs inside the head's kernel. The last position run is kv.pos - 1, and position p uses matrix
         # p - 1: matrix kv.pos - 2, read on the device.
         return linear(hidden, head.weight, norm=norm.weight, eps=norm.variance_epsilon, transposed=True,
-                      index=kv.pos, index_offset=-2)
+                      index=kv.pos, index_offset=-2, pdl=self.pdl)
 
-    @staticmethod
-    def pick(logits: torch.Tensor, temperature: float, top_k: int, uniform: torch.Tensor | None) -> torch.Tensor:
+    def pick(self, logits: torch.Tensor, temperature: float, top_k: int, uniform: torch.Tensor | None) -> torch.Tensor:
         if temperature != 0:
             return tc_pick(logits, temperature, top_k, uniform)
         out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         _argmax_kernel[(logits.shape[0],)](logits, out, logits.shape[1], logits.stride(0),
-                                           BLOCK=triton.next_power_of_2(logits.shape[1]), **_launch())
+                                           BLOCK=triton.next_power_of_2(logits.shape[1]), **_launch(4, self.pdl))
         return out

@@ -88,7 +88,7 @@ class StaticKV:
         return positions[None], to_mask(allowed, attn_implementation, dtype)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        # index_copy_ with the device-held positions: no host sync. ../shared/GPU.md warns that index_copy_
+        # index_copy_ with the device-held positions: no host sync. docs/GPU.md warns that index_copy_
         # broke graph replay in some transformers versions; the GPU benchmark checks replay against eager.
         self.keys[layer_idx].index_copy_(2, self.positions, key)
         self.values[layer_idx].index_copy_(2, self.positions, value)

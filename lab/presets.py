@@ -1,7 +1,6 @@
 """Presets: one YAML file per named VariantSpec in presets/, validated with errors naming file and field."""
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
 
@@ -57,10 +56,3 @@ def load_all(directory: str = PRESETS_DIR) -> tuple[dict[str, VariantSpec], dict
         except LabError as e:
             errors[name] = e.message
     return specs, errors
-
-
-def to_yaml(spec: VariantSpec) -> str:
-    defaults = VariantSpec(family=spec.family)
-    data = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
-            if f.name != "name" and (f.name == "family" or getattr(spec, f.name) != getattr(defaults, f.name))}
-    return yaml.safe_dump(data, sort_keys=False)

@@ -14,8 +14,12 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
+
+from lab.engines import AudioChunk
+from lab.metrics import Timeline
 
 
 def chunk_frames(first: int, growth: float, largest: int) -> Iterator[int]:
@@ -24,6 +28,45 @@ def chunk_frames(first: int, growth: float, largest: int) -> Iterator[int]:
     while True:
         yield int(size)
         size = min(size * growth, float(largest))
+
+
+class ChunkEmitter:
+    """The chunking every frame loop shares: frames wait in `pending` until a chunk is due (the schedule's
+    target is reached, or generation finished); the loop then `take()`s them, decodes them its own way, and
+    `emit()`s the samples, which stamps the timeline and numbers the chunk.
+
+        emitter.add(frame)
+        if emitter.due(finished):
+            yield emitter.emit(decode(emitter.take()))
+    """
+
+    def __init__(self, spec, timeline: Timeline, sample_rate: int):
+        self.sizes = chunk_frames(spec.first_chunk_frames, spec.chunk_growth, spec.max_chunk_frames)
+        self.target_frames = next(self.sizes)
+        self.pending: list = []
+        self.index = 0          # of the next chunk emitted: 0 until the first one is out
+        self.timeline, self.sample_rate = timeline, sample_rate
+
+    def add(self, frame) -> None:
+        self.pending.append(frame)
+
+    def due(self, finished: bool) -> bool:
+        return len(self.pending) >= self.target_frames or finished
+
+    def take(self) -> list:
+        """The pending frames, and the schedule moved on to the next chunk's size."""
+        frames, self.pending = self.pending, []
+        self.target_frames = next(self.sizes)
+        return frames
+
+    def emit(self, samples: np.ndarray) -> AudioChunk:
+        """Samples on the host (float32 mono) as the next AudioChunk; the first one stamps `first_decode`."""
+        if self.index == 0:
+            self.timeline.mark("first_decode")
+        self.timeline.chunk(len(samples) / self.sample_rate)
+        chunk = AudioChunk(samples, self.sample_rate, self.index)
+        self.index += 1
+        return chunk
 
 
 def _is_conv(m: nn.Module) -> bool:

@@ -75,27 +75,25 @@ def test_the_step_over_static_kv_buffers_gives_generates_codes(csm_tiny, attenti
     device-held positions. Run eagerly here on the CPU; the GPU benchmark checks its graph replay against it."""
     from lab.engines import csm
 
-    model = csm_tiny.model
-    model.config._attn_implementation = attention
-    for sub in (model.backbone_model, model.depth_decoder, model.depth_decoder.model):
-        sub.config._attn_implementation = attention
-    try:
-        static = csm.CsmEngine(csm_tiny.spec, model, None, static_kv=True)
-        context = (ContextTurn("An earlier turn.", speaker=1),)
-        for request in (Request(TEXT, max_audio_s=1.6), Request(TEXT, max_audio_s=1.6, context=context)):
-            run(static, request)
-            per_segment = csm.CsmEngine(csm_tiny.spec.replace(prefill="per-segment"), model, None, static_kv=True)
-            run(per_segment, request)
-            assert torch.equal(static.last_codes, per_segment.last_codes)
-        run(static, Request(TEXT, max_audio_s=1.6))
-        ids = torch.tensor([csm_tiny.tokenizer(f"[0]{TEXT}")])
-        with torch.no_grad():
-            ref = model.generate(input_ids=ids, do_sample=False, depth_decoder_do_sample=False,
-                                 max_new_tokens=len(static.last_codes))
-        assert torch.equal(ref[0], static.last_codes)
-    finally:
-        for sub in (model, model.backbone_model, model.depth_decoder, model.depth_decoder.model):
-            sub.config._attn_implementation = "sdpa"
+    # Its own model, loaded with this attention (the same seeded weights as csm_tiny's): generate() below runs
+    # with it too, and the session's model is left as it is.
+    spec = csm_tiny.spec.replace(attention=attention)
+    model, _ = csm.load(spec)
+    assert all(sub.config._attn_implementation == attention
+               for sub in (model, model.backbone_model, model.depth_decoder, model.depth_decoder.model))
+    static = csm.CsmEngine(spec, model, None, static_kv=True)
+    per_segment = csm.CsmEngine(spec.replace(prefill="per-segment"), model, None, static_kv=True)
+    context = (ContextTurn("An earlier turn.", speaker=1),)
+    for request in (Request(TEXT, max_audio_s=1.6), Request(TEXT, max_audio_s=1.6, context=context)):
+        run(static, request)
+        run(per_segment, request)
+        assert torch.equal(static.last_codes, per_segment.last_codes)
+        if not request.context:
+            ids = torch.tensor([static.tokenizer(f"[0]{TEXT}")])
+            with torch.no_grad():
+                ref = model.generate(input_ids=ids, do_sample=False, depth_decoder_do_sample=False,
+                                     max_new_tokens=len(static.last_codes))
+            assert torch.equal(ref[0], static.last_codes)
 
 
 def test_static_codec_state_streams_the_same_audio_as_a_whole_decode(csm_tiny):
@@ -164,10 +162,19 @@ def test_inductor_compiles_the_same_step_and_matches_eager(csm_tiny):
     assert torch.equal(csm_tiny.last_codes, compiled.last_codes)
     # The build compiled everything: the first real request (the "cold" run) must not compile again.
     assert counters["stats"]["unique_graphs"] == graphs_after_build
-    # A request that would overrun the compiled cache is refused with the fix, not an index error.
+
+
+def test_a_request_longer_than_the_static_kv_cache_is_refused_with_the_fix(csm_tiny):
+    """What every compiled, graphed or Triton variant runs on: static KV buffers of fixed length. A request that
+    would overrun them is refused before any frame, with the longest that fits, not an index error."""
+    from lab.engines import csm
+
+    static = csm.CsmEngine(csm_tiny.spec, csm_tiny.model, None, static_kv=True)
+    tl = Timeline()
     with pytest.raises(LabError) as e:
-        list(compiled.stream(Request(TEXT, max_audio_s=120.0), Timeline()))
+        list(static.stream(Request(TEXT, max_audio_s=120.0), tl))
     assert e.value.where == "max_audio_s" and "at most" in e.value.message
+    assert tl.frames == []
 
 
 def test_codes_stay_inside_the_codebook_even_when_special_ids_score_highest():

@@ -60,9 +60,9 @@ def test_a_failed_build_is_reported_for_its_spec_only():
     assert len(list(good.stream(Request("Still works.", max_audio_s=0.5), Timeline()))) >= 1
 
 
-def test_lru_eviction_under_budget_really_frees_the_model():
-    first = engines.build(TINY)
-    budget = first.report.memory_bytes + first.report.memory_bytes // 2   # room for one tiny variant only
+def test_lru_eviction_under_budget_really_frees_the_model(csm_tiny):
+    # csm_tiny is the same tiny model (only its chunking differs): its size sets a budget with room for one
+    budget = csm_tiny.report.memory_bytes + csm_tiny.report.memory_bytes // 2
     manager = ModelManager(memory_budget_bytes=budget)
     a = manager.get(TINY)
     model_ref = weakref.ref(a.model)
@@ -77,9 +77,8 @@ def test_lru_eviction_under_budget_really_frees_the_model():
     assert manager.builds == builder_calls_before + 1 and len(manager.built()) == 1
 
 
-def test_a_variant_that_is_streaming_is_not_evicted_under_it():
-    first = engines.build(TINY)
-    manager = ModelManager(memory_budget_bytes=first.report.memory_bytes + first.report.memory_bytes // 2)
+def test_a_variant_that_is_streaming_is_not_evicted_under_it(csm_tiny):
+    manager = ModelManager(memory_budget_bytes=csm_tiny.report.memory_bytes + csm_tiny.report.memory_bytes // 2)
     busy = manager.get(TINY)
     stream = busy.stream(Request("A long enough request to hold the engine.", max_audio_s=2.0), Timeline())
     next(stream)                                   # mid-stream: the engine is in use
@@ -94,8 +93,8 @@ def test_a_variant_over_the_budget_alone_is_freed_before_the_next_one_builds():
 
     class Big(engines.Engine):
         def __init__(self, name):
-            self.spec, self.name = TINY, name
-            self.report = engines.BuildReport(memory_bytes=12)
+            super().__init__(TINY, 24000, engines.BuildReport(memory_bytes=12))
+            self.name = name
 
         def close(self):
             events.append(f"freed {self.name}")

@@ -42,14 +42,14 @@ def preset(name, **changes):
 
 
 def standin_engine(spec, **standin_args):
-    """An engine over a fresh stand-in, built by the real build() with load_model replaced (the test seam)."""
+    """An engine over a fresh stand-in, built by the real build() with load replaced (the test seam)."""
     model = StandInMiniCPMO(**standin_args)
-    original = minicpm_o.load_model
-    minicpm_o.load_model = lambda s: (model, StandInTokenizer())
+    original = minicpm_o.load
+    minicpm_o.load = lambda s: (model, StandInTokenizer())
     try:
         return engines.build(spec), model
     finally:
-        minicpm_o.load_model = original
+        minicpm_o.load = original
 
 
 def run(engine, request):
@@ -336,7 +336,7 @@ def test_weights_missing_everywhere_is_one_clear_error(gpu_host, monkeypatch):
 
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", not_cached)
     with pytest.raises(LabError) as e:
-        minicpm_o.load_model(preset("minicpm-o-bnb-nf4"))
+        minicpm_o.load(preset("minicpm-o-bnb-nf4"))
     assert e.value.where == "weights" and f"--revision {REVISION}" in e.value.message
 
 

@@ -41,7 +41,7 @@ def audio_of(chunks) -> np.ndarray:
 
 def generate_latents(engine, temperature: float, seed: int, num_frames: int, eos_threshold: float):
     """The model's own generate() for the engine's prompt: its latents in the codec's space."""
-    prompt_ids, frames_after_eos = engine.encode_prompt(TEXT)
+    prompt_ids, frames_after_eos = engine.build_prompt(Request(text=TEXT))
     torch.manual_seed(seed)  # generate() draws its noise from the global generator
     with torch.no_grad():
         out = engine.model.generate(

@@ -36,7 +36,7 @@ def main() -> int:
     # is off (random weights' head is noise), as in the lab's loop. Latents only: no codec decode is timed.
     engine = manager.get(specs[0])
     frames = max(r["timeline"]["frames"] for r in results["runs"])
-    prompt_ids, frames_after_eos = engine.encode_prompt(DEFAULT_TEXT)
+    prompt_ids, frames_after_eos = engine.build_prompt(Request(DEFAULT_TEXT))
     per_frame_ms = []
     for run in range(4):   # the first warms up
         t0 = time.perf_counter()

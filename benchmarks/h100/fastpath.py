@@ -68,7 +68,7 @@ def spread(values: list[float]) -> dict:
 
 def reference_generate(engine, frames: int, runs: int) -> dict:
     """transformers `generate()` on the same weights and attention: milliseconds per frame, language model only
-    (no codec decode), the way ../shared/GPU.md measures its baseline. The first call warms up and is dropped."""
+    (no codec decode), the way docs/GPU.md measures its baseline. The first call warms up and is dropped."""
     model = engine.model
     ids = torch.tensor([engine.tokenizer(f"[0]{TEXT}")], device=engine.device)
     per_frame_ms = []

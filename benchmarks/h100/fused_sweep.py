@@ -83,6 +83,11 @@ def graph_us(launches: list, replays: int = 10) -> float:
     return sorted(times)[1]
 
 
+def pdl() -> bool:
+    """The kernels are timed as a build on this device launches them (lab/fused.py's tables were picked with PDL on)."""
+    return fused.pdl_available()
+
+
 def copies_for(nbytes: int) -> int:
     return max(4, min(64, int(3 * L2_BYTES / nbytes) + 1))
 
@@ -104,11 +109,12 @@ def sweep_linear(name, n, k, glu, transposed, norm) -> dict:
         fused.LINEAR_BLOCKS[key] = cfg
         try:
             if not glu and not norm:
-                got = fused.linear(x, weights[0], transposed=transposed)
+                got = fused.linear(x, weights[0], transposed=transposed, pdl=pdl())
                 err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
                 if not err < 1e-2:
                     raise AssertionError(f"relative error {err}")
-            us = graph_us([lambda w=w: fused.linear(x, w, norm=g, eps=1e-5, glu=glu, transposed=transposed)
+            us = graph_us([lambda w=w: fused.linear(x, w, norm=g, eps=1e-5, glu=glu, transposed=transposed,
+                                                   pdl=pdl())
                            for w in weights])
             out["configs"][str(cfg)] = us
         except Exception as e:   # a shape Triton cannot compile (too many registers): skipped, recorded
@@ -136,7 +142,8 @@ def sweep_qkv(name, heads, kv_heads, dim, k) -> dict:
         fused.QKV_BLOCKS[key] = cfg
         try:
             out["configs"][str(cfg)] = graph_us([lambda w=w: fused.qkv_rope(x, w, g, 1e-5, cos, sin, pos, q, keys,
-                                                                            values, kv_heads) for w in weights])
+                                                                            values, kv_heads, pdl=pdl())
+                                                for w in weights])
         except Exception as e:
             out["configs"][str(cfg)] = f"{type(e).__name__}: {str(e)[:120]}"
     fused.QKV_BLOCKS.pop(key, None)
@@ -157,7 +164,7 @@ def sweep_attention(name, heads, kv_heads, dim, slots, filled) -> dict:
             continue
         fused.ATTENTION_BLOCKS[(dim, slots)] = cfg
         try:
-            out["configs"][str(cfg)] = graph_us([lambda c=c: fused.attention(q, c[0], c[1], pos, o, dim ** -0.5)
+            out["configs"][str(cfg)] = graph_us([lambda c=c: fused.attention(q, c[0], c[1], pos, o, dim ** -0.5, pdl=pdl())
                                                  for c in caches])
         except Exception as e:
             out["configs"][str(cfg)] = f"{type(e).__name__}: {str(e)[:120]}"
@@ -252,16 +259,15 @@ def frame_checks(out_dir: str, runs: int) -> dict:
 
     # The frame graph alone: no host work, no codec; with programmatic dependent launch (PDL) and without.
     engine.kv.reset()
-    for seg in engine._segments(request):
+    for seg in engine.build_prompt(request):
         engine.hidden_in.copy_(engine.prefill_step(seg))
-    pdl = fused.PDL
+    pdl = engine.kernels.pdl    # what the build chose for this device
     for label, on in (("without PDL", False), ("with PDL", pdl)):
-        fused.PDL = on
+        engine.kernels.pdl = on   # read at every launch: the graph captured next runs with it
         engine.frame_graphs.clear()
-        run = engine._graphed_frame(0.0, 0)
+        run = engine.graphed_frame(0.0, 0)
         result[f"frame_graph_ms {label}"] = time_frame_graph(engine, run)
         log(f"frame graph alone, {label}: {result[f'frame_graph_ms {label}']}")
-    assert fused.PDL == pdl
     result["pdl"] = pdl
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):

@@ -3,7 +3,7 @@
 # stays inside the 10-minute command limit (see fastpath.py for what each part runs):
 #   fast: generate() reference, eager / inductor / cuda-graphs / inductor+cuda-graphs, replay checks
 #   axes: eager attention, sdpa-flash, flash_attention_2, bnb nf4 (+ graphed), bnb int8, prefill, float32 checks
-# Needs the wheels named in ../shared/GPU.md in .whl/ (transformers 5.24, bitsandbytes).
+# Needs the wheels named in docs/GPU.md in .whl/ (transformers 5.24, bitsandbytes).
 # Usage: LAB_COMMIT=<sha> bash benchmarks/h100/run.sh fast|axes OUTDIR
 set -euo pipefail
 part=$1 out=$2

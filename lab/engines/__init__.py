@@ -48,24 +48,29 @@ class BuildReport:
 
 
 class Engine:
-    """A built variant. Subclasses set spec, sample_rate and report, and implement _stream()."""
+    """A built variant. Subclasses call `Engine.__init__` first, then set what their step needs, and implement
+    _stream()."""
 
-    spec: VariantSpec
-    sample_rate: int
-    report: BuildReport
-    _lock = None
-    _lock_guard = threading.Lock()   # engines do not call a base __init__; this makes the lazy lock race-free
-    # Whether a request has run to its end on this engine: its first one is the cold one (any compile or capture
-    # left over from the build lands there). Kept on the engine, so a variant evicted and built again is cold again.
-    served = False
+    # What close() keeps: the variant's identity and its bookkeeping. Everything else an engine set on itself
+    # (model, codec, caches, graphs, compiled steps) is dropped, so no engine lists its attributes by hand.
+    KEEP_ON_CLOSE = frozenset({"spec", "sample_rate", "report", "_lock", "served", "_memory_baseline_bytes"})
+
+    def __init__(self, spec: VariantSpec, sample_rate: int, report: BuildReport | None = None):
+        self.spec = spec
+        self.sample_rate = sample_rate
+        self.report = report if report is not None else BuildReport()
+        # One request at a time per engine: caches and codec streaming state belong to the request in flight.
+        self._lock = threading.Lock()
+        # Whether a request has run to its end on this engine: its first one is the cold one (any compile or
+        # capture left over from the build lands there). Kept on the engine, so a variant evicted and built again
+        # is cold again; `build` clears it after the build's own warm-up.
+        self.served = False
+        self._memory_baseline_bytes = 0   # what other variants held when this one's peak-memory window opened
 
     def stream(self, request: Request, timeline: Timeline,
                cancel: threading.Event | None = None) -> Iterator[AudioChunk]:
-        """Yields AudioChunks as soon as each is decoded, stamping `timeline`. One request at a time per
-        engine: caches and codec streaming state belong to the request in flight, so a second caller waits."""
-        with Engine._lock_guard:
-            if self._lock is None:
-                self._lock = threading.Lock()
+        """Yields AudioChunks as soon as each is decoded, stamping `timeline`. A second caller waits for the
+        request in flight."""
         with self._lock:
             yield from self._stream(request, timeline, cancel)
             self.served = True
@@ -74,10 +79,13 @@ class Engine:
         raise NotImplementedError
 
     def busy(self) -> bool:
-        return self._lock is not None and self._lock.locked()
+        return self._lock.locked()
 
     def close(self) -> None:
-        """Drop the model so its memory can be freed (the manager collects it)."""
+        """Drop everything but the spec, sample rate, build report and bookkeeping, so the model, caches and graphs
+        can be freed (the manager collects garbage and empties the CUDA cache after close)."""
+        for name in [name for name in vars(self) if name not in self.KEEP_ON_CLOSE]:
+            delattr(self, name)
 
     def reset_peak_memory(self) -> None:
         from lab.engines import torch_common as tc
@@ -92,7 +100,7 @@ class Engine:
 
         if self.spec.device != "cuda":
             return tc.peak_memory_bytes("cpu")
-        return self.report.memory_bytes + tc.peak_memory_bytes("cuda", getattr(self, "_memory_baseline_bytes", 0))
+        return self.report.memory_bytes + tc.peak_memory_bytes("cuda", self._memory_baseline_bytes)
 
 
 FAMILY_MODULES = {"csm": "lab.engines.csm", "pocket_tts": "lab.engines.pocket_tts", "hibari": "lab.engines.hibari",

@@ -14,16 +14,16 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from lab.engines import AudioChunk, BuildReport, Engine
+from lab.engines import AudioChunk, Engine
 from lab.engines import torch_common as tc
 from lab.errors import Cancelled, LabError
 from lab.metrics import Timeline
 from lab.request import ContextTurn, Request
 from lab.spec import VariantSpec
-from lab.streaming import StreamingMimiDecoder, chunk_frames, frames_for
+from lab.streaming import ChunkEmitter, StreamingMimiDecoder, chunk_frames, frames_for
 
 FRAME_RATE_HZ = 12.5
-SKIP_QUANT = ["codec_model", "lm_head", "codebooks_head"]  # keep the codec and the heads in full precision
+SKIP_QUANT_MODULES = ["codec_model", "lm_head", "codebooks_head"]  # keep the codec and the heads in full precision
 
 
 def tiny_config():
@@ -43,16 +43,16 @@ def tiny_config():
                      max_position_embeddings=1024, depth_decoder_config=depth, codec_config=codec)
 
 
-def load_model(spec: VariantSpec):
+def load(spec: VariantSpec):
     """(model on its device, processor or None): the real checkpoint and processor, or random/tiny weights."""
     from transformers import CsmConfig, CsmForConditionalGeneration
 
     if spec.weights == "pretrained":
-        model = tc.from_pretrained(CsmForConditionalGeneration, spec, spec.model_id, SKIP_QUANT)
+        model = tc.from_pretrained(CsmForConditionalGeneration, spec, spec.model_id, SKIP_QUANT_MODULES)
         processor = tc.load_processor(spec)
     else:
         config = tiny_config() if spec.weights == "tiny" else CsmConfig()
-        model = tc.init_random(CsmForConditionalGeneration, config, spec, SKIP_QUANT)
+        model = tc.init_random(CsmForConditionalGeneration, config, spec, SKIP_QUANT_MODULES)
         processor = None
     if spec.quantization == "none":   # bnb places quantized weights itself
         model = model.to(spec.device)
@@ -60,7 +60,6 @@ def load_model(spec: VariantSpec):
 
 
 GRAPHED = ("cuda-graphs", "inductor+cuda-graphs")
-INDUCTOR_OPTIONS: dict = {}    # torch.compile options (inductor config) for the compiled pieces
 COMPILED = ("inductor", "inductor+cuda-graphs")
 
 
@@ -72,12 +71,11 @@ class CsmEngine(Engine):
     def __init__(self, spec: VariantSpec, model, processor, static_kv: bool | None = None):
         from lab.kv import GrowingKV, static_kv_for
 
-        self.spec = spec
+        super().__init__(spec, model.config.codec_config.sampling_rate)
         self.model = model
         self.config = model.config
         self.processor = processor
         self.tokenizer = None if processor else tc.ByteTokenizer(self.config.text_vocab_size, self.config.bos_token_id)
-        self.sample_rate = self.config.codec_config.sampling_rate
         self.device = torch.device(spec.device)
         self.sync = tc.device_sync(spec.device)
         self.num_codebooks = self.config.num_codebooks
@@ -120,10 +118,9 @@ class CsmEngine(Engine):
             # The pieces are compiled, not the whole frame: each compiles once (positions are device tensors,
             # shapes are fixed), where one whole frame unrolls 31 depth steps into one slow compile. The prefill
             # stays eager: prompts vary in length and each new length would recompile.
-            options = dict(INDUCTOR_OPTIONS) or None
-            self.backbone_step = torch.compile(self._backbone_step, options=options)
+            self.backbone_step = torch.compile(self._backbone_step)
             self.head, self.depth_first, self.depth_step = (
-                torch.compile(f, options=options) for f in (self._head, self._depth_first, self._depth_step))
+                torch.compile(f) for f in (self._head, self._depth_first, self._depth_step))
         # The attention kernel choice wraps the model's steps only, never the codec or the caller's code.
         self.prefill_step, self.frame = (tc.with_attention(spec, f) for f in (self.prefill_step, self._frame))
         self.use_graphs = self.graphed   # False runs the very same step without replaying graphs (for checks)
@@ -133,7 +130,6 @@ class CsmEngine(Engine):
             self.hidden_in = torch.zeros(1, self.config.hidden_size, dtype=width_dtype, device=self.device)
             self.uniform_in = torch.zeros(self.num_codebooks, self.audio_ids, device=self.device)
         self.last_codes: torch.Tensor | None = None  # (frames, codebooks) of the last request, for checks
-        self.report = BuildReport()
 
     # -- the frame step: written once; compile and CUDA graphs wrap it ---------------------------
     def _frame(self, hidden: torch.Tensor, uniform: torch.Tensor | None, temperature: float, top_k: int
@@ -188,7 +184,7 @@ class CsmEngine(Engine):
 
     # -- CUDA graphs -----------------------------------------------------------------------------
     @torch.no_grad()   # as every request runs: a capture under autograd would compile and record other kernels
-    def _graphed_frame(self, temperature: float, top_k: int):
+    def graphed_frame(self, temperature: float, top_k: int):
         """The frame step as a CUDA graph for these sampling settings, captured on first use (it runs the step a
         few times, so call it before a request resets its caches). Replays chain: the graph writes the next
         backbone state into its own input, so the host launches one replay per frame and nothing else."""
@@ -228,7 +224,7 @@ class CsmEngine(Engine):
     def capture_graphs(self) -> int:
         """Captures the greedy frame step and the codec decode for every chunk size the spec's schedule makes.
         Returns the number of graphs."""
-        self._graphed_frame(0.0, 0)
+        self.graphed_frame(0.0, 0)
         sizes, gen = set(), chunk_frames(self.spec.first_chunk_frames, self.spec.chunk_growth,
                                          self.spec.max_chunk_frames)
         while (n := next(gen)) not in sizes:
@@ -249,7 +245,7 @@ class CsmEngine(Engine):
         return self.tokenizer(f"[{speaker}]{text}")
 
     @torch.no_grad()
-    def _segments(self, request: Request) -> list[torch.Tensor]:
+    def build_prompt(self, request: Request) -> list[torch.Tensor]:
         """Prompt embeddings, one tensor per turn: each context turn's text, then its audio as codec frames
         closed by the audio-EOS frame, and last the text to speak."""
         backbone = self.model.backbone_model
@@ -279,7 +275,7 @@ class CsmEngine(Engine):
         generator = torch.Generator(self.device).manual_seed(request.seed)
         sampled = request.temperature > 0
         if self.use_graphs:     # captured before the resets below: capturing runs the step
-            frame = self._graphed_frame(request.temperature, request.top_k)
+            frame = self.graphed_frame(request.temperature, request.top_k)
         else:
             frame = lambda hidden, uniform: self.frame(hidden, uniform, request.temperature, request.top_k)  # noqa: E731
         self.kv.reset()
@@ -287,7 +283,7 @@ class CsmEngine(Engine):
         max_frames = frames_for(request.max_audio_s, FRAME_RATE_HZ)
         timeline.mark("session")
 
-        segments = self._segments(request)
+        segments = self.build_prompt(request)
         prompt_len = sum(seg.shape[1] for seg in segments)
         # +1: the last frame also runs the backbone over its codes (the state a next frame would start from).
         if self.static and prompt_len + max_frames + 1 > self.cache_positions:
@@ -300,52 +296,38 @@ class CsmEngine(Engine):
         for seg in segments:  # per-segment: one forward per turn, each extending the cache
             hidden = self.prefill_step(seg)
         timeline.mark("prefill")
-        sizes = chunk_frames(self.spec.first_chunk_frames, self.spec.chunk_growth, self.spec.max_chunk_frames)
+        emitter = ChunkEmitter(self.spec, timeline, self.sample_rate)
         timeline.mark("generator")
 
-        all_codes, pending, frames, index = [], [], 0, 0
-        target = next(sizes)
-        while frames < max_frames:
+        all_codes = []
+        for frame_index in range(max_frames):
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
             uniform = torch.rand(self.num_codebooks, self.audio_ids, generator=generator,
                                  device=self.device) if sampled else None
             codes, hidden = frame(hidden, uniform)
-            pending.append(codes)
-            frames += 1
+            emitter.add(codes)
             timeline.frame()
-            if frames == 1:
+            if frame_index == 0:
                 timeline.mark("first_frame")
-            if len(pending) == target or frames == max_frames:
-                # The host looks at the codes only here, once per chunk, not once per frame.
-                block = torch.cat(pending)                      # (n, codebooks)
-                eos = (block[:, :-1] == self.config.codebook_eos_token_id).all(-1)
-                stop = bool(eos.any())
-                if stop:
-                    block = block[: int(eos.nonzero()[0, 0])]
-                pending = []
-                if len(block):
-                    all_codes.append(block)
-                    audio = self._decode(block.T[None]).float().cpu().numpy()
-                    if index == 0:
-                        timeline.mark("first_decode")
-                    timeline.chunk(len(audio) / self.sample_rate)
-                    yield AudioChunk(audio, self.sample_rate, index)
-                    index += 1
-                if stop:
-                    break
-                target = next(sizes)
+            if not emitter.due(finished=frame_index == max_frames - 1):
+                continue
+            # The host looks at the codes only here, once per chunk, not once per frame.
+            block = torch.cat(emitter.take())                 # (n, codebooks)
+            eos = (block[:, :-1] == self.config.codebook_eos_token_id).all(-1)
+            stop = bool(eos.any())
+            if stop:
+                block = block[: int(eos.nonzero()[0, 0])]
+            if len(block):
+                all_codes.append(block)
+                yield emitter.emit(self._decode(block.T[None]).float().cpu().numpy())
+            if stop:
+                break
         self.last_codes = torch.cat(all_codes) if all_codes else None
-
-    def close(self) -> None:
-        for name in ("model", "codec", "processor", "kernels", "kv", "depth_kv", "prefill_step", "backbone_step",
-                     "head", "depth_first", "depth_step", "frame", "frame_graphs", "decode_graphs", "hidden_in",
-                     "uniform_in", "last_codes"):
-            self.__dict__.pop(name, None)
 
 
 def build(spec: VariantSpec, progress) -> CsmEngine:
-    clock, baseline_bytes, (model, processor), load_s = tc.begin_build(spec, progress, lambda: load_model(spec))
+    clock, baseline_bytes, (model, processor), load_s = tc.begin_build(spec, progress, lambda: load(spec))
     engine = CsmEngine(spec, model, processor)
 
     def warm_up():

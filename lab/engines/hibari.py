@@ -21,15 +21,15 @@ from lab.spec import VariantSpec
 
 class HibariEngine(Engine):
     def __init__(self, spec: VariantSpec, tts):
-        self.spec = spec
+        super().__init__(spec, tts.sample_rate, BuildReport(tokenizer="hibari G2P (misaki phonemes)"))
         self.tts = tts
-        self.sample_rate = tts.sample_rate
-        self.report = BuildReport(tokenizer="hibari G2P (misaki phonemes)")
+        self.sync = lambda: None    # ONNX Runtime on the CPU: its work is done when run() returns
 
     def _stream(self, request: Request, timeline: Timeline, cancel: threading.Event | None
                 ) -> Iterator[AudioChunk]:
         from hibari import dsp
 
+        timeline.sync = self.sync
         timeline.mark("request")
         rng = np.random.default_rng(request.seed)  # the vocoder's noise: seeded, so runs are bit-identical
         timeline.mark("session")
@@ -54,10 +54,6 @@ class HibariEngine(Engine):
             yield AudioChunk(audio, self.sample_rate, index)
             if budget <= 0:
                 break
-
-    def close(self) -> None:
-        self.__dict__.pop("tts", None)
-
 
 def build(spec: VariantSpec, progress) -> HibariEngine:
     try:

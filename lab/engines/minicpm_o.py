@@ -45,7 +45,7 @@ OUTPUT_SAMPLE_RATE_HZ = 24000   # Vocos output; every streamed item also says it
 TTS_EOS = "<|tts_eos|>"         # end-of-speech marker the model can leave in .text
 # bitsandbytes quantizes the LLM only. The TTS (ChatTTS), the audio encoder and its projection stay in bf16: they are
 # small, and the notes' bnb trouble was in the TTS path. Matched as substrings of module names.
-SKIP_QUANT = ["tts", "apm", "audio_projection_layer", "audio_avg_pooler", "vpm", "resampler", "lm_head"]
+SKIP_QUANT_MODULES = ["tts", "apm", "audio_projection_layer", "audio_avg_pooler", "vpm", "resampler", "lm_head"]
 
 
 def _from_hub(cls, spec: VariantSpec, **kwargs):
@@ -55,14 +55,14 @@ def _from_hub(cls, spec: VariantSpec, **kwargs):
                                 f"{spec.model_id} --revision {spec.revision}`", **kwargs)
 
 
-def load_model(spec: VariantSpec):
+def load(spec: VariantSpec):
     """(model, tokenizer) as the model card loads them, with the variant's attention, dtype and quantization.
     Tests replace this function with a stand-in; nothing else in the engine knows how the model was made."""
     from transformers import AutoModel, AutoTokenizer
 
     if not spec.trust_remote_code:   # validation refuses this already; the loader never trusts by default
         raise LabError("trust_remote_code", "MiniCPM-o needs trust_remote_code: true with a pinned revision")
-    qconfig = tc.quantization_config(spec, SKIP_QUANT)
+    qconfig = tc.quantization_config(spec, SKIP_QUANT_MODULES)
     try:
         model = _from_hub(
             AutoModel, spec, trust_remote_code=spec.trust_remote_code, revision=spec.revision,
@@ -109,13 +109,12 @@ def _host_samples(audio_wav) -> np.ndarray:
 
 class MiniCPMOEngine(Engine):
     def __init__(self, spec: VariantSpec, model, tokenizer):
-        self.spec = spec
+        # The sample rate is updated from the items' .sampling_rate.
+        super().__init__(spec, OUTPUT_SAMPLE_RATE_HZ, BuildReport(tokenizer=type(tokenizer).__name__))
         self.model = model
         self.tokenizer = tokenizer
         self.sync = tc.device_sync(spec.device)
-        self.sample_rate = OUTPUT_SAMPLE_RATE_HZ   # updated from the items' .sampling_rate
         self.last_text = ""                        # what the model said in the last request
-        self.report = BuildReport(tokenizer=type(tokenizer).__name__)
         if spec.compile == "inductor":
             # The LLM's forward only: every prefill and every generate step runs through it; the TTS and the vocoder
             # run as they are. Default mode, dynamic shapes: the KV cache grows each step, and mode="reduce-overhead"
@@ -225,13 +224,8 @@ class MiniCPMOEngine(Engine):
             if close is not None:
                 close()
 
-    def close(self) -> None:
-        for name in ("model", "tokenizer"):
-            self.__dict__.pop(name, None)
-
-
 def build(spec: VariantSpec, progress) -> MiniCPMOEngine:
-    clock, baseline_bytes, (model, tokenizer), load_s = tc.begin_build(spec, progress, lambda: load_model(spec))
+    clock, baseline_bytes, (model, tokenizer), load_s = tc.begin_build(spec, progress, lambda: load(spec))
     engine = MiniCPMOEngine(spec, model, tokenizer)
     notes, warmup_s = [], 0.0
     if spec.init_tts == "build":

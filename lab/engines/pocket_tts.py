@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from lab.engines import AudioChunk, BuildReport, Engine, Progress
+from lab.engines import AudioChunk, Engine, Progress
 from lab.engines import torch_common as tc
 from lab.errors import Cancelled
 from lab.metrics import Timeline
 from lab.request import Request
 from lab.spec import VariantSpec
-from lab.streaming import StreamingMimiDecoder, chunk_frames, frames_for
+from lab.streaming import ChunkEmitter, StreamingMimiDecoder, frames_for
 
 # `generate`'s defaults when the checkpoint's generation config does not set them (_GENERATION_DEFAULTS).
 GENERATION_DEFAULTS = {"num_flow_steps": 1, "eos_threshold": -4.0, "min_frames_before_eos": 6}
@@ -41,7 +41,53 @@ SHORT_TEXT_MAX_WORDS, FRAMES_AFTER_EOS_SHORT_TEXT, FRAMES_AFTER_EOS = 4, 4, 2
 FADE_IN_S = 0.005  # the processor fades each waveform in: a fresh decoder state starts with a click
 # Kept out of bnb quantization: the flow head and the small projections around it are a sliver of the
 # weights, run at batch 1, and the adaLN modulation they compute is sensitive to rounding.
-QUANT_SKIP_MODULES = ["flow_head", "eos_head", "audio_latent_proj", "audio_prompt_proj", "loss_weighting"]
+SKIP_QUANT_MODULES = ["flow_head", "eos_head", "audio_latent_proj", "audio_prompt_proj", "loss_weighting"]
+
+
+def tiny_config():
+    """(model_config, codec_config): a few-hundred-thousand-parameter model and codec with the real structure, for
+    fast CPU tests.
+    The codec keeps the real 24 kHz rate and 1920-sample frames; its transformer window is shortened
+    to 24 positions (1.5 frames) so that a short stream already runs past it."""
+    from transformers import PocketTTSAudioTokenizerConfig, PocketTTSConfig
+
+    latent_dim = 8
+    model_config = PocketTTSConfig(
+        vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        latent_dim=latent_dim, max_position_embeddings=2048, audio_prompt_token_id=256, audio_latent_token_id=257,
+        audio_prompt_bos_token_id=258, audio_bos_token_id=259,
+        flow_head_config=dict(hidden_size=64, num_hidden_layers=2, latent_dim=latent_dim, condition_dim=64,
+                              frequency_embedding_size=32))
+    codec_config = PocketTTSAudioTokenizerConfig(
+        hidden_size=32, num_filters=4, upsample_groups=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=64, latent_dim=latent_dim, sliding_window=24, encoder_config=None)
+    return model_config, codec_config
+
+
+def load(spec: VariantSpec):
+    """(model, codec, processor or None) on the spec's device, in its dtype, attention and quantization."""
+    from transformers import (PocketTTSAudioTokenizerConfig, PocketTTSAudioTokenizerModel,
+                              PocketTTSConfig, PocketTTSForConditionalGeneration)
+
+    cls, dtype = PocketTTSForConditionalGeneration, tc.DTYPES[spec.dtype]
+    if spec.weights == "pretrained":
+        model = tc.from_pretrained(cls, spec, spec.model_id, SKIP_QUANT_MODULES)
+        # The processor holds the tokenizer, the chat template and the audio tokenizer (the codec).
+        processor = tc.load_processor(spec, dtype=dtype)
+        codec = processor.audio_tokenizer
+    else:
+        # Random init at real size (latency only: the audio is noise), or the tiny test config. The encoder
+        # half of the codec is left out: without voice cloning nothing is encoded.
+        if spec.weights == "tiny":
+            model_config, codec_config = tiny_config()
+        else:
+            model_config, codec_config = PocketTTSConfig(), PocketTTSAudioTokenizerConfig(encoder_config=None)
+        model = tc.init_random(cls, model_config, spec, SKIP_QUANT_MODULES)
+        codec = tc.init_random(PocketTTSAudioTokenizerModel, codec_config, spec, quantize=False)
+        processor = None
+    if spec.quantization == "none":
+        model = model.to(spec.device)
+    return model.eval(), codec.to(spec.device, dtype).eval(), processor
 
 
 def next_latent(model, outputs, noise: torch.Tensor, num_flow_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,10 +108,10 @@ def frame_step(model, step_ids: torch.Tensor, prev_latent: torch.Tensor, cache, 
 
 class PocketTTSEngine(Engine):
     def __init__(self, spec: VariantSpec, model, codec, processor=None, fade_in_s: float = FADE_IN_S):
-        self.spec = spec
+        super().__init__(spec, int(codec.config.sampling_rate))
         self.model, self.codec, self.processor = model, codec, processor
         self.device = torch.device(spec.device)
-        self.sample_rate = int(codec.config.sampling_rate)
+        self.sync = tc.device_sync(spec.device)
         self.frame_samples = int(codec.config.frame_size)
         self.fade_in_samples = int(fade_in_s * self.sample_rate)
         self.decoder = StreamingMimiDecoder(codec)
@@ -85,15 +131,15 @@ class PocketTTSEngine(Engine):
         self.stand_in = None if processor is not None else tc.ByteTokenizer(
             vocab_size=min(self._placeholder_ids()), bos_id=None)
         self._latents: list[torch.Tensor] = []  # the latest request's normalised latents, one (1, latent_dim) a frame
-        self.report = BuildReport()
 
     def _placeholder_ids(self) -> list[int]:
         c = self.model.config
         return [c.audio_prompt_bos_token_id, c.audio_prompt_token_id, c.audio_bos_token_id, c.audio_latent_token_id]
 
-    def encode_prompt(self, text: str) -> tuple[torch.Tensor, int]:
+    def build_prompt(self, request: Request) -> tuple[torch.Tensor, int]:
         """The prompt ids (1, length), ending with the audio BOS position, and the frames to generate after
         end of speech (the processor's rule: more for texts of few words)."""
+        text = request.text
         if self.processor is not None:
             conversation = [{"role": "user", "content": [{"type": "text", "text": text}]}]
             prompt = self.processor.apply_chat_template(conversation, tokenize=False)
@@ -129,7 +175,7 @@ class PocketTTSEngine(Engine):
     @torch.no_grad()
     def _stream(self, request: Request, timeline: Timeline,
                 cancel: threading.Event | None) -> Iterator[AudioChunk]:
-        timeline.sync = tc.device_sync(self.spec.device)
+        timeline.sync = self.sync
         timeline.mark("request")
         cfg, dtype = self.model.config, self.model.dtype
         cache = DynamicCache(config=cfg)
@@ -138,109 +184,51 @@ class PocketTTSEngine(Engine):
         self.decoder.reset()
         timeline.mark("session")
 
-        prompt_ids, frames_after_eos = self.encode_prompt(request.text)
+        prompt_ids, frames_after_eos = self.build_prompt(request)
         outputs = self.prefill(prompt_ids, cache)
         timeline.mark("prefill")
 
         max_frames = self.max_frames(request, prompt_ids)
         step_ids = torch.full((1, 1), cfg.audio_latent_token_id, device=self.device)
         zeros = torch.zeros(1, cfg.latent_dim, device=self.device, dtype=dtype)
-        chunk_sizes = chunk_frames(self.spec.first_chunk_frames, self.spec.chunk_growth, self.spec.max_chunk_frames)
-        chunk_target, chunk_index, pending = next(chunk_sizes), 0, []
+        emitter = ChunkEmitter(self.spec, timeline, self.sample_rate)
         self._latents = []
         frames_left = None  # frames still to make once end of speech is heard
         timeline.mark("generator")
 
-        for frame in range(max_frames):
+        for frame_index in range(max_frames):
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
             noise = zeros if noise_scale == 0 else noise_scale * torch.randn(
                 1, cfg.latent_dim, device=self.device, dtype=dtype, generator=generator)
-            if frame == 0:   # the prefill already ran the backbone for this frame
+            if frame_index == 0:   # the prefill already ran the backbone for this frame
                 latent, eos_logit = next_latent(self.model, outputs, noise, self.num_flow_steps)
                 del outputs
             else:  # a fresh contiguous (1, 1, latent_dim) input, so a compiled step keeps one stride
                 latent, eos_logit = self.step(self.model, step_ids, latent[:, None, :].clone(), cache, noise,
                                               self.num_flow_steps)
             timeline.frame()
-            if frame == 0:
+            if frame_index == 0:
                 timeline.mark("first_frame")
-            pending.append(latent)
+            emitter.add(latent)
             self._latents.append(latent)
             # `generate`'s end-of-speech rule (PocketTTSEosThresholdCriteria); `.item()` syncs once a frame.
             if frames_left is not None:
                 frames_left -= 1
-            elif (self.eos_threshold is not None and frame >= self.min_frames_before_eos
+            elif (self.eos_threshold is not None and frame_index >= self.min_frames_before_eos
                   and eos_logit.item() > self.eos_threshold):
                 frames_left = frames_after_eos
-            finished = frames_left == 0 or frame == max_frames - 1
-            if len(pending) < chunk_target and not finished:
+            finished = frames_left == 0 or frame_index == max_frames - 1
+            if not emitter.due(finished):
                 continue
-
             # No pinned kernel here: the codec's windowed attention passes a mask, which the flash kernel refuses.
-            samples = self.decode(pending, first=chunk_index == 0)
-            if chunk_index == 0:
-                timeline.mark("first_decode")
-            timeline.chunk(len(samples) / self.sample_rate)
-            yield AudioChunk(samples=samples, sample_rate=self.sample_rate, index=chunk_index)
+            yield emitter.emit(self.decode(emitter.take(), first=emitter.index == 0))
             if finished:
                 return
-            chunk_index, pending, chunk_target = chunk_index + 1, [], next(chunk_sizes)
-
-    def close(self) -> None:
-        # The manager collects garbage and empties the CUDA cache after close.
-        for name in ("model", "codec", "processor", "decoder", "step", "prefill", "_latents"):
-            self.__dict__.pop(name, None)
-
-
-
-def tiny_configs():
-    """A few-hundred-thousand-parameter model and codec with the real structure, for fast CPU tests.
-    The codec keeps the real 24 kHz rate and 1920-sample frames; its transformer window is shortened
-    to 24 positions (1.5 frames) so that a short stream already runs past it."""
-    from transformers import PocketTTSAudioTokenizerConfig, PocketTTSConfig
-
-    latent_dim = 8
-    model_config = PocketTTSConfig(
-        vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        latent_dim=latent_dim, max_position_embeddings=2048, audio_prompt_token_id=256, audio_latent_token_id=257,
-        audio_prompt_bos_token_id=258, audio_bos_token_id=259,
-        flow_head_config=dict(hidden_size=64, num_hidden_layers=2, latent_dim=latent_dim, condition_dim=64,
-                              frequency_embedding_size=32))
-    codec_config = PocketTTSAudioTokenizerConfig(
-        hidden_size=32, num_filters=4, upsample_groups=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, intermediate_size=64, latent_dim=latent_dim, sliding_window=24, encoder_config=None)
-    return model_config, codec_config
-
-
-def _load(spec: VariantSpec):
-    """(model, codec, processor or None) on the spec's device, in its dtype, attention and quantization."""
-    from transformers import (PocketTTSAudioTokenizerConfig, PocketTTSAudioTokenizerModel,
-                              PocketTTSConfig, PocketTTSForConditionalGeneration)
-
-    cls, dtype = PocketTTSForConditionalGeneration, tc.DTYPES[spec.dtype]
-    if spec.weights == "pretrained":
-        model = tc.from_pretrained(cls, spec, spec.model_id, QUANT_SKIP_MODULES)
-        # The processor holds the tokenizer, the chat template and the audio tokenizer (the codec).
-        processor = tc.load_processor(spec, dtype=dtype)
-        codec = processor.audio_tokenizer
-    else:
-        # Random init at real size (latency only: the audio is noise), or the tiny test config. The encoder
-        # half of the codec is left out: without voice cloning nothing is encoded.
-        if spec.weights == "tiny":
-            model_config, codec_config = tiny_configs()
-        else:
-            model_config, codec_config = PocketTTSConfig(), PocketTTSAudioTokenizerConfig(encoder_config=None)
-        model = tc.init_random(cls, model_config, spec, QUANT_SKIP_MODULES)
-        codec = tc.init_random(PocketTTSAudioTokenizerModel, codec_config, spec, quantize=False)
-        processor = None
-    if spec.quantization == "none":
-        model = model.to(spec.device)
-    return model.eval(), codec.to(spec.device, dtype).eval(), processor
 
 
 def build(spec: VariantSpec, progress: Progress) -> PocketTTSEngine:
-    clock, baseline_bytes, (model, codec, processor), load_s = tc.begin_build(spec, progress, lambda: _load(spec))
+    clock, baseline_bytes, (model, codec, processor), load_s = tc.begin_build(spec, progress, lambda: load(spec))
     fade_in_s = getattr(processor, "fade_in_duration", FADE_IN_S)
     engine = PocketTTSEngine(spec, model, codec, processor, fade_in_s)
 
@@ -249,7 +237,7 @@ def build(spec: VariantSpec, progress: Progress) -> PocketTTSEngine:
         # length turns dynamic, so the first real request only pays for its own prefill.
         eight_frames_s = 8 * engine.frame_samples / engine.sample_rate
         request = Request(text="Warm up the frame loop.", seed=0, max_audio_s=eight_frames_s)
-        for _ in engine.stream(request, Timeline(sync=tc.device_sync(spec.device))):
+        for _ in engine.stream(request, Timeline()):
             pass
 
     _, warmup_s = clock.run("compiling" if spec.compile == "inductor" else "warming up", warm_up)

@@ -1,6 +1,6 @@
 """What the torch engines share: dtype names, loading by hub id, quantization configs, memory, sampling.
 
-Each engine's own loop stays in its module (STYLE.md: two engines may repeat a few lines rather than
+Each engine's own loop stays in its module (two engines may repeat a few lines rather than
 share a clever abstraction); only what truly means the same thing for every torch model lives here.
 """
 from __future__ import annotations
