@@ -35,3 +35,17 @@ def test_hibari_same_seed_same_audio(hibari_engine):
     a = np.concatenate([c.samples for c in hibari_engine.stream(Request("Same again.", seed=3), Timeline())])
     b = np.concatenate([c.samples for c in hibari_engine.stream(Request("Same again.", seed=3), Timeline())])
     np.testing.assert_array_equal(a, b)
+
+
+def test_hibari_whole_is_the_same_voice_held_back_until_the_last_sentence(hibari_engine):
+    from lab import engines
+    from lab.spec import VariantSpec
+
+    whole = engines.build(VariantSpec(family="hibari", name="hibari-whole", streaming="whole"))
+    text = "First sentence here. Second one follows. And a third."
+    per_sentence, held = Timeline(), Timeline()
+    streamed = np.concatenate([c.samples for c in hibari_engine.stream(Request(text, seed=1), per_sentence)])
+    chunks = list(whole.stream(Request(text, seed=1), held))
+    assert len(chunks) == 1 and len(held.frames) == 3
+    np.testing.assert_array_equal(chunks[0].samples, streamed)          # the same audio, sample for sample
+    assert held.chunks[0][0] > held.frames[-1]                          # its first byte waits for the last sentence
