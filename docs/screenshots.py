@@ -1,10 +1,10 @@
-"""Screenshots of the page for the README: the compare view, the blind A/B tab and the history tab.
+"""Screenshots of the page for the README: the first screen, the compare view, the blind A/B tab and history.
 
     python docs/screenshots.py                      # starts `python app.py` on a free port, shoots, stops it
     python docs/screenshots.py --url http://127.0.0.1:7860/   # or against a server already running
 
-It clicks what a first-time visitor would: Compare on the default presets (on a CPU, hibari against Pocket TTS
-with random weights), a blind pair and a vote, then the History tab. Chromium is Debian's (`chromium`), driven
+It clicks what a first-time visitor would: Compare on the default presets (on a CPU, hibari sentence by sentence
+against hibari whole), a blind pair as it streams and a vote, then the History tab. Chromium is Debian's (`chromium`), driven
 through Playwright's Python package; `playwright install` is not needed.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync"]
+        "--disable-sync", "--autoplay-policy=no-user-gesture-required"]
 
 
 def start_server() -> tuple[subprocess.Popen, str]:
@@ -53,8 +53,10 @@ def shoot(url: str, out_dir: str) -> None:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url)
         page.wait_for_selector("#compare-btn")
-        page.fill("#max-audio-s input", "4")
+        page.wait_for_function("() => window.labAudio && window.labAudio.connected")
+        page.screenshot(path=os.path.join(out_dir, "first.png"), full_page=True)
         page.click("#compare-btn")
+        page.wait_for_selector("#overall:has-text('running')", timeout=60_000)
         page.wait_for_selector("#overall:has-text('done:')", timeout=600_000)
         page.wait_for_selector("#chart-main img")
         page.screenshot(path=os.path.join(out_dir, "compare.png"), full_page=True)
@@ -87,7 +89,7 @@ def main() -> None:
         if proc:
             proc.terminate()
             proc.wait(timeout=30)
-    print(f"wrote compare.png, ab.png, history.png in {args.out}")
+    print(f"wrote first.png, compare.png, ab.png, history.png in {args.out}")
 
 
 if __name__ == "__main__":

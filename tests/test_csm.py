@@ -227,7 +227,7 @@ def test_concurrent_requests_on_one_engine_do_not_mix_their_state(csm_tiny):
 def test_end_of_speech_stops_generation_at_the_next_chunk_boundary():
     from transformers import CsmForConditionalGeneration
 
-    from lab.bench import run_once
+    from lab.session import run_once
     from lab.engines import csm
 
     model = CsmForConditionalGeneration._from_config(csm.tiny_config())

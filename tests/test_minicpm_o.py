@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import transformers
 
-from lab import engines, env, presets
+from lab import engines, env, machine, presets
 from lab.engines import minicpm_o
 from lab.engines import torch_common as tc
 from lab.errors import Cancelled, LabError
@@ -69,10 +69,11 @@ CONTEXT = (ContextTurn("Earlier you said it might rain.", audio=clip(1.0), sampl
 
 # -- presets and the remote-code policy -------------------------------------------------------------
 @pytest.mark.skipif(env.cuda_available(), reason="asserts the refusal a machine without a GPU gives")
-def test_minicpm_presets_are_listed_as_unavailable_here_because_there_is_no_gpu():
+def test_minicpm_presets_are_valid_but_refused_here_because_there_is_no_gpu():
     specs, errors = presets.load_all()
     for name in MINICPM_PRESETS:
-        assert name not in specs and "no GPU" in errors[name], (name, errors.get(name))
+        refusal = machine.check(specs[name], weights_here=lambda s: True)
+        assert name not in errors and refusal.code == machine.NO_GPU, (name, refusal)
 
 
 def test_minicpm_presets_validate_on_a_gpu_host_with_the_pinned_revision(gpu_host):
