@@ -122,7 +122,7 @@ def compare(request: gr.Request, listener, order, text, seed, max_audio_s, runs,
         return
     view = CompareView(specs, runs, shared.user_audio is not None, transport,
                        report.environment_title(env.environment()))
-    yield ui({**errors_cleared(), **slots_for(specs, transport), **view.start()})
+    yield ui({**errors_cleared(), **view.start(), **slots_for(specs, transport)})
     key = request.session_hash if request is not None else "api"
     cancel = SESSIONS.open(key)
     events = session.run_presets(MANAGER, specs, shared, runs, cancel, HISTORY_PATH, "app", MODEL_LOCK)
