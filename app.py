@@ -128,8 +128,8 @@ def compare(request: gr.Request, listener, order, text, seed, max_audio_s, runs,
     events = session.run_presets(MANAGER, specs, shared, runs, cancel, HISTORY_PATH, "app", MODEL_LOCK)
     hook = listen.Listener(HUB, listener, transport).on_event
     try:
-        for event in session.in_background(events, on_event=hook, cancel=cancel):
-            yield ui(view.tick() if event is None else view.on(event))
+        for values in view.updates(session.in_background(events, on_event=hook, cancel=cancel)):
+            yield ui(values)
     finally:
         SESSIONS.close(key, cancel)
     yield ui(view.finish(cancel.is_set()))
@@ -160,16 +160,10 @@ def on_pick(order, *groups):
     return order, gr.update(visible=takes)
 
 
-def on_random_switch(random_weights, *groups):
-    updates = []
-    for family, group in zip(FAMILY_ORDER, groups):
-        choices = preset_choices(family, random_weights)
-        updates.append(gr.update(choices=choices, value=[n for n in (group or []) if n in choices]))
-    return [*updates, weights_notice(random_weights)]
-
-
-def preset_choices(family: str, random_weights) -> list[str]:
-    return [s.name for s in CATALOG.grouped(random_weights).get(family, []) if s.available]
+def preset_choices(family: str) -> list[str]:
+    """The family's presets that run here, with the random-weights switch on or off: a pretrained one without its
+    weights stays offered, and ticking it without the switch says so at the presets."""
+    return [s.name for s in CATALOG.grouped(True).get(family, []) if s.available]
 
 
 # -- Blind A/B ---------------------------------------------------------------------------------------------------
@@ -260,7 +254,7 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
         groups = []
         with gr.Row():
             for family in FAMILY_ORDER:
-                choices = preset_choices(family, DEFAULT_RANDOM)
+                choices = preset_choices(family)
                 groups.append(gr.CheckboxGroup(choices, value=[n for n in DEFAULT_PRESETS if n in choices],
                                                label=f"{family} presets", elem_id=f"presets-{family}",
                                                min_width=200))
@@ -326,8 +320,7 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
     # Stop sets the comparison's cancel flag: generation ends at its next frame, and the comparison's own handler
     # then says what stopped and keeps what finished (Gradio's `cancels` would cut it off before it could say so).
     stop_btn.click(stop, None, C["overall"], api_name="stop", queue=False)
-    random_weights.change(on_random_switch, [random_weights, *groups], [*groups, C["unavailable"]],
-                          api_visibility="private")
+    random_weights.change(weights_notice, random_weights, C["unavailable"], api_visibility="private")
     for g in groups:
         g.change(on_pick, [order, *groups], [order, user_audio], api_visibility="private")
 

@@ -121,16 +121,18 @@ def history_records(server):
 
 
 # -- gradio_client: a full compare of two tiny presets ----------------------------------------------------------
-def test_client_compare_of_two_tiny_presets_returns_streamed_audio_and_figures(client, server, outputs):
-    job = client.submit(*compare_args(runs=2, csm=["csm-tiny"], pocket=["pocket-tts-tiny"]), api_name="/compare")
+def test_client_compare_of_two_presets_returns_streamed_audio_and_figures(client, server, outputs):
+    # A real-size Pocket TTS (random weights) streams for long enough to reach the player in several pieces; the
+    # tiny CSM is done before the page's next update.
+    job = client.submit(*compare_args(runs=2, csm=["csm-tiny"], pocket=["pocket-tts-random"]), api_name="/compare")
     job.result(timeout=300)
     out = Outputs(job, outputs["compare"])
     assert "done: 6 runs of 2 presets" in out.last("overall")
     rows = table(out.last("summary"))
-    assert set(rows) == {"csm-tiny", "pocket-tts-tiny"}
+    assert set(rows) == {"csm-tiny", "pocket-tts-random"}
     for row in rows.values():
         assert row["TTFB ms (warm median)"] > 0 and 0 < row["RTF (warm median)"] < 100 and row["warm runs"] == 2
-        assert row["TTFB p90 ms"] >= row["TTFB ms (warm median)"] and row["weights"] == "tiny (audio is noise)"
+        assert row["TTFB p90 ms"] >= row["TTFB ms (warm median)"] and "(audio is noise)" in row["weights"]
     assert out.last("chart-main")["plot"].startswith("data:image/png;base64,")
     builds = table(out.last("builds"))
     assert builds["csm-tiny"]["load s"] > 0 and builds["csm-tiny"]["memory MiB"] > 0
@@ -138,13 +140,15 @@ def test_client_compare_of_two_tiny_presets_returns_streamed_audio_and_figures(c
     assert [r[3] for r in runs["data"] if r[0] == "csm-tiny"] == ["cold", "warm", "warm"]
     # Each preset's heard run (its first warm one) streamed into its own player as it was generated.
     heard = {r["preset"]: r for r in history_records(server) if r.get("heard") and r.get("source") == "app"}
-    for i, name in enumerate(["csm-tiny", "pocket-tts-tiny"]):
+    for i, name in enumerate(["csm-tiny", "pocket-tts-random"]):
         streams = [p for p in out.all(f"player-{i}") if isinstance(p, dict) and p.get("is_stream")]
-        assert len(streams) >= 2, f"{name}: audio came in one piece, not streamed"
+        assert streams, f"{name}: no audio reached its player"
         playlist = httpx.get(streams[-1]["url"], timeout=10).text
         seconds = sum(float(s) for s in re.findall(r"#EXTINF:([\d.]+)", playlist))
         assert seconds == pytest.approx(heard[name]["audio_s"], abs=0.2) and heard[name]["run"] == 1
-        assert "tiny test weights" in out.last(f"header-{i}")     # labelled on the page, next to the player
+        assert "audio is noise" in out.last(f"header-{i}")        # labelled on the page, next to the player
+    assert len([p for p in out.all("player-1") if isinstance(p, dict) and p.get("is_stream")]) >= 2, \
+        "pocket-tts-random's audio came in one piece, not streamed"
 
 
 def test_client_reuses_a_built_variant_and_its_first_run_is_warm(client, outputs):

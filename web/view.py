@@ -8,11 +8,18 @@ from __future__ import annotations
 import html
 import threading
 import time
+from typing import Iterator
+
+import numpy as np
 
 from lab import report, session
 from lab.spec import FAMILIES, VariantSpec
 
 SLOT_FIELDS = ("box", "header", "status", "player", "pcm", "live")
+# The page is sent what changed at most this often. Every update costs the server Python time (Gradio's
+# postprocessing, under the GIL the run loop's thread needs too) and the browser a re-render; per chunk, that
+# slowed the runs it was showing.
+UI_PERIOD_S = 0.25
 
 
 def status_html(done: int, total: int, text: str, kind: str = "info") -> str:
@@ -95,6 +102,20 @@ class CompareView:
         handler = getattr(self, f"_on_{type(event).__name__.lower()}", None)
         return handler(event) if handler else {}
 
+    def updates(self, events) -> Iterator[dict]:
+        """What to send the page for a stream of events (None: nothing new for a while), folded together and sent
+        at most every UI_PERIOD_S; the start of a heard run goes at once (the listener is told to listen)."""
+        pending, sent_at = {}, 0.0
+        for event in events:
+            for key, value in (self.tick() if event is None else self.on(event)).items():
+                pending[key] = _joined(pending.get(key), value) if key[0] == "player" else value
+            urgent = isinstance(event, session.RunStarted) and event.heard
+            if pending and (urgent or event is None or time.perf_counter() - sent_at >= UI_PERIOD_S):
+                yield pending
+                pending, sent_at = {}, time.perf_counter()
+        if pending:
+            yield pending
+
     def _on_started(self, event) -> dict:
         self.holds_model = True
         return {"overall": status_html(0, 0, "running")}
@@ -139,14 +160,15 @@ class CompareView:
                                                 "stopped: generation cancelled", "warn")}
 
     def _on_presetdone(self, e: session.PresetDone) -> dict:
-        """Between presets: the figures so far (drawing never competes with a timed run)."""
+        """A preset's result line. Charts and tables wait for the end: drawing them here would run beside the next
+        preset's timed runs and slow them."""
         self.stage.pop(e.slot, None)
         rows = report.summary_rows([r for r in self.records if r["preset"] == e.preset])
         if not rows:
             return {}
         return {("status", e.slot): status_html(self.total, self.total, f"done: {rows[0]['warm_runs'] + 1} runs",
                                                 "ok"),
-                ("live", e.slot): report.result_line(rows[0]), **self.results()}
+                ("live", e.slot): report.result_line(rows[0])}
 
     def results(self, stopped: bool = False) -> dict:
         records = self.records
@@ -173,7 +195,12 @@ class CompareView:
         return {"overall": status_html(done, 1, text, kind), **self.results(stopped)}
 
 
-def pcm16(samples):
-    import numpy as np
-
+def pcm16(samples: np.ndarray) -> np.ndarray:
     return (np.clip(samples, -1, 1) * 32767).astype(np.int16)
+
+
+def _joined(before, after):
+    """Two pieces of one player's stream, sent as one (Gradio's streaming audio takes a piece per update)."""
+    if before is None or after is None or not isinstance(before, tuple):
+        return after
+    return after[0], np.concatenate([before[1], after[1]])
