@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import html
 import os
 import tempfile
-import threading
 
 import gradio as gr
 import pandas as pd
 
-from lab import ab, availability, env, history, report, session
+from lab import ab, availability, env, history, presets, report, session
 from lab.errors import LabError
 from lab.manager import ModelManager
 from lab.request import MAX_USER_AUDIO_BYTES, validate_inputs, validate_user_audio
 from lab.spec import FAMILIES
 from web import listen, server
 from web.pcm import PcmHub
-from web.view import SLOT_FIELDS, CompareView, Sessions, pcm16, status_html
+from web.view import SLOT_FIELDS, CompareView, ModelLine, Sessions, pcm16, status_html
 
-PRESETS_DIR = os.environ.get("LAB_PRESETS_DIR", availability.presets.PRESETS_DIR)
+PRESETS_DIR = os.environ.get("LAB_PRESETS_DIR", presets.PRESETS_DIR)
 HISTORY_PATH = os.environ.get("LAB_HISTORY", os.path.join("runs", "history.jsonl"))
 VOTES_PATH = os.environ.get("LAB_VOTES", os.path.join("runs", "votes.jsonl"))
 HISTORY_EXPORT_DIR = tempfile.mkdtemp(prefix="lab-history-")   # one folder, overwritten: a Space's disk stays small
@@ -34,9 +34,9 @@ MAX_SLOTS = 6   # players on the page; a comparison takes at most this many pres
 
 # Variants stay built between clicks, up to this much memory; then the least recently used is freed.
 MANAGER = ModelManager(memory_budget_bytes=int(MEMORY_BUDGET_GB * 2**30))
-# One run on the model at a time. Gradio's queue (concurrency_id "gpu", limit 1) already serialises the compare
-# and A/B events and shows waiting users their place; the lock also covers a cancelled run still winding down.
-MODEL_LOCK = threading.Lock()
+# One comparison or blind pair on the model at a time; the others wait in line and their pages say their place and
+# about how long, from this server's measured runs (Gradio's own queue would average unrelated comparisons).
+LINE = ModelLine()
 CATALOG = availability.Catalog(PRESETS_DIR)
 SESSIONS = Sessions()
 HUB = PcmHub()   # the PCM path to each page (WebSocket /lab/pcm), and the pages' reports back
@@ -107,12 +107,12 @@ def errors_cleared() -> dict:
 
 def refused(e: LabError) -> dict:
     """The error at its field, and the page says nothing ran."""
-    return {**errors_cleared(), ERROR_AT.get(e.where, "presets_error"): f"⚠️ {e}",
+    return {**errors_cleared(), ERROR_AT.get(e.where, "presets_error"): f"⚠️ {html.escape(str(e))}",
             "overall": status_html(0, 0, f"not run: fix {e.where}", "error")}
 
 
 def compare(request: gr.Request, listener, order, text, seed, max_audio_s, runs, random_weights, user_audio, transport,
-            jitter_ms, *groups):
+            *groups):
     """Runs the ticked presets one after another, each streaming its first warm run to its player. (`request`
     comes first: Gradio injects it only among positional parameters, before the *groups.)"""
     try:
@@ -120,12 +120,13 @@ def compare(request: gr.Request, listener, order, text, seed, max_audio_s, runs,
     except LabError as e:
         yield ui(refused(e))
         return
-    view = CompareView(specs, runs, shared.user_audio is not None, transport,
-                       report.environment_title(env.environment()))
-    yield ui({**errors_cleared(), **view.start(), **slots_for(specs, transport)})
     key = request.session_hash if request is not None else "api"
     cancel = SESSIONS.open(key)
-    events = session.run_presets(MANAGER, specs, shared, runs, cancel, HISTORY_PATH, "app", MODEL_LOCK)
+    place = LINE.turn(history.estimate_s(history.read(HISTORY_PATH), [s.name for s in specs], runs), cancel)
+    view = CompareView(specs, runs, shared.user_audio is not None, transport,
+                       report.environment_title(env.environment()), place)
+    yield ui({**errors_cleared(), **view.start(), **slots_for(specs, transport)})
+    events = session.run_presets(MANAGER, specs, shared, runs, cancel, HISTORY_PATH, "app", place)
     hook = listen.Listener(HUB, listener, transport).on_event
     try:
         for values in view.updates(session.in_background(events, on_event=hook, cancel=cancel)):
@@ -176,13 +177,14 @@ def ab_play(listener, first, second, text, seed, random_weights, mode, request: 
         a, b = ab.blind_order(first, second)
         specs = [CATALOG.runnable_spec(n, random_weights) for n in (a, b)]
     except LabError as e:
-        return None, None, f"⚠️ {e}", None, hidden, hidden, hidden
+        return None, None, f"⚠️ {html.escape(str(e))}", None, hidden, hidden, hidden
     key = request.session_hash if request is not None else "api"
     cancel = SESSIONS.open(key)
     try:
-        audio = listen.ab_pair(HUB, MANAGER, specs, req, mode, listener, cancel, HISTORY_PATH, MODEL_LOCK)
+        place = LINE.turn(history.estimate_s(history.read(HISTORY_PATH), [s.name for s in specs], 1), cancel)
+        audio = listen.ab_pair(HUB, MANAGER, specs, req, mode, listener, cancel, HISTORY_PATH, place)
     except LabError as e:
-        return None, None, f"⚠️ {e}", None, hidden, hidden, hidden
+        return None, None, f"⚠️ {html.escape(str(e))}", None, hidden, hidden, hidden
     finally:
         SESSIONS.close(key, cancel)
     trial = {"a": a, "b": b, "text": req.text, "seed": req.seed, "mode": mode,
@@ -276,8 +278,9 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
         C["numbers_error"] = gr.Markdown(elem_id="numbers-error")
         with gr.Row():
             transport = gr.Radio(TRANSPORTS, value="pcm", label="Audio to the browser", elem_id="transport")
-            jitter_ms = gr.Number(60, label="Jitter buffer (ms, PCM)", precision=0, elem_id="jitter-ms",
-                                  info="audio held before playing starts, to absorb late chunks")
+            # Read by web/player.js at each run's start; the server needs no copy of it.
+            gr.Number(60, label="Jitter buffer (ms, PCM)", precision=0, elem_id="jitter-ms",
+                      info="audio held before playing starts, to absorb late chunks")
         user_audio = gr.Audio(label="Your spoken turn (for models that take speech input)", type="numpy",
                               sources=["upload", "microphone"], visible=False)
         C["audio_error"] = gr.Markdown(elem_id="audio-error")
@@ -314,9 +317,10 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
 
     compare_outputs = [c for name, v in C.items() if name != "unavailable" for c in (v if isinstance(v, list) else [v])]
     go.click(compare, [listener, order, text, seed, max_audio_s, runs, random_weights, user_audio,
-                                       transport, jitter_ms, *groups], compare_outputs, js=RESET_PLAYERS,
-                             concurrency_limit=1, concurrency_id="gpu", show_progress="full",
-                             show_progress_on=[C["overall"]], api_name="compare")
+                                       transport, *groups], compare_outputs, js=RESET_PLAYERS,
+                             # every click starts at once and waits in LINE, which shows its place; no spinner: an
+                             # animation re-drawn every frame costs the 2-core machine the model runs on
+                             concurrency_limit=None, show_progress="hidden", api_name="compare")
     # Stop sets the comparison's cancel flag: generation ends at its next frame, and the comparison's own handler
     # then says what stopped and keeps what finished (Gradio's `cancels` would cut it off before it could say so).
     stop_btn.click(stop, None, C["overall"], api_name="stop", queue=False)
@@ -358,7 +362,7 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
                                 "binomial 95% interval (Wilson)", interactive=False, elem_id="ab-tally")
         ab_go.click(ab_play, [listener, ab_first, ab_second, ab_text, ab_seed, ab_random, ab_mode],
                     [player_a, player_b, ab_msg, trial, vote_a, vote_same, vote_b], js=RESET_PLAYERS,
-                    concurrency_limit=1, concurrency_id="gpu", api_name="ab_play", show_progress_on=[ab_msg])
+                    concurrency_limit=None, api_name="ab_play", show_progress_on=[ab_msg])
         for button, choice in ((vote_a, "A"), (vote_b, "B"), (vote_same, "same")):
             button.click(lambda t, c=choice: ab_vote(c, t), [trial], [ab_msg, trial, ab_tally, vote_a, vote_same,
                                                                         vote_b], api_name=f"vote_{choice.lower()}")

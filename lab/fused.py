@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from lab import env
-from lab.engines.torch_common import pick as tc_pick
+from lab.sampling import pick as tc_pick
 from lab.kv import StaticKV, run_layers
 
 MAX_TOKENS = 2   # the depth decoder's first step feeds 2 tokens; every other decode step feeds 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import threading
 
 _lock = threading.Lock()
@@ -98,3 +99,17 @@ def export(records: list[dict], folder: str, title: str) -> dict:
     else:
         paths["png"] = None
     return {**paths, "figure": figure}
+
+
+def estimate_s(records: list[dict], presets: list[str], runs: int) -> float | None:
+    """How long a comparison of these presets should take, from this history: each preset's median wall time
+    over its last 20 finished warm runs (RTF × audio seconds), times its runs; None when a preset never ran here
+    (its build, if it is not built yet, is not counted)."""
+    total = 0.0
+    for preset in presets:
+        walls = [r["rtf"] * r["audio_s"] for r in records if r.get("preset") == preset and not r.get("cold")
+                 and not r.get("cancelled") and "rtf" in r][-20:]
+        if not walls:
+            return None
+        total += statistics.median(walls) * (runs + 1)
+    return total

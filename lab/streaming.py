@@ -12,14 +12,26 @@ chunk of a given size has fixed shapes and no host sync: it can be captured in a
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from lab.engines import AudioChunk
 from lab.metrics import Timeline
+
+
+@dataclass
+class AudioChunk:
+    samples: np.ndarray         # float32 mono
+    sample_rate: int
+    index: int
+    text: str = ""              # text generated with this audio, for models that answer (minicpm_o); else ""
+
+    @property
+    def audio_s(self) -> float:
+        return len(self.samples) / self.sample_rate
 
 
 def chunk_frames(first: int, growth: float, largest: int) -> Iterator[int]:

@@ -8,7 +8,7 @@ from conftest import TINY_CSM
 from lab import env, machine
 from lab.engines import csm
 from lab.errors import LabError
-from lab.kv import StaticKV, run_layers, static_kv_for
+from lab.kv import run_layers, static_kv_for
 from lab.metrics import Timeline
 from lab.request import ContextTurn, Request
 

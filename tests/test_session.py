@@ -85,3 +85,26 @@ def test_closing_the_background_generator_cancels_the_loop():
             break
     consumer.close()                                    # what a closed page does to the handler
     assert cancel.is_set()
+
+
+def test_the_model_line_is_first_come_first_served_and_estimates_from_measured_runs():
+    from lab.history import estimate_s
+    from web.view import ModelLine
+
+    records = [{"preset": "a", "cold": False, "rtf": 0.5, "audio_s": 2.0}, {"preset": "a", "cold": True, "rtf": 9,
+                                                                           "audio_s": 2.0}]
+    assert estimate_s(records, ["a"], runs=2) == pytest.approx(3.0)       # 1 s a run, 3 runs; the cold one left out
+    assert estimate_s(records, ["a", "never-ran"], runs=2) is None
+    line = ModelLine()
+    first, second = line.turn(3.0, session.Cancel()), line.turn(None, session.Cancel())
+    order = []
+    with first:
+        waiter = threading.Thread(target=lambda: (second.__enter__(), order.append("second"), second.__exit__()))
+        waiter.start()
+        while second not in line._line:
+            pass
+        ahead, left_s = second.waiting()
+        assert ahead == 1 and 0 < left_s <= 3.0
+        order.append("first")
+    waiter.join(timeout=5)
+    assert order == ["first", "second"]

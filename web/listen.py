@@ -17,6 +17,9 @@ from web.pcm import PcmHub
 
 REPORT_WAIT_S = 8.0     # past the audio's first audible second; a page that never reports does not hold the loop
 PLAYED_SLACK_S = 5.0    # past the previous clip's length, before the next heard run starts anyway
+# Before a comparison's first heard run: the page is still drawing what the click changed, and a chunk that came
+# then waited for it (about 200 ms for a warm hibari, measured): the page's own start-up is not the model's.
+SETTLE_S = 0.5
 
 
 def browser_figures(report: dict, late_start_ms: float) -> dict:
@@ -25,7 +28,7 @@ def browser_figures(report: dict, late_start_ms: float) -> dict:
     def shifted(key):
         return None if report.get(key) is None else report[key] - late_start_ms
 
-    return {"received_ms": shifted("received_ms"), "heard_ttfb_ms": shifted("heard_ms"),
+    return {"sent_ms": shifted("sent_ms"), "received_ms": shifted("received_ms"), "heard_ttfb_ms": shifted("heard_ms"),
             "browser_underruns": report.get("underruns"), "browser_gap_s": report.get("gap_s"),
             "browser_complete": report.get("complete"), "transport": report.get("transport"),
             "clock_uncertainty_ms": report.get("clock_uncertainty_ms"),
@@ -61,6 +64,8 @@ class Listener:
         if self.previous is not None:
             run_id, audio_s = self.previous
             self.hub.wait_played(run_id, audio_s + PLAYED_SLACK_S)
+        else:
+            time.sleep(SETTLE_S)
         self.run_id, self.chunks, self.samples = uuid.uuid4().hex, 0, 0
         self.announced_s, self.request_s = time.perf_counter(), None
         label = self.labels[e.slot] if self.labels else e.preset

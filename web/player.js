@@ -323,6 +323,8 @@
   function buildPcmReport(run, heardPerfMs) {
     return {
       type: "report", run_id: run.id, transport: "pcm",
+      // sent: the server's own stamp (its clock, like t_request_s) when the first chunk went on the socket
+      sent_ms: run.firstChunkHeader ? run.firstChunkHeader.t_sent_s * 1000 - run.tRequestMs : null,
       received_ms: sinceRequestMs(run, run.firstChunkPerfMs),
       received_last_ms: sinceRequestMs(run, run.lastChunkPerfMs),
       heard_ms: sinceRequestMs(run, heardPerfMs),
@@ -483,6 +485,8 @@
     }
     sendReport(slot, run, {
       type: "report", run_id: run.id, transport: "gradio",
+      // sent: the server's own stamp (its clock, like t_request_s) when the first chunk went on the socket
+      sent_ms: run.firstChunkHeader ? run.firstChunkHeader.t_sent_s * 1000 - run.tRequestMs : null,
       received_ms: sinceRequestMs(run, run.firstChunkPerfMs),
       received_last_ms: null,
       heard_ms: sinceRequestMs(run, heardPerfMs),

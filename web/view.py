@@ -64,11 +64,58 @@ class Sessions:
         return len(cancels)
 
 
+class ModelLine:
+    """One comparison (or blind pair) on the model at a time, the others waiting in line, first come first served.
+    A waiting page shows its place and how long the ones ahead should still take, from this server's measured runs
+    of their presets (lab.history.estimate_s)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._line: list[Turn] = []
+
+    def turn(self, estimate_s: float | None, cancel: session.Cancel) -> "Turn":
+        return Turn(self, estimate_s, cancel)
+
+
+class Turn:
+    """A place in the line; `with turn:` waits until it is first (or cancelled), the run loop's lock."""
+
+    def __init__(self, line: ModelLine, estimate_s: float | None, cancel: session.Cancel):
+        self.line, self.estimate_s, self.cancel = line, estimate_s, cancel
+        self.started_at: float | None = None
+
+    def __enter__(self) -> "Turn":
+        with self.line._cond:
+            self.line._line.append(self)
+            while self.line._line[0] is not self and not self.cancel.is_set():
+                self.line._cond.wait(0.2)   # a cancelled wait leaves the line: the loop then stops at once
+            self.started_at = time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self.line._cond:
+            self.line._line.remove(self)
+            self.line._cond.notify_all()
+
+    def waiting(self) -> tuple[int, float | None]:
+        """(turns ahead, seconds they should still take; None when one of them has no measured runs)."""
+        with self.line._cond:
+            ahead = self.line._line[: self.line._line.index(self)] if self in self.line._line else []
+        left = 0.0
+        for t in ahead:
+            if t.estimate_s is None:
+                return len(ahead), None
+            ran_s = time.monotonic() - t.started_at if t.started_at is not None else 0.0
+            left += max(0.0, t.estimate_s - ran_s)
+        return len(ahead), left
+
+
 class CompareView:
     """One comparison on the page: which slot shows which preset, and what each event changes."""
 
-    def __init__(self, specs: list[VariantSpec], runs: int, has_turn: bool, transport: str, env_title: str):
-        self.specs, self.runs, self.transport, self.env_title = specs, runs, transport, env_title
+    def __init__(self, specs: list[VariantSpec], runs: int, has_turn: bool, transport: str, env_title: str,
+                 place: Turn | None = None):
+        self.specs, self.runs, self.transport, self.env_title, self.place = specs, runs, transport, env_title, place
         self.total = runs + 1
         self.ignores_turn = {i: has_turn and not FAMILIES[s.family]["user_audio"] for i, s in enumerate(specs)}
         self.records: list[dict] = []
@@ -93,9 +140,12 @@ class CompareView:
         """Nothing new for a while: keep the build clocks moving, and say how long the model has been waited for."""
         ui = {("status", slot): status_html(0, self.total, f"{stage} {s + time.perf_counter() - since:.0f} s")
               for slot, (stage, s, since) in self.stage.items()}
-        if not self.holds_model:
-            ui["overall"] = status_html(0, 0, f"waiting for the model: another comparison is running "
-                                              f"({time.perf_counter() - self.started_at:.0f} s)")
+        if not self.holds_model and self.place is not None:
+            ahead, left_s = self.place.waiting()
+            estimate = (f"about {left_s:.0f} s left, from this server's measured runs of their presets"
+                        if left_s is not None else "no measured runs of their presets yet to estimate from")
+            ui["overall"] = status_html(0, 0, f"waiting for the model: {ahead} comparison{'s' * (ahead != 1)} ahead "
+                                              f"({estimate}); waited {time.perf_counter() - self.started_at:.0f} s")
         return ui
 
     def on(self, event) -> dict:

@@ -11,26 +11,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import numpy as np
 
 from lab.metrics import Timeline
 from lab.request import Request
 from lab.spec import VariantSpec
+from lab.streaming import AudioChunk  # noqa: F401  (the engines' chunk type, re-exported for them)
 
 # progress(stage, seconds_so_far): stage is "loading" or "warming up" / "compiling"
 Progress = Callable[[str, float], None]
-
-
-@dataclass
-class AudioChunk:
-    samples: np.ndarray         # float32 mono
-    sample_rate: int
-    index: int
-    text: str = ""              # text generated with this audio, for models that answer (minicpm_o); else ""
-
-    @property
-    def audio_s(self) -> float:
-        return len(self.samples) / self.sample_rate
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch
 
 from lab.errors import LabError
 from lab.kv import run_layers as kv_run_layers
+from lab.sampling import pick
 from lab.spec import VariantSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -230,22 +231,6 @@ def compiled_graph_count() -> int:
 
 def device_sync(device: str):
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-
-def pick(logits: torch.Tensor, temperature: float, top_k: int, uniform: torch.Tensor | None) -> torch.Tensor:
-    """Next token ids on the device: argmax when temperature is 0, else top-k sampling by the Gumbel-max trick
-    with `uniform`, draws in (0, 1) shaped like `logits`. The caller draws them from the request's seeded
-    generator; taking them as an input keeps this function free of RNG state, so it can run inside a CUDA graph
-    (a graph replays the random numbers it captured unless they are fed in)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    # argmax(logits + Gumbel noise) is a draw from softmax(logits): the same distribution as multinomial.
-    gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1 - 1e-7)))
-    return (logits + gumbel).argmax(-1)
 
 
 class TorchKernels:
