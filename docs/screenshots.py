@@ -12,37 +12,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from web.server import AppProcess  # noqa: E402
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--autoplay-policy=no-user-gesture-required"]
-
-
-def start_server() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tmp = tempfile.mkdtemp(prefix="lab-screens-")
-    env = {**os.environ, "PORT": str(port), "LAB_HISTORY": os.path.join(tmp, "history.jsonl"),
-           "LAB_VOTES": os.path.join(tmp, "votes.jsonl"), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
-    for _ in range(360):
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"app.py did not come up on {url}")
 
 
 def shoot(url: str, out_dir: str) -> None:
@@ -79,16 +58,12 @@ def main() -> None:
     ap.add_argument("--url", help="a running app; default: start one")
     ap.add_argument("--out", default=HERE)
     args = ap.parse_args()
-    proc = None
-    url = args.url
-    if not url:
-        proc, url = start_server()
+    app = None if args.url else AppProcess(tempfile.mkdtemp(prefix="lab-screens-"))
     try:
-        shoot(url, args.out)
+        shoot(args.url or app.url, args.out)
     finally:
-        if proc:
-            proc.terminate()
-            proc.wait(timeout=30)
+        if app:
+            app.stop()
     print(f"wrote first.png, compare.png, ab.png, history.png in {args.out}")
 
 

@@ -9,14 +9,13 @@ page's own config, never by position.
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-from conftest import CHROMIUM, CHROMIUM_ARGS, free_port
+from conftest import CHROMIUM, CHROMIUM_ARGS
+from web.server import AppProcess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A frame already being generated when the cancel lands still finishes, and so may the decode of its chunk.
@@ -27,32 +26,9 @@ TWO_SENTENCES = "Two short words. And one more."
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("app")
-    port = free_port()
-    env = {**os.environ, "PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "HF_HUB_OFFLINE": "1",
-           "LAB_PRESETS_DIR": os.path.join(ROOT, "tests", "presets"), "LAB_HISTORY": str(tmp / "history.jsonl"),
-           "LAB_VOTES": str(tmp / "votes.jsonl"), "GRADIO_ANALYTICS_ENABLED": "False",
-           "GRADIO_TEMP_DIR": str(tmp / "gradio")}
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"app.py did not serve {url}:\n{(tmp / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield {"url": url, "history": tmp / "history.jsonl", "votes": tmp / "votes.jsonl", "tmp": tmp}
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    app = AppProcess(str(tmp), presets_dir=os.path.join(ROOT, "tests", "presets"))
+    yield {"url": app.url, "history": tmp / "history.jsonl", "votes": tmp / "votes.jsonl", "tmp": tmp}
+    app.stop()
 
 
 @pytest.fixture(scope="module")

@@ -109,7 +109,7 @@ def test_the_frame_step_through_the_kernels_gives_the_torch_paths_codes():
     # Under Triton's interpreter each frame costs seconds, so no frame runs twice for one check: the plain request
     # is compared with the torch path and with generate(), the one with context with the torch path and with a
     # second run of the kernels.
-    plain = Request(TEXT, max_audio_s=1.2)
+    plain = Request(TEXT, max_audio_s=0.64)      # 8 frames
     codes = codes_of(engine, plain)
     assert len(codes) == round(plain.max_audio_s * csm.FRAME_RATE_HZ)
     assert torch.equal(codes, codes_of(reference, plain))
@@ -117,7 +117,7 @@ def test_the_frame_step_through_the_kernels_gives_the_torch_paths_codes():
     with torch.no_grad():
         ref = model.generate(input_ids=ids, do_sample=False, depth_decoder_do_sample=False, max_new_tokens=len(codes))
     assert torch.equal(ref[0], codes)
-    with_context = Request(TEXT, max_audio_s=0.8, context=(ContextTurn("An earlier turn.", speaker=1),))
+    with_context = Request(TEXT, max_audio_s=0.4, context=(ContextTurn("An earlier turn.", speaker=1),))   # 5 frames
     codes = codes_of(engine, with_context)
     assert len(codes) == round(with_context.max_audio_s * csm.FRAME_RATE_HZ)
     assert torch.equal(codes, codes_of(reference, with_context))

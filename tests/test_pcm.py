@@ -7,8 +7,6 @@ The checks are of order and presence (the report arrives, heard >= received >= t
 when a chunk is late), with loose bounds: the machine is shared and its timing noisy.
 """
 import io
-import shutil
-import socket
 import threading
 import time
 
@@ -19,11 +17,9 @@ import wave
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, Response
 
+from conftest import CHROMIUM, CHROMIUM_ARGS, free_port
 from web.pcm import PcmHub, attach, decode_chunk, encode_chunk, to_int16_bytes
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--autoplay-policy=no-user-gesture-required"]
 RATE_HZ = 24000
 LEAD_SILENCE_S = 0.3
 TONE_S = 0.6
@@ -35,12 +31,6 @@ PAGE = """<!doctype html><html><body>
 <script src="/lab/player.js"></script></body></html>"""
 # Stands in for Gradio's stream segments in the "gradio" transport test.
 SEGMENT_PATH = "/fake/stream/"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_in_thread(app) -> tuple[uvicorn.Server, threading.Thread, str]:

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from lab import history  # noqa: E402
+from web.server import AppProcess  # noqa: E402
 from lab.metrics import summarize  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -115,50 +115,6 @@ def machine_facts() -> dict:
 def title_line(env: dict) -> str:
     return (f"{env['cpu']}, {env['cores']} cores · commit {env['commit']}{'-dirty' if env['tree_dirty'] else ''}"
             f" · torch {env['torch']} · gradio {env['gradio']} · {env['date'][:16].replace('T', ' ')}")
-
-
-# -- the server --------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(tmp: str):
-    """`python app.py` on a free loopback port; returns (process, url, history path, log path)."""
-    import httpx
-
-    port = free_port()
-    history_path = os.path.join(tmp, "history.jsonl")
-    env = {**os.environ, "PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "HF_HUB_OFFLINE": "1",
-           "GRADIO_ANALYTICS_ENABLED": "False", "LAB_HISTORY": history_path,
-           "LAB_VOTES": os.path.join(tmp, "votes.jsonl"), "GRADIO_TEMP_DIR": os.path.join(tmp, "gradio")}
-    env.pop("LAB_PRESETS_DIR", None)   # the real presets/
-    log_path = os.path.join(tmp, "server.log")
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline_s = time.monotonic() + SERVER_START_TIMEOUT_S
-    while True:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return proc, url, history_path, log_path
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline_s:
-            stop_process(proc)
-            raise RuntimeError(f"app.py did not serve {url}; its log:\n{open(log_path).read()[-3000:]}")
-        time.sleep(0.5)
-
-
-def stop_process(proc) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # -- the page ----------------------------------------------------------------------------------------------------
@@ -615,20 +571,20 @@ def main(argv: list[str] | None = None) -> int:
 def page_phase(compares: int, tmp: str, log) -> tuple[list[dict], str, float]:
     from playwright.sync_api import sync_playwright
 
-    proc, url, history_path, log_path = start_server(tmp)
-    log(f"app.py serves {url}")
+    app = AppProcess(tmp)     # the real presets/
+    log(f"app.py serves {app.url}")
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
-                return run_compares(browser, url, history_path, compares, log)
+                return run_compares(browser, app.url, app.history, compares, log)
             finally:
                 browser.close()
     except Exception:
-        log(f"failed; the server's log ends:\n{open(log_path).read()[-3000:]}")
+        log(f"failed; the server's log ends:\n{open(app.log_path).read()[-3000:]}")
         raise
     finally:
-        stop_process(proc)
+        app.stop()
 
 
 def assemble(env: dict, compares: list[dict], cli: dict | None, text: str, wall_s: float) -> dict:
