@@ -279,7 +279,7 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
         with gr.Row():
             transport = gr.Radio(TRANSPORTS, value="pcm", label="Audio to the browser", elem_id="transport")
             # Read by web/player.js at each run's start; the server needs no copy of it.
-            gr.Number(60, label="Jitter buffer (ms, PCM)", precision=0, elem_id="jitter-ms",
+            gr.Number(60, label="Jitter buffer (ms, PCM)", precision=0, elem_id="jitter-ms", interactive=True,
                       info="audio held before playing starts, to absorb late chunks")
         user_audio = gr.Audio(label="Your spoken turn (for models that take speech input)", type="numpy",
                               sources=["upload", "microphone"], visible=False)
