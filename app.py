@@ -41,7 +41,8 @@ CATALOG = availability.Catalog(PRESETS_DIR)
 SESSIONS = Sessions()
 HUB = PcmHub()   # the PCM path to each page (WebSocket /lab/pcm), and the pages' reports back
 DEFAULT_PRESETS, DEFAULT_RANDOM = CATALOG.default_selection(env.cuda_available())
-FAMILY_ORDER = list(CATALOG.grouped(False))
+# Families with a preset that runs here; the others' presets are only in the folded "cannot run here" lines.
+FAMILY_ORDER = [f for f, statuses in CATALOG.grouped(True).items() if any(s.available for s in statuses)]
 TRANSPORTS = [("PCM over a WebSocket (low latency)", "pcm"), ("Gradio streaming audio (HLS, AAC)", "gradio")]
 ERROR_AT = {"text": "text_error", "seed": "numbers_error", "max_audio_s": "numbers_error",
             "runs per preset": "numbers_error", "user_audio": "audio_error"}   # else: under the presets
@@ -303,6 +304,8 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
                     C["live"].append(gr.Markdown(elem_id=f"live-{i}"))
         C["chart_main"] = gr.Plot(label="TTFB, RTF (warm median, bars = spread, hollow = cold) and TTFB phases",
                                   elem_id="chart-main", format="png", visible=False)
+        C["chart_heard"] = gr.Plot(label="Heard in the browser: model TTFB → first audible → sent → received → heard",
+                                   elem_id="chart-heard", format="png", visible=False)
         C["chart_stalls"] = gr.Plot(label="Underruns and stall", elem_id="chart-stalls", format="png", visible=False)
         C["summary"] = gr.Dataframe(label="Per preset: warm median, spread, tails, cold apart", elem_id="summary",
                                     interactive=False, visible=False)

@@ -299,6 +299,36 @@ def stall_chart(runs: list[dict], title: str = "", path: str | None = None):
     return _save(fig, path)
 
 
+# The heard run of each preset, stage by stage, from the request: what the page's waterfall shows.
+HEARD_STAGES = ("ttfb_ms", "first_audible_ms", "sent_ms", "received_ms", "heard_ttfb_ms")
+
+
+def heard_chart(runs: list[dict], title: str = "", path: str | None = None):
+    """For each preset, its heard runs stage by stage (median, spread as whiskers): model TTFB, first audible
+    sample ready, sent on the socket, received in the browser, heard. None when no heard run has a browser report."""
+    heard = [r for r in runs if r.get("heard_ttfb_ms") is not None]
+    if not heard:
+        return None
+    rows = summary_rows(heard)
+    fig, ax = _pyplot().subplots(figsize=(10, 1.2 + 1.3 * len(rows)))
+    colours = ("#4c72b0", "#55a868", "#8172b3", "#dd8452", "#c44e52")
+    ticks, names = [], []
+    for i, row in enumerate(rows):
+        for j, (key, colour) in enumerate(zip(HEARD_STAGES, colours)):
+            s, y = row["warm"][key], i * (len(HEARD_STAGES) + 1) + j
+            if s["median"] is not None:
+                ax.barh(y, s["median"], color=colour, xerr=[[s["median"] - s["lo"]], [s["hi"] - s["median"]]],
+                        capsize=2)
+                ax.text(s["hi"], y, f" {s['median']:.0f}", va="center", fontsize=7)
+            ticks.append(y)
+            names.append(f"{row['preset']}: {FIGURES[key].name}" if j == 0 else FIGURES[key].name)
+    ax.set_yticks(ticks, names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms from the request (heard runs: median, whiskers = spread)", fontsize=8)
+    _title(fig, rows, title)
+    return _save(fig, path)
+
+
 def merge(result_dirs: list[str], out_dir: str) -> dict:
     """One results.json/csv/chart from bench runs made as separate calls on one machine (the GPU machine
     limits each command to 10 minutes). Refuses to mix machines or commits: that would not be one run."""

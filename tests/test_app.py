@@ -226,6 +226,7 @@ def test_browser_first_click_plays_two_real_voices_over_pcm_and_done_comes_after
     pick(page, "hibari", "hibari-whole")      # the CPU default first click
     page.fill("#text textarea", TWO_SENTENCES)
     page.fill("#runs input", "1")
+    page.fill("#jitter-ms input", "60")       # the player's field is the listener's to change
     for attempt in range(2):                  # a repeat compare must start every player at 0 again
         since = time.time()
         page.click("#compare-btn")
@@ -239,6 +240,7 @@ def test_browser_first_click_plays_two_real_voices_over_pcm_and_done_comes_after
         assert_heard_after_received_after_model(server, since, ["hibari", "hibari-whole"])
         for s in states:   # every player got its whole run before "done"; none started mid-clip
             assert s["received_s"] > 1.0 and s["position_s"] <= s["received_s"] + 0.05, states
+        page.wait_for_selector("#chart-heard img", timeout=30_000)    # the waterfall of the heard runs
     page.screenshot(path=str(server["tmp"] / "compare.png"), full_page=True)
     page.close()
 

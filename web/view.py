@@ -128,7 +128,7 @@ class CompareView:
     def start(self) -> dict:
         """Every slot in tick order, waiting; last comparison's charts and tables cleared."""
         ui = {"overall": status_html(0, 0, "waiting for the model"), "chart_main": None, "chart_stalls": None,
-              "summary": None, "builds": None, "runs_table": None}
+              "chart_heard": None, "summary": None, "builds": None, "runs_table": None}
         for i, spec in enumerate(self.specs):
             ui[("header", i)] = header_md(spec, self.ignores_turn[i])
             ui[("status", i)] = status_html(0, self.total, "waiting")
@@ -223,11 +223,12 @@ class CompareView:
     def results(self, stopped: bool = False) -> dict:
         records = self.records
         title = self.env_title + (" · STOPPED: partial results" if stopped else "")
-        charts = (report.chart(records, title), report.stall_chart(records, title)) if records else (None, None)
+        charts = ((report.chart(records, title), report.stall_chart(records, title), report.heard_chart(records, title))
+                  if records else (None, None, None))
         for fig in charts:   # Gradio only saves them as images; open pyplot figures would pile up across clicks
             if fig is not None:
                 report.close(fig)
-        return {"chart_main": charts[0], "chart_stalls": charts[1],
+        return {"chart_main": charts[0], "chart_stalls": charts[1], "chart_heard": charts[2],
                 "summary": report.summary_table(report.summary_rows(records)) if records else None,
                 "builds": report.build_table(self.builds) if self.builds else None,
                 "runs_table": report.run_table(records) if records else None}

@@ -68,7 +68,7 @@ CLI_PRESETS = ("hibari", "hibari-whole", "pocket-tts-cpu")
 CLI_RUNS = 5
 
 # Per heard run: the figures kept raw in results.json and summarized per (transport, preset).
-HEARD_KEYS = ("ttfb_ms", "first_audible_ms", "first_audible_s", "received_ms", "heard_ttfb_ms", "heard_floor_ms",
+HEARD_KEYS = ("ttfb_ms", "first_audible_ms", "first_audible_s", "sent_ms", "received_ms", "heard_ttfb_ms", "heard_floor_ms",
               "transport_share_ms", "heard_over_ttfb_ms", "delivery_ms", "browser_underruns", "browser_gap_s",
               "rtf", "steady_rtf", "underruns", "stall_s", "audio_s", "clock_uncertainty_ms", "output_latency_ms",
               "jitter_buffer_ms")
@@ -368,7 +368,8 @@ def goals(heard: list[dict]) -> list[dict]:
 
 # -- charts ------------------------------------------------------------------------------------------------------
 WATERFALL = (("ttfb_ms", "model TTFB", "#4c72b0"), ("first_audible_ms", "first audible (model)", "#55a868"),
-             ("received_ms", "received (browser)", "#dd8452"), ("heard_ttfb_ms", "heard (browser)", "#c44e52"))
+             ("sent_ms", "sent (server, PCM)", "#8172b3"), ("received_ms", "received (browser)", "#dd8452"),
+             ("heard_ttfb_ms", "heard (browser)", "#c44e52"))
 
 
 def preset_label(preset: str, weights: str | None) -> str:
@@ -409,8 +410,9 @@ def waterfall_bars(ax, row: dict) -> None:
     for y, (key, name, colour) in enumerate(WATERFALL):
         s = row[key]
         if s["median"] is None:
-            ax.text(0, y, f"  {name}: missing ({row['reports_missing']} of {row['heard_runs']} reports)",
-                    va="center", fontsize=7, color="#c44e52")
+            why = "not on Gradio's path (HLS)" if key == "sent_ms" and row["transport"] == "gradio" else \
+                f"missing ({row['reports_missing']} of {row['heard_runs']} reports)"
+            ax.text(0, y, f"  {name}: {why}", va="center", fontsize=7, color="#c44e52")
             continue
         ax.barh(y, s["median"], color=colour, xerr=[[s["median"] - s["lo"]], [s["hi"] - s["median"]]], capsize=3)
         ax.text(s["hi"], y, f"  {s['median']:.0f}", va="center", fontsize=7)
