@@ -62,7 +62,7 @@ RUN_FIGURES = (
     Figure("underruns", "underruns", "", 0, live=True),
     Figure("stall_s", "stall", "s", 3),
     Figure("peak_mem_bytes", "peak", "MiB", 0, scale=2 ** -20),
-    # Measured in the browser, for the run a listener hears (lab.session.HEARD); the others have none.
+    # Measured in the browser, for the run a listener hears (its first warm run, `RunStarted.heard`); the others have none.
     Figure("sent_ms", "sent", "ms", 1),
     Figure("received_ms", "received", "ms", 1),
     Figure("heard_ttfb_ms", "heard TTFB", "ms", 1, spread=True),

@@ -74,7 +74,9 @@ class RunStarted:
     preset: str
     run: int
     cold: bool
-    heard: bool         # the run a listener hears (see HEARD)
+    # The run a listener hears: each preset's first warm run, so that what is heard starts as it would on a served
+    # model (a cold run pays for compiles and first-touch allocations that a served model does not).
+    heard: bool
     spec: VariantSpec
 
 
@@ -121,10 +123,6 @@ class PresetDone:
     slot: int
     preset: str
 
-
-# The run a listener hears: each preset's first warm run, so that what is heard starts as it would in production
-# (a cold run pays for compiles and first-touch allocations that a served model does not).
-HEARD = "first warm run"
 
 Event = Started | Stage | Built | RunStarted | Chunk | RunDone | Failed | Stopped | PresetDone
 
@@ -300,7 +298,7 @@ def in_background(events: Iterator[Event], on_event: Callable[[Event], None] | N
     every wake-up takes the GIL from the loop's thread, and per chunk that slowed the runs measurably.
     `on_event` runs in the loop's thread before the event is handed over: for work that must happen at once
     (sending a chunk to a browser) or before the loop goes on (waiting for the browser's report). Closing this
-    generator (a closed page) sets `cancel`, and the loop stops at its next frame."""
+    generator (a closed page) sets `cancel`, and returns once the loop has stopped, at its next frame."""
     handed: queue.Queue = queue.Queue()
     failure: list = []
 
@@ -334,3 +332,6 @@ def in_background(events: Iterator[Event], on_event: Callable[[Event], None] | N
     finally:
         if worker.is_alive() and cancel is not None:
             cancel.set()
+            # The loop stops at its next frame: wait for it, so that nothing is left generating behind a closed
+            # page (and no thread is still inside torch when the process exits, which aborts it).
+            worker.join(timeout=30)

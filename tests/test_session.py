@@ -85,6 +85,7 @@ def test_closing_the_background_generator_cancels_the_loop():
             break
     consumer.close()                                    # what a closed page does to the handler
     assert cancel.is_set()
+    assert not any(t.name == "run loop" and t.is_alive() for t in threading.enumerate())   # it stopped, too
 
 
 def test_the_model_line_is_first_come_first_served_and_estimates_from_measured_runs():

@@ -1,4 +1,4 @@
-"""The listener's side of a run: each preset's heard run (lab.session.HEARD) goes to the page as it is generated,
+"""The listener's side of a run: each preset's heard run (its first warm run, `RunStarted.heard`) goes to the page as it is generated,
 and the page's own measurements come back into that run's record.
 
 `Listener.on_event` runs in the run loop's thread (lab.session.in_background), so a chunk is on the socket the

@@ -183,7 +183,7 @@ class CompareView:
     def _on_runstarted(self, e: session.RunStarted) -> dict:
         kind = "cold" if e.cold else "warm"
         text = f"run {e.run + 1}/{self.total} ({kind}) running"
-        if e.heard:   # the one the listener hears (lab.session.HEARD): say so the moment it starts
+        if e.heard:   # the one the listener hears (its first warm run, `RunStarted.heard`): say so the moment it starts
             text = f"▶ run {e.run + 1}/{self.total} ({kind}) started: listen now"
         return {("status", e.slot): status_html(self.runs_done.get(e.slot, 0), self.total, text)}
 
