@@ -20,10 +20,10 @@ from lab import ab, availability, env, history, presets, report, session
 from lab.errors import LabError
 from lab.manager import ModelManager
 from lab.request import MAX_USER_AUDIO_BYTES, validate_inputs, validate_user_audio
-from lab.spec import FAMILIES
 from web import listen, server
 from web.pcm import PcmHub
-from web.view import SLOT_FIELDS, CompareView, ModelLine, Sessions, pcm16, status_html
+from lab.streaming import pcm16
+from web.view import SLOT_FIELDS, CompareView, ModelLine, Sessions, status_html
 
 PRESETS_DIR = os.environ.get("LAB_PRESETS_DIR", presets.PRESETS_DIR)
 HISTORY_PATH = os.environ.get("LAB_HISTORY", os.path.join("runs", "history.jsonl"))
@@ -75,10 +75,6 @@ def ticked(order: list[str], groups) -> list[str]:
     return sorted(names, key=lambda n: order.index(n) if n in order else len(order) + names.index(n))
 
 
-def takes_turn(spec) -> bool:
-    return FAMILIES[spec.family]["user_audio"]
-
-
 def weights_notice(random_weights) -> str:
     folded = CATALOG.unavailable_by_reason(random_weights)
     lines = "".join(f"<details><summary>{len(names)} of the presets {reason}: show</summary>"
@@ -95,7 +91,7 @@ def plan(names, text, seed, max_audio_s, runs, random_weights, user_audio):
         raise LabError("presets", f"{len(names)} ticked; a comparison takes at most {MAX_SLOTS}, untick some")
     request, runs = validate_inputs(text, seed, max_audio_s, runs)
     specs = [CATALOG.runnable_spec(n, random_weights) for n in names]
-    if user_audio is not None and any(takes_turn(s) for s in specs):
+    if user_audio is not None and any(s.takes_user_audio for s in specs):
         sample_rate, samples = user_audio
         request = dataclasses.replace(request, user_audio=validate_user_audio(samples, sample_rate),
                                       user_audio_sample_rate=int(sample_rate))
@@ -158,7 +154,7 @@ def on_pick(order, *groups):
     """Keeps the tick order (slots follow it), and shows the audio upload when a ticked preset takes a turn."""
     names = [n for g in groups for n in (g or [])]
     order = [n for n in order if n in names] + [n for n in names if n not in order]
-    takes = any(takes_turn(CATALOG.specs[n]) for n in names if n in CATALOG.specs)
+    takes = any(CATALOG.specs[n].takes_user_audio for n in names if n in CATALOG.specs)
     return order, gr.update(visible=takes)
 
 

@@ -16,6 +16,7 @@ from lab.errors import LabError
 from lab.manager import ModelManager
 from lab.request import MAX_TEXT_CHARS, Request, validate_request, validate_user_audio
 from lab.spec import FAMILIES, VariantSpec
+from lab.streaming import pcm16
 
 DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs back home "
                 "before the evening rain begins to fall.")
@@ -23,7 +24,7 @@ HISTORY_PATH = os.environ.get("LAB_HISTORY", os.path.join("runs", "history.jsonl
 
 
 def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
-    pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
+    pcm = pcm16(audio)
     with wave.open(path, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         specs = [presets.load(name, weights=args.weights) for name in args.presets]
         for spec in specs:   # what this machine cannot run is refused before anything is built
             machine.require(spec, weights_here=lambda s: True)
-        deaf = [s.name for s in specs if not FAMILIES[s.family]["user_audio"]]
+        deaf = [s.name for s in specs if not s.takes_user_audio]
         if user_audio is not None and deaf:
             raise LabError("--user-audio", f"{', '.join(deaf)} take no spoken user turn; drop --user-audio, or "
                                            f"those presets")

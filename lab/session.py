@@ -27,7 +27,7 @@ from lab.engines import AudioChunk, BuildReport
 from lab.errors import Cancelled, LabError
 from lab.metrics import Timeline, figures
 from lab.request import Request
-from lab.spec import FAMILIES, VariantSpec
+from lab.spec import VariantSpec
 
 
 class Cancel:
@@ -140,7 +140,7 @@ def error_text(e: BaseException) -> str:
 
 def for_family(request: Request, spec: VariantSpec) -> Request:
     """A family that takes no spoken turn gets the request without it (its status says so)."""
-    if request.user_audio is None or FAMILIES[spec.family]["user_audio"]:
+    if request.user_audio is None or spec.takes_user_audio:
         return request
     return dataclasses.replace(request, user_audio=None)
 

@@ -75,6 +75,11 @@ class VariantSpec:
         return json.dumps(self.identity(), sort_keys=True)
 
     @property
+    def takes_user_audio(self) -> bool:
+        """Whether a request may carry a spoken user turn for this family (omni models)."""
+        return FAMILIES[self.family]["user_audio"]
+
+    @property
     def model_id(self) -> str:
         return self.model or FAMILIES[self.family]["model"]
 

@@ -34,6 +34,12 @@ class AudioChunk:
         return len(self.samples) / self.sample_rate
 
 
+def pcm16(samples: np.ndarray) -> np.ndarray:
+    """float32 samples in [-1, 1] as little-endian 16-bit PCM, clipped (not wrapped): what WAV files, the PCM
+    socket and Gradio's players take."""
+    return (np.clip(np.asarray(samples, np.float32).reshape(-1), -1.0, 1.0) * 32767).astype("<i2")
+
+
 def chunk_frames(first: int, growth: float, largest: int) -> Iterator[int]:
     """Frames per chunk: a small first chunk for TTFB, then growing chunks so decode calls amortize."""
     size = float(first)

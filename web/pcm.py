@@ -33,6 +33,8 @@ import numpy as np
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
 
+from lab.streaming import pcm16
+
 log = logging.getLogger(__name__)
 
 WS_PATH = "/lab/pcm"
@@ -40,7 +42,6 @@ PLAYER_JS_PATH = "/lab/player.js"
 PLAYER_JS_FILE = Path(__file__).with_name("player.js")
 # Reports and "played" notes kept for wait_*; older ones are forgotten so a long-lived server does not grow.
 MAX_KEPT_RUNS = 512
-INT16_FULL_SCALE = 32767
 
 
 def encode_chunk(header: dict, pcm_int16_le: bytes) -> bytes:
@@ -58,8 +59,7 @@ def decode_chunk(message: bytes) -> tuple[dict, np.ndarray]:
 
 def to_int16_bytes(samples: np.ndarray) -> bytes:
     """float32 mono in [-1, 1] -> little-endian int16 bytes (clipped, not wrapped)."""
-    x = np.asarray(samples, dtype=np.float32).reshape(-1)
-    return (np.clip(x, -1.0, 1.0) * INT16_FULL_SCALE).astype("<i2").tobytes()
+    return pcm16(samples).tobytes()
 
 
 class _Connection:

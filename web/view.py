@@ -13,7 +13,8 @@ from typing import Iterator
 import numpy as np
 
 from lab import report, session
-from lab.spec import FAMILIES, VariantSpec
+from lab.spec import VariantSpec
+from lab.streaming import pcm16
 
 SLOT_FIELDS = ("box", "header", "status", "player", "pcm", "live")
 # The page is sent what changed at most this often. Every update costs the server Python time (Gradio's
@@ -117,7 +118,7 @@ class CompareView:
                  place: Turn | None = None):
         self.specs, self.runs, self.transport, self.env_title, self.place = specs, runs, transport, env_title, place
         self.total = runs + 1
-        self.ignores_turn = {i: has_turn and not FAMILIES[s.family]["user_audio"] for i, s in enumerate(specs)}
+        self.ignores_turn = {i: has_turn and not s.takes_user_audio for i, s in enumerate(specs)}
         self.records: list[dict] = []
         self.builds: dict[str, dict] = {}
         self.runs_done: dict[int, int] = {}
@@ -133,7 +134,6 @@ class CompareView:
             ui[("header", i)] = header_md(spec, self.ignores_turn[i])
             ui[("status", i)] = status_html(0, self.total, "waiting")
             ui[("live", i)] = ""
-            ui[("player", i)] = None
         return ui
 
     def tick(self) -> dict:
@@ -244,10 +244,6 @@ class CompareView:
                 f"; {failed} failed (see its status)" if failed else "")
             kind, done = ("warn" if failed else "ok"), 1
         return {"overall": status_html(done, 1, text, kind), **self.results(stopped)}
-
-
-def pcm16(samples: np.ndarray) -> np.ndarray:
-    return (np.clip(samples, -1, 1) * 32767).astype(np.int16)
 
 
 def _joined(before, after):
