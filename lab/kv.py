@@ -9,6 +9,9 @@ three ways: eagerly, compiled by inductor, and captured in a CUDA graph.
 - `StaticKV` writes into buffers allocated once, at a position held on the device. Every step has the same
   shapes and no host sync (no `.item()`, no Python branch on a device value), so it compiles once and can be
   captured; a mask hides the slots not written yet.
+- `RowKV` is StaticKV with one row per stream, each row at its own position (many listeners through one step:
+  lab/engines/csm_batched.py). A view of its first rows and positions shares its buffers, so a CUDA graph per
+  bucket of streams reads and writes exactly its part. With a sliding window it can be a ring of slots.
 """
 from __future__ import annotations
 
@@ -16,13 +19,14 @@ import torch
 from torch import nn
 
 
-def to_mask(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """A (queries, keys) boolean "may attend" matrix in the form the model's attention function takes:
-    boolean for SDPA, additive (0 or the dtype's minimum) for the eager implementation."""
+def to_mask(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dtype, batched: bool = False
+            ) -> torch.Tensor:
+    """A (queries, keys) boolean "may attend" matrix (or (rows, 1, queries, keys) when `batched`) in the form the
+    model's attention function takes: boolean for SDPA, additive (0 or the dtype's minimum) for eager."""
     if attn_implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)[None, None]
-    return allowed[None, None]
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    return allowed if batched else allowed[None, None]
 
 
 class GrowingKV:
@@ -63,10 +67,13 @@ class GrowingKV:
 
 
 class StaticKV:
+    """`rows` > 1: a batch whose rows all stand at the same position (CSM's depth decoder, which every stream runs
+    from position 0 in each frame)."""
+
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_positions: int, dtype, device,
-                 window: int | None = None):
+                 window: int | None = None, rows: int = 1):
         self.max_positions, self.window = max_positions, window
-        shape = (1, kv_heads, max_positions, head_dim)
+        shape = (rows, kv_heads, max_positions, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.pos = torch.zeros((), dtype=torch.long, device=device)   # next position to write, on the device
@@ -97,11 +104,90 @@ class StaticKV:
     def advance(self, n: int) -> None:
         self.pos.add_(n)
 
+    def view(self, rows: int) -> "StaticKV":
+        """The first `rows` rows, sharing the buffers and the position."""
+        part = object.__new__(StaticKV)
+        part.__dict__.update(self.__dict__)
+        part.keys, part.values = [k[:rows] for k in self.keys], [v[:rows] for v in self.values]
+        return part
 
-def static_kv_for(config, max_positions: int, dtype, device, window: int | None = None) -> StaticKV:
+
+class RowKV:
+    """Static KV buffers with one row per stream, each at its own position `pos[row]`, on the device. A row whose
+    `active` flag is 0 (a free slot) runs along in a batched step but does not advance. Rows join and leave between
+    steps (`reset_rows`), which is what lets streams start and end at any frame.
+
+    `ring`: with a sliding window, slot = position % slots, so a stream of any length needs only window + a few
+    slots (the codec's decoder transformer: 256 slots instead of two per frame of the longest stream). Keys are
+    cached after their rotary embedding, so where a key sits in the buffer does not matter, only the mask."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], pos: torch.Tensor,
+                 active: torch.Tensor, window: int | None = None, ring: bool = False,
+                 slots: torch.Tensor | None = None):
+        self.keys, self.values, self.pos, self.active = keys, values, pos, active
+        self.window, self.ring = window, ring
+        self.length = keys[0].shape[2]
+        # A view takes its parent's: a CUDA graph captured over a view reads this tensor at every replay, so it
+        # must live as long as the buffers do, not as long as the view object.
+        self.slots = torch.arange(self.length, device=pos.device) if slots is None else slots
+        self.positions: torch.Tensor | None = None   # (rows, n) of the tokens in the last prepare()
+
+    @classmethod
+    def allocate(cls, config, rows: int, max_positions: int, dtype, device, window: int | None = None,
+                 ring: bool = False) -> "RowKV":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (rows, config.num_key_value_heads, max_positions, head_dim)
+        layers = range(config.num_hidden_layers)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
+                   torch.zeros(rows, dtype=torch.long, device=device),
+                   torch.zeros(rows, dtype=torch.long, device=device), window, ring)
+
+    def view(self, rows: int, length: int | None = None) -> "RowKV":
+        """The first `rows` rows and (not for a ring) the first `length` positions, sharing the buffers: attention
+        then reads only as far as the longest stream in the bucket, not the whole allocation."""
+        length = self.length if length is None or self.ring else length
+        return RowKV([k[:rows, :, :length] for k in self.keys], [v[:rows, :, :length] for v in self.values],
+                     self.pos[:rows], self.active[:rows], self.window, self.ring, self.slots[:length])
+
+    def next_position(self) -> torch.Tensor:
+        return self.pos[:, None]
+
+    def reset_rows(self, rows: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """Rows that start a new stream: their position goes to 0 (or `positions`, after a prefill wrote them);
+        what the last stream left in the buffers stays, hidden by the mask until it is written again."""
+        self.pos.index_copy_(0, rows, torch.zeros_like(rows) if positions is None else positions)
+
+    def prepare(self, n: int, device, attn_implementation: str, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = self.positions = self.pos[:, None] + self.slots[:n]             # (rows, n)
+        query = positions[:, :, None]
+        if self.ring:
+            # The position each slot holds for this query: the latest p <= query with p % slots == slot.
+            held = query - torch.remainder(query - self.slots, self.length)
+            allowed = (held >= 0) & (query - held < self.window)
+        else:
+            allowed = self.slots <= query
+            if self.window is not None:
+                allowed &= self.slots > query - self.window
+        return positions, to_mask(allowed[:, None], attn_implementation, dtype, batched=True)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # A free row may stand past the end of a view (its last stream was longer): clamp its write into range.
+        # Its output is thrown away; an active row never needs the clamp (the engine checks room at admission).
+        at = torch.remainder(self.positions, self.length) if self.ring else self.positions.clamp(max=self.length - 1)
+        index = at[:, None, :, None].expand_as(key)
+        self.keys[layer_idx].scatter_(2, index, key)
+        self.values[layer_idx].scatter_(2, index, value)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def advance(self, n: int) -> None:
+        self.pos.add_(self.active * n)
+
+
+def static_kv_for(config, max_positions: int, dtype, device, window: int | None = None, rows: int = 1) -> StaticKV:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return StaticKV(config.num_hidden_layers, config.num_key_value_heads, head_dim, max_positions, dtype, device,
-                    window)
+                    window, rows)
 
 
 def run_layers(stack: nn.Module, hidden: torch.Tensor, kv, norm: bool = True) -> torch.Tensor:

@@ -62,6 +62,7 @@ class VariantSpec:
     revision: str = ""              # the hub commit (40 hex digits) that weights and remote code are pinned to
     init_tts: str = "build"         # minicpm_o: init_tts() at build, or in the first request's session phase
     streaming: str = "per-sentence"  # hibari: a chunk per sentence, or the whole text synthesized before the first
+    max_streams: int = 1            # csm: above 1, that many listeners share one batched frame step at once
 
     def identity(self) -> dict:
         """What makes the variant: every field but the labels, with the family's default model filled in."""
@@ -175,6 +176,33 @@ def _validate_triton(spec: VariantSpec, where: str) -> None:
                               f"eager)")
 
 
+MAX_STREAMS = 4096
+
+
+def _validate_batched(spec: VariantSpec, where: str) -> None:
+    """max_streams > 1: lab/engines/csm_batched.py, whose step runs every stream's row through the model's own
+    modules (cuBLAS) over per-row KV buffers."""
+    if spec.family != "csm":
+        raise LabError(where, "max_streams: batched serving is implemented for csm only; use max_streams: 1")
+    if not 1 <= spec.max_streams <= MAX_STREAMS:
+        raise LabError(where, f"max_streams: {spec.max_streams} is out of range; use 1 to {MAX_STREAMS}")
+    if spec.kernels != "torch":
+        raise LabError(where, "max_streams with kernels: triton: the fused kernels are shaped for one stream; use "
+                              "kernels: torch for many streams (csm-triton-cuda-graphs stays the fastest for one)")
+    if spec.quantization != "none":
+        raise LabError(where, f"max_streams with quantization: {spec.quantization}: the batched step is graphed and "
+                              f"bitsandbytes cannot be captured; use quantization: none")
+    if spec.compile not in ("off", "cuda-graphs"):
+        raise LabError(where, f"max_streams with compile: {spec.compile}: the batched step runs eagerly or as CUDA "
+                              f"graphs per bucket of streams; use compile: cuda-graphs (GPU) or off")
+    if spec.attention not in ("sdpa", "eager"):
+        raise LabError(where, f"max_streams with attention: {spec.attention}: each stream attends over its own row "
+                              f"through a mask, and flash kernels take no mask; use attention: sdpa")
+    if spec.prefill != "batched":
+        raise LabError(where, "max_streams with prefill: per-segment: arriving prompts are prefilled together in one "
+                              "padded batch; use prefill: batched")
+
+
 def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
     """Refuse before any build what cannot work on any machine, saying why and what to change."""
     for field_name, allowed in CHOICES.items():
@@ -194,6 +222,8 @@ def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
     if spec.streaming != "per-sentence" and spec.family != "hibari":
         raise LabError(where, f"streaming: {spec.family} streams in frame chunks (first_chunk_frames, chunk_growth, "
                               f"max_chunk_frames); streaming: {spec.streaming} is for hibari; remove the field")
+    if spec.max_streams != 1:
+        _validate_batched(spec, where)
     if not fam["torch"]:
         defaults = VariantSpec(family=spec.family)
         for axis in ("device", "dtype", "attention", "compile", "kernels", "quantization"):

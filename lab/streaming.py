@@ -100,9 +100,10 @@ def _is_resnet(m: nn.Module) -> bool:
 
 
 class StreamingSeanet:
-    """Runs a list of causal conv layers chunk by chunk, carrying each layer's state between calls."""
+    """Runs a list of causal conv layers chunk by chunk, carrying each layer's state between calls. With `static`
+    and `rows` > 1, each row of the batch is its own stream, with its own state."""
 
-    def __init__(self, layers, static: bool = False):
+    def __init__(self, layers, static: bool = False, rows: int = 1):
         self.layers = list(layers)
         self.static = static
         for m in self._convs():
@@ -124,7 +125,7 @@ class StreamingSeanet:
                     raise ValueError("static streaming decode needs constant (zero) conv padding")
                 if self.context.get(id(m)):
                     channels = m.conv.in_channels if _is_conv(m) else m.conv.out_channels
-                    self.state[id(m)] = m.conv.weight.new_zeros(1, channels, self.context[id(m)])
+                    self.state[id(m)] = m.conv.weight.new_zeros(rows, channels, self.context[id(m)])
             self.reset()
 
     def _convs(self):
@@ -135,7 +136,8 @@ class StreamingSeanet:
             else:
                 yield layer
 
-    def reset(self) -> None:
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        """Every stream starts afresh, or (static) only the streams in `rows` (a device tensor of row indices)."""
         if not self.static:
             self.state.clear()
             return
@@ -146,7 +148,18 @@ class StreamingSeanet:
             if buf is None:
                 continue
             bias = m.conv.bias if _is_conv_transpose(m) else None
-            buf.copy_(bias[None, :, None].expand_as(buf)) if bias is not None else buf.zero_()
+            start = bias[None, :, None].expand_as(buf) if bias is not None else torch.zeros_like(buf)
+            if rows is None:
+                buf.copy_(start)
+            else:
+                buf.index_copy_(0, rows, start[: len(rows)])
+
+    def view(self, rows: int) -> "StreamingSeanet":
+        """The first `rows` streams, sharing this one's state buffers (a CUDA graph per bucket of streams)."""
+        part = object.__new__(StreamingSeanet)
+        part.__dict__.update(self.__dict__)
+        part.state = {k: v[:rows] for k, v in self.state.items()}
+        return part
 
     def _conv(self, m, x):
         pad = self.context[id(m)]
@@ -200,39 +213,65 @@ class StreamingMimiDecoder:
     then SEANet with carried conv state. Works for `MimiModel` (CSM's codec).
 
     `static_positions`: run on static state (see the module docstring), with room for that many decoder
-    transformer positions (the codec's internal frame rate times the longest audio)."""
+    transformer positions (the codec's internal frame rate times the longest audio).
 
-    def __init__(self, codec, static_positions: int | None = None):
+    `rows` > 1 (static only): a batch of independent streams, one per row, each with its own conv state and its own
+    position in a ring of decoder-transformer slots (lab.kv.RowKV), so streams join and leave at any frame."""
+
+    def __init__(self, codec, static_positions: int | None = None, rows: int = 1):
         self.codec = codec
         dec = codec.decoder
         static = static_positions is not None
-        self.upsample = StreamingSeanet([dec.upsample], static) if dec.upsample is not None else None
-        self.seanet = StreamingSeanet(dec.decoder_seanet.layers, static)
+        self.rows = rows
+        self.upsample = StreamingSeanet([dec.upsample], static, rows) if dec.upsample is not None else None
+        self.seanet = StreamingSeanet(dec.decoder_seanet.layers, static, rows)
         self.transformer = dec.decoder_transformer
         self.static_kv = None
         if static:
-            from lab.kv import static_kv_for
+            from lab.kv import RowKV, static_kv_for
 
             weight = next(self.transformer.parameters())
             cfg = self.transformer.config
-            self.static_kv = static_kv_for(cfg, static_positions, weight.dtype, weight.device,
-                                           window=getattr(cfg, "sliding_window", None))
+            window = getattr(cfg, "sliding_window", None)
+            if rows > 1:
+                # A ring of slots: the window, plus room for the positions one decode call writes (two per frame;
+                # the batched engine decodes one frame per call). Without a window, the positions asked for.
+                slots = -(-(window + 8) // 8) * 8 if window else static_positions
+                self.static_kv = RowKV.allocate(cfg, rows, slots, weight.dtype, weight.device, window,
+                                                ring=window is not None)
+            else:
+                self.static_kv = static_kv_for(cfg, static_positions, weight.dtype, weight.device, window=window)
         self.cache = None
 
-    def reset(self) -> None:
-        self.seanet.reset()
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        """Every stream starts afresh, or (rows > 1) only those in `rows`, a device tensor of row indices."""
+        self.seanet.reset(rows)
         if self.upsample is not None:
-            self.upsample.reset()
+            self.upsample.reset(rows)
         if self.static_kv is not None:
-            self.static_kv.reset()
+            if self.rows == 1:
+                self.static_kv.reset()
+            else:
+                self.static_kv.reset_rows(rows if rows is not None else self.static_kv.slots.new_tensor(
+                    range(self.rows)))
             self.cache = self.static_kv
             return
         from transformers import DynamicCache
         self.cache = DynamicCache(config=self.codec.decoder.config)
 
+    def view(self, rows: int) -> "StreamingMimiDecoder":
+        """The first `rows` streams, sharing every state buffer (a CUDA graph per bucket of streams)."""
+        part = object.__new__(StreamingMimiDecoder)
+        part.__dict__.update(self.__dict__)
+        part.upsample = self.upsample.view(rows) if self.upsample is not None else None
+        part.seanet = self.seanet.view(rows)
+        part.static_kv = part.cache = self.static_kv.view(rows)
+        return part
+
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents (1, hidden, frames) -> audio samples (frames * samples_per_frame,) on the device."""
+        """latents (1, hidden, frames) -> audio samples (frames * samples_per_frame,) on the device; with rows > 1,
+        latents (rows, hidden, frames) -> (rows, samples)."""
         if self.cache is None:
             self.reset()
         h = self.upsample(latents) if self.upsample is not None else latents
@@ -242,11 +281,12 @@ class StreamingMimiDecoder:
             h = run_layers(self.transformer, h.transpose(1, 2), self.static_kv, norm=False)
         else:
             h = self.transformer(h.transpose(1, 2), cache=self.cache, use_cache=True).last_hidden_state
-        return self.seanet(h.transpose(1, 2))[0, 0]
+        audio = self.seanet(h.transpose(1, 2))[:, 0]
+        return audio if self.rows > 1 else audio[0]
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (1, num_codebooks, frames) -> audio samples for exactly those frames."""
+        """codes (1, num_codebooks, frames) -> audio samples for exactly those frames (rows > 1: one row each)."""
         return self.decode_latents(self.codec.quantizer.decode(codes))
 
 

@@ -327,6 +327,10 @@ class CsmEngine(Engine):
 
 
 def build(spec: VariantSpec, progress) -> CsmEngine:
+    if spec.max_streams > 1:     # many listeners through one batched step
+        from lab.engines import csm_batched
+
+        return csm_batched.build(spec, progress)
     clock, baseline_bytes, (model, processor), load_s = tc.begin_build(spec, progress, lambda: load(spec))
     engine = CsmEngine(spec, model, processor)
 

@@ -194,11 +194,12 @@ def load_processor(spec: VariantSpec, **kwargs):
                              "use weights: random for latency-only runs", **kwargs)
 
 
-def capture_graph(fn, warmup_runs: int = 3):
+def capture_graph(fn, warmup_runs: int = 3, pool=None):
     """Records one call of `fn` (no arguments: it reads and writes tensors that outlive it) into a CUDA graph.
     It first runs `fn` a few times on a side stream, as PyTorch's CUDA-graph docs ask, so lazy set-up (cuBLAS
     workspaces, compiled kernels, allocator pools) happens outside the capture. Returns (graph, the recorded
-    call's outputs: tensors that every replay overwrites)."""
+    call's outputs: tensors that every replay overwrites). `pool`: a memory pool shared with other graphs that never
+    replay at the same time (the batched engine's graph per bucket), so their intermediates share memory."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -208,7 +209,7 @@ def capture_graph(fn, warmup_runs: int = 3):
     graph = torch.cuda.CUDAGraph()
     failed, out = None, None
     try:
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             try:
                 out = fn()
             except Exception as e:    # the op that broke the capture; ending the capture then fails too

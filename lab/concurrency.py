@@ -1,0 +1,91 @@
+"""Many listeners at once: N streams into one engine, arriving together or as a Poisson process, and the
+per-stream figures under load (docs/METRICS.md, "per-stream figures under load").
+
+A batched engine (lab/engines/csm_batched.py) takes every stream at once. Any other engine serves them one after
+another, as the page's queue does; `sequential` measures that, with each stream's wait in line counted in its
+TTFB. Both report the same summary, so the two can be charted side by side.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from lab.metrics import Timeline, figures, summarize
+from lab.request import Request
+
+FRAME_RATE_HZ = 12.5
+
+
+def requests_for(texts: list[str], streams: int, frames: int, temperature: float = 0.0) -> list[Request]:
+    """One request per stream: the texts in turn, each stream with its own seed, all capped at `frames`."""
+    return [Request(texts[i % len(texts)], seed=i, max_audio_s=frames / FRAME_RATE_HZ, temperature=temperature)
+            for i in range(streams)]
+
+
+def arrivals_s(streams: int, rate_hz: float | None, seed: int = 0) -> list[float]:
+    """Arrival offsets: all at 0 ("together"), or a Poisson process at `rate_hz` (exponential gaps, seeded)."""
+    if not rate_hz:
+        return [0.0] * streams
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate_hz, streams)
+    return list(np.cumsum(gaps) - gaps[0])
+
+
+def summary(timelines: list[Timeline], arrived: list[float], started: float) -> dict:
+    """Per-stream TTFB (from its arrival, so a wait in line counts), steady RTF and underruns; and goodput, the
+    audio seconds produced per wall second summed over streams."""
+    per = [figures(t) for t in timelines]
+    ttfb_ms = [(t.chunks[0][0] - at) * 1e3 for t, at in zip(timelines, arrived)]
+    end = max(t.chunks[-1][0] for t in timelines)
+    audio_s = sum(f["audio_s"] for f in per)
+    return {
+        "streams": len(timelines),
+        "ttfb_ms": summarize(ttfb_ms),
+        "steady_rtf": summarize([f["steady_rtf"] for f in per]),
+        "rtf": summarize([f["rtf"] for f in per]),
+        "underruns": int(sum(f["underruns"] for f in per)),
+        "streams_with_underruns": int(sum(f["underruns"] > 0 for f in per)),
+        "stall_s_max": max(f["stall_s"] for f in per),
+        "audio_s": audio_s,
+        "wall_s": end - started,
+        "goodput_audio_s_per_s": audio_s / (end - started),
+    }
+
+
+def batched(engine, requests: list[Request], offsets_s: list[float]) -> dict:
+    """Every request into a batched engine at its arrival offset (`engine.open`), then each one's chunks drained.
+    The chunks are stamped by the engine's scheduler when they reach the host, so draining late changes nothing."""
+    frames_before, rows_before = engine.frames_run, engine.rows_run
+    started = time.perf_counter()
+    tickets, arrived = [], []
+    for request, offset in zip(requests, offsets_s):
+        wait = started + offset - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        arrived.append(started + offset)
+        tickets.append(engine.open(request, Timeline()))
+    for ticket in tickets:
+        for _ in ticket.chunks():
+            pass
+    out = summary([t.timeline for t in tickets], arrived, started)
+    frames = engine.frames_run - frames_before
+    out.update(frames_run=frames, mean_rows_per_frame=(engine.rows_run - rows_before) / max(frames, 1),
+               ms_per_frame=out["wall_s"] * 1e3 / max(frames, 1))
+    return out
+
+
+def sequential(engine, requests: list[Request], offsets_s: list[float]) -> dict:
+    """The requests through a one-at-a-time engine in arrival order, as the page's queue serves them: a stream that
+    arrives while another runs waits, and its TTFB counts the wait."""
+    started = time.perf_counter()
+    timelines, arrived = [], []
+    for request, offset in zip(requests, offsets_s):
+        wait = started + offset - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        arrived.append(started + offset)
+        timeline = Timeline()
+        for _ in engine.stream(request, timeline):
+            pass
+        timelines.append(timeline)
+    return summary(timelines, arrived, started)
