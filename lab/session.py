@@ -229,9 +229,12 @@ def run_presets(manager, specs: list[VariantSpec], request: Request, runs: int, 
     """Each preset in turn: build it (once; the manager keeps it), then `runs + 1` runs. The first run on a
     freshly built engine is its cold one (engine.served). One failing preset does not stop the others; a cancel
     stops everything. Every finished or cancelled run is appended to `history_path`, stamped with `source` and the
-    commit."""
+    commit. `lock` (the page's line) is held for the whole loop unless every spec batches."""
     cancel = cancel or Cancel()
-    with lock or contextlib.nullcontext():
+    # The line (`lock`) is for variants that serve one request at a time. A comparison of batching variants only
+    # goes straight on: the engine takes every caller's stream into its shared step.
+    needs_line = lock is not None and not all(spec.batches for spec in specs)
+    with lock if needs_line else contextlib.nullcontext():
         yield Started()
         for slot, spec in enumerate(specs):
             if cancel.is_set():

@@ -81,6 +81,12 @@ class VariantSpec:
         return FAMILIES[self.family]["user_audio"]
 
     @property
+    def batches(self) -> bool:
+        """Whether many requests share this variant at once (csm with max_streams > 1); every other variant serves
+        one request at a time, through the page's line."""
+        return self.max_streams > 1
+
+    @property
     def model_id(self) -> str:
         return self.model or FAMILIES[self.family]["model"]
 

@@ -130,6 +130,46 @@ def bucket_times(engine) -> list[dict]:
     return out
 
 
+def replay_ms(graph) -> float:
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(15):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def breakdown(engine) -> list[dict]:
+    """Where a batched frame's time goes: the language-model part (backbone + 31 depth steps + picks) and the codec
+    decode, each captured alone per bucket of rows (KV length 256), the codec with cuDNN's autotuner off and on.
+    Diagnostic only: it reaches into the engine's step (`_bind`, `frame`, `codec_rows`)."""
+    from lab.engines import torch_common as tc
+
+    out = []
+    if not engine.use_graphs:
+        return out
+    codes = torch.zeros(engine.rows, engine.num_codebooks, 1, dtype=torch.long, device=engine.device)
+    for rows in [r for r in (1, 64, 256, 1024, 2048) if r <= engine.rows]:
+        engine._bind(rows, engine.length_buckets[0])
+        lm, _ = tc.capture_graph(lambda: engine.frame(engine.hidden_rows[:rows], None, 0.0, 50), warmup_runs=1)
+        row = {"rows": rows, "lm_ms": replay_ms(lm)}
+        for tuned in (False, True):
+            torch.backends.cudnn.benchmark = tuned
+            codec, _ = tc.capture_graph(lambda: engine.codec_rows.decode(codes[:rows]), warmup_runs=2)
+            row[f"codec_ms_cudnn_benchmark_{tuned}"] = replay_ms(codec)
+        torch.backends.cudnn.benchmark = False
+        out.append(row)
+        log(f"breakdown rows {rows}: {row}")
+    engine.row_codec.reset()
+    engine.row_kv.pos.zero_()
+    return out
+
+
 def sweep(engine, levels: list[int], rates: list[float], poisson_s: float) -> dict:
     out = {"together": [], "poisson": []}
     for n in levels:
@@ -250,7 +290,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--max-streams", type=int, default=2048)
-    parser.add_argument("--levels", default="1,2,4,8,16,32,64,128,256,512,1024,1536,2048")
+    parser.add_argument("--levels", default="1,2,4,8,16,32,64,128,256,512,1024,2048")
     parser.add_argument("--rates", default="50,150,300")
     parser.add_argument("--poisson-s", type=float, default=6.0)
     parser.add_argument("--smoke", action="store_true", help="tiny weights on the CPU: tries the script, measures nothing")
@@ -280,6 +320,7 @@ def main() -> int:
         f"{result['build']['memory_allocated_gib']:.1f} GiB allocated")
     save()
     parts = [("checks", lambda: checks(engine)), ("bucket_times", lambda: bucket_times(engine)),
+             ("breakdown", lambda: breakdown(engine)),
              ("sweep", lambda: sweep(engine, [n for n in map(int, args.levels.split(",")) if n <= engine.rows],
                                      [float(r) for r in args.rates.split(",")], args.poisson_s))]
     for name, part in parts:

@@ -66,8 +66,10 @@ class Ticket:
     request: Request
     timeline: Timeline
     cancel: threading.Event | None
-    prompt: torch.Tensor                # (1, positions, width) embeddings
+    prompt_len: int
     max_frames: int
+    text_ids: list[int] | None = None   # a text-only prompt: embedded with the other arrivals' at admission
+    prompt: torch.Tensor | None = None  # else its embeddings (1, positions, width), built at open()
     out: queue.Queue = field(default_factory=queue.Queue)   # AudioChunk, an exception, or None at the end
     row: int = -1
     launched: int = 0                   # frames launched on the device for it
@@ -76,10 +78,6 @@ class Ticket:
     emitter: ChunkEmitter | None = None
     abandoned: bool = False             # its consumer went away (a closed page): free the slot
     done: bool = False
-
-    @property
-    def prompt_len(self) -> int:
-        return self.prompt.shape[1]
 
     def chunks(self) -> Iterator[AudioChunk]:
         try:
@@ -172,8 +170,11 @@ class BatchedCsmEngine(CsmEngine):
             for length in self.length_buckets:
                 for sampled in (False, True):
                     self._bind(rows, length)
+                    # The first capture warms the libraries up (cuBLAS handles, workspaces); after it, one run
+                    # before each capture is enough, and the build is a third as long.
                     self.step_graphs[(rows, length, sampled)] = tc.capture_graph(
-                        lambda: self._batch_step(rows, sampled), pool=self.pool)
+                        lambda: self._batch_step(rows, sampled), warmup_runs=1 if self.step_graphs else 3,
+                        pool=self.pool)
         self.row_kv.pos.zero_()
         self.row_codec.reset()
         return len(self.step_graphs)
@@ -185,17 +186,26 @@ class BatchedCsmEngine(CsmEngine):
         if request.temperature > 0 and request.top_k != SAMPLING_TOP_K:
             raise LabError("top_k", f"the batched variant samples every stream with top_k {SAMPLING_TOP_K}; use "
                                     f"top_k {SAMPLING_TOP_K}, or a preset with max_streams: 1")
-        with torch.no_grad():
-            prompt = torch.cat(self.build_prompt(request), dim=1)
+        # The caller's thread does no device work for a text prompt: a small copy to the GPU from here would wait
+        # behind the frame in flight (one stream), so each arrival would cost a frame. The scheduler embeds the
+        # arrivals' tokens together. A spoken context is encoded here (its codec work cannot be batched).
+        text_ids, prompt = None, None
+        if request.context:
+            with torch.no_grad():
+                prompt = torch.cat(self.build_prompt(request), dim=1)
+            prompt_len = prompt.shape[1]
+        else:
+            text_ids = [int(i) for i in self._text_ids(request.text, request.speaker)]
+            prompt_len = len(text_ids)
         max_frames = frames_for(request.max_audio_s, FRAME_RATE_HZ)
         # +2: the last frame runs the backbone over its codes, and one more frame may run before the host sees
         # that the stream ended (the host handles frame t while the device runs t+1).
-        if prompt.shape[1] + max_frames + 2 > self.cache_positions:
-            room_s = (self.cache_positions - prompt.shape[1] - 2) / FRAME_RATE_HZ
-            raise LabError("max_audio_s", f"the prompt ({prompt.shape[1]} positions) plus {max_frames} frames does "
+        if prompt_len + max_frames + 2 > self.cache_positions:
+            room_s = (self.cache_positions - prompt_len - 2) / FRAME_RATE_HZ
+            raise LabError("max_audio_s", f"the prompt ({prompt_len} positions) plus {max_frames} frames does "
                                           f"not fit a stream's KV row ({self.cache_positions} positions); use "
                                           f"max_audio_s of at most {max(room_s, 0):.1f}, or a shorter text")
-        ticket = Ticket(request, timeline, cancel, prompt, max_frames)
+        ticket = Ticket(request, timeline, cancel, prompt_len, max_frames, text_ids, prompt)
         with self.wake:
             self.waiting.append(ticket)
             self.wake.notify()
@@ -276,10 +286,18 @@ class BatchedCsmEngine(CsmEngine):
             t.timeline.mark("session")      # the wait for a slot ends here
         lens = [t.prompt_len for t in tickets]
         longest = max(lens)
-        embeds = torch.zeros(len(tickets), longest, tickets[0].prompt.shape[-1], dtype=tickets[0].prompt.dtype,
-                             device=self.device)
+        width = self.model.backbone_model.embed_tokens.embed_audio_tokens.weight
+        embeds = torch.zeros(len(tickets), longest, width.shape[-1], dtype=width.dtype, device=self.device)
+        texts = [i for i, t in enumerate(tickets) if t.text_ids is not None]
+        if texts:   # one copy to the device and one embedding call for every text-only arrival
+            ids = torch.zeros(len(texts), longest, dtype=torch.long)
+            for j, i in enumerate(texts):
+                ids[j, : lens[i]] = torch.tensor(tickets[i].text_ids)
+            embeds.index_copy_(0, torch.tensor(texts, device=self.device),
+                               self.model.embed_text_tokens(ids.to(self.device)))
         for i, t in enumerate(tickets):
-            embeds[i, : t.prompt_len] = t.prompt[0]
+            if t.prompt is not None:
+                embeds[i, : lens[i]] = t.prompt[0]
         fresh = GrowingKV(self.config.num_hidden_layers)
         out = self.prefill_step_rows(embeds, fresh)
         rows = torch.tensor([t.row for t in tickets], device=self.device)
