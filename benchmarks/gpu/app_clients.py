@@ -106,6 +106,7 @@ def main() -> int:
     parser.add_argument("--default", default="csm-sdpa,csm-triton-cuda-graphs")
     parser.add_argument("--batched", default="csm-batched-cuda-graphs")
     parser.add_argument("--queued", default="csm-triton-cuda-graphs")
+    parser.add_argument("--presets-dir", default=None, help="LAB_PRESETS_DIR for the app (default: presets/)")
     parser.add_argument("--skip-default", action="store_true", help="leave out the default compare")
     parser.add_argument("--tiny", action="store_true", help="tests/presets with tiny weights (CPU): measures nothing")
     args = parser.parse_args()
@@ -116,7 +117,7 @@ def main() -> int:
     result = {"env": env.environment(), "text": TEXT, "frames": FRAMES, "weights": "random (latency only)",
               "measured": "server run records (no browser: underruns are lab.metrics' simulated real-time player)"}
     path = os.path.join(args.out, "app_clients.json")
-    app = AppProcess(tempfile.mkdtemp(prefix="lab-app-"), presets_dir="tests/presets" if args.tiny else None,
+    app = AppProcess(tempfile.mkdtemp(prefix="lab-app-"), presets_dir="tests/presets" if args.tiny else args.presets_dir,
                      timeout_s=300)
     log(f"app.py serves {app.url}")
     try:

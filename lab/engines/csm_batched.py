@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import queue
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -42,6 +43,12 @@ from lab.streaming import ChunkEmitter, StreamingMimiDecoder, frames_for
 BATCHED_POSITIONS = 1024
 LENGTH_BUCKETS = (256, 512, 1024)
 SAMPLING_TOP_K = 50         # one top-k for every sampled stream in a batch (the per-row temperature varies)
+# Admission is a prefill (eager: a few hundred kernel launches) and a sync, paid by every stream in the batch. While
+# streams run, arrivals are gathered for up to this many frames and prefilled together; an idle engine waits only
+# ADMIT_GATHER_S after the first arrival, so a burst of arrivals shares one prefill.
+ADMIT_EVERY_FRAMES = 4
+ADMIT_GATHER_S = 0.005
+SWITCH_INTERVAL_S = 0.0005
 _MASK31 = 0x7FFFFFFF
 
 
@@ -122,6 +129,11 @@ class BatchedCsmEngine(CsmEngine):
         self.closing = False
         self.frames_run = 0         # batched steps since build, and the rows they carried: for the sweep
         self.rows_run = 0
+        # Every torch call releases the GIL and takes it back, and the scheduler makes several per frame. Beside a
+        # busy page (tens of users' handlers and Gradio's encoding), taking it back waits up to the interpreter's
+        # switch interval each time (5 ms by default): frames four to five times slower. At 0.5 ms the wait is
+        # small against a frame. The setting is the process's; a one-stream engine does not need it.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self.scheduler = threading.Thread(target=self._serve, daemon=True, name=f"batched {spec.name}")
         self.scheduler.start()
 
@@ -240,19 +252,23 @@ class BatchedCsmEngine(CsmEngine):
     # -- the scheduler ---------------------------------------------------------------------------
     def _serve(self) -> None:
         in_flight = None    # the frame launched last, which the host handles after launching the next
-        flip = 0
+        flip, since_admission = 0, 0
         host = [self._host_buffers() for _ in range(2)] if self.device.type == "cuda" else None
         while True:
             with self.wake:
                 while not self.closing and not self.waiting and not any(self.slots) and in_flight is None:
                     self.wake.wait()
+                    if self.waiting:   # the first arrival at an idle engine: let a burst gather behind it
+                        self.wake.wait(ADMIT_GATHER_S)
                 if self.closing:
                     return
                 for ticket in [t for t in self.waiting if t.abandoned or (t.cancel is not None and t.cancel.is_set())]:
                     self.waiting.remove(ticket)     # cancelled before it got a slot
                     self._finish(ticket, Cancelled())
                 free = [row for row, t in enumerate(self.slots) if t is None]
-                admit = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
+                due = not any(self.slots) or since_admission >= ADMIT_EVERY_FRAMES
+                admit = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))] if due else []
+                since_admission = 0 if admit else since_admission + 1
                 for row, ticket in zip(free, admit):
                     ticket.row, self.slots[row] = row, ticket
             try:
