@@ -44,9 +44,10 @@ BATCHED_POSITIONS = 1024
 LENGTH_BUCKETS = (256, 512, 1024)
 SAMPLING_TOP_K = 50         # one top-k for every sampled stream in a batch (the per-row temperature varies)
 # Admission is a prefill (eager: a few hundred kernel launches) and a sync, paid by every stream in the batch. While
-# streams run, arrivals are gathered for up to this many frames and prefilled together; an idle engine waits only
-# ADMIT_GATHER_S after the first arrival, so a burst of arrivals shares one prefill.
+# streams run, a trickle of arrivals is gathered for up to ADMIT_EVERY_FRAMES frames, or until ADMIT_BATCH wait, and
+# prefilled together; an idle engine waits only ADMIT_GATHER_S after the first arrival, so a burst shares a prefill.
 ADMIT_EVERY_FRAMES = 4
+ADMIT_BATCH = 8
 ADMIT_GATHER_S = 0.005
 SWITCH_INTERVAL_S = 0.0005
 _MASK31 = 0x7FFFFFFF
@@ -266,7 +267,8 @@ class BatchedCsmEngine(CsmEngine):
                     self.waiting.remove(ticket)     # cancelled before it got a slot
                     self._finish(ticket, Cancelled())
                 free = [row for row, t in enumerate(self.slots) if t is None]
-                due = not any(self.slots) or since_admission >= ADMIT_EVERY_FRAMES
+                due = (not any(self.slots) or since_admission >= ADMIT_EVERY_FRAMES
+                       or len(self.waiting) >= min(ADMIT_BATCH, len(free)))
                 admit = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))] if due else []
                 since_admission = 0 if admit else since_admission + 1
                 for row, ticket in zip(free, admit):
