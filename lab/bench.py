@@ -1,10 +1,15 @@
 """`python -m lab.bench`: the command line over lab.session's run loop; writes JSON, CSV, a chart and WAVs.
 
     python -m lab.bench --presets hibari pocket-tts-cpu --text "Hello there." --runs 5 --out results/
+    python -m lab.bench --presets csm-batched-cuda-graphs --weights random --streams 1,16,256 --max-seconds 6.4
+
+With --streams, a concurrency sweep instead (lab.concurrency): that many streams at once into a batching preset
+(max_streams > 1), or one after another through any other, per-stream TTFB, steady RTF, underruns and goodput.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import wave
@@ -80,6 +85,35 @@ def bench(specs: list[VariantSpec], request: Request, runs: int, out_dir: str, m
     return results
 
 
+def sweep(specs: list[VariantSpec], request: Request, levels: list[int], rate_hz: float | None, out_dir: str,
+          manager: ModelManager | None = None) -> dict:
+    """Each preset at each number of streams: batched into a batching preset, else served one after another (the
+    page's line); the per-stream figures per level, in out_dir/sweep.json."""
+    import json
+
+    from lab import concurrency
+
+    manager, results = manager or ModelManager(), {"env": env.environment(), "text": request.text, "arrival_rate_hz": rate_hz,
+                                        "levels": []}
+    for spec in specs:
+        engine = manager.get(spec)
+        for n in levels:
+            requests = [dataclasses.replace(request, seed=request.seed + i) for i in range(n)]
+            run = concurrency.batched if spec.batches else concurrency.sequential
+            level = {"preset": spec.name, "weights": spec.weights, "batches": spec.batches,
+                     **run(engine, requests, concurrency.arrivals_s(n, rate_hz, request.seed))}
+            results["levels"].append(level)
+            print(f"{spec.name} ({'batched' if spec.batches else 'one at a time'}), {n} streams: TTFB p50 "
+                  f"{level['ttfb_ms']['median']:.0f} p99 {level['ttfb_ms']['p99']:.0f} ms, steady RTF p99 "
+                  f"{level['steady_rtf']['p99']:.3f}, underruns {level['underruns']}, goodput "
+                  f"{level['goodput_audio_s_per_s']:.1f} audio s/s" + (" (random weights: latency only)"
+                                                                       if spec.weights == "random" else ""))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", required=True, help=f"preset names from presets/: {', '.join(presets.available())}")
@@ -94,10 +128,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--history", default=HISTORY_PATH, help="JSONL file every run is appended to ('' for none)")
     p.add_argument("--user-audio", metavar="FILE.wav", help="a spoken user turn (PCM WAV) sent with --text, for "
                    f"families that take one ({', '.join(f for f, v in FAMILIES.items() if v['user_audio'])})")
+    p.add_argument("--streams", help="a concurrency sweep: comma list of stream counts (e.g. 1,16,256), each stream "
+                   "saying --text for --max-seconds, instead of --runs")
+    p.add_argument("--arrival-rate", type=float, help="with --streams: Poisson arrivals per second (default: all "
+                   "streams arrive together)")
     args = p.parse_args(argv)
     try:
         if args.runs < 1:
             raise LabError("--runs", "must be at least 1")
+        levels = []
+        if args.streams:
+            try:
+                levels = [int(n) for n in args.streams.split(",")]
+            except ValueError:
+                levels = [0]
+            if min(levels) < 1:
+                raise LabError("--streams", f"{args.streams!r} is not a comma list of whole numbers of at least 1; "
+                                            f"use e.g. --streams 1,16,256")
         user_audio, user_audio_rate = None, 16000
         if args.user_audio:
             samples, user_audio_rate = read_wav(args.user_audio)
@@ -115,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     except LabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if levels:
+        sweep(specs, request, levels, args.arrival_rate, args.out)
+        print(f"wrote {args.out}/sweep.json")
+        return 0
     results = bench(specs, request, args.runs, args.out, history_path=args.history or None, wav_dir=args.wavs)
     print(report.table(report.summary_rows(results["runs"]), results["builds"]))
     for name, err in results["errors"].items():

@@ -165,3 +165,16 @@ def test_a_comparison_of_batching_presets_does_not_wait_in_the_line(batched, csm
             assert done.wait(30 if not should_wait else 2) is not should_wait
     finally:
         line.release()
+
+
+
+def test_the_cli_sweeps_streams_through_a_batching_preset_and_refuses_a_bad_list(batched, tmp_path, capsys):
+    from lab import bench
+
+    manager = ModelManager(builder=lambda spec, progress: batched)
+    results = bench.sweep([batched.spec], Request(TEXT, max_audio_s=0.8), [1, 3], None, str(tmp_path), manager)
+    assert [lvl["streams"] for lvl in results["levels"]] == [1, 3]
+    assert all(lvl["audio_s"] == pytest.approx(0.8 * lvl["streams"]) for lvl in results["levels"])
+    assert (tmp_path / "sweep.json").exists()
+    assert bench.main(["--presets", "csm-cpu", "--streams", "1,x"]) == 2
+    assert "--streams: '1,x' is not a comma list" in capsys.readouterr().err
