@@ -254,9 +254,12 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
         with gr.Row():
             for family in FAMILY_ORDER:
                 choices = preset_choices(family)
+                batching = CATALOG.batching(choices)
                 groups.append(gr.CheckboxGroup(choices, value=[n for n in DEFAULT_PRESETS if n in choices],
                                                label=f"{family} presets", elem_id=f"presets-{family}",
-                                               min_width=200))
+                                               min_width=200, info=f"{', '.join(batching)}: many listeners at once, "
+                                               f"no waiting in line; the others serve one comparison at a time"
+                                               if batching else None))
         order = gr.State(list(DEFAULT_PRESETS))
         C["unavailable"] = gr.HTML(weights_notice(DEFAULT_RANDOM))
         C["presets_error"] = gr.Markdown(elem_id="presets-error")

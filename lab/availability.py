@@ -71,6 +71,10 @@ class Catalog:
         order = [f for f in FAMILIES if f in groups] + [f for f in groups if f not in FAMILIES]
         return {f: groups[f] for f in order}
 
+    def batching(self, names: list[str]) -> list[str]:
+        """Of `names`, the presets that serve many listeners at once (no line); the rest take turns."""
+        return [n for n in names if n in self.specs and self.specs[n].batches]
+
     def unavailable_by_reason(self, random_weights: bool) -> dict[str, list[str]]:
         """The presets that cannot run here, folded by reason: {"need a GPU": [names], ...}."""
         folded: dict[str, list[str]] = {}

@@ -134,6 +134,31 @@ def test_client_reuses_a_built_variant_and_its_first_run_is_warm(client, outputs
     assert [r[3] for r in out.last("runs-table")["data"]] == ["warm", "warm"]
 
 
+def test_two_users_on_a_batching_preset_run_at_once_while_a_one_at_a_time_preset_takes_turns(server):
+    """csm-tiny-batched (max_streams > 1) takes both users' streams into its shared step: their runs overlap in
+    time. Two users of csm-tiny wait for each other in the page's line: their runs do not."""
+    from gradio_client import Client
+
+    def windows(preset, seeds):
+        recs = [r for r in history_records(server) if r["preset"] == preset and r["seed"] in seeds]
+        return sorted((r["time"] - r["wall_s"], r["time"]) for r in recs)   # (request, end) of each run
+
+    for preset, seeds, overlap in (("csm-tiny-batched", (71, 72), True), ("csm-tiny", (81, 82), False)):
+        clients = [Client(server["url"], verbose=False, download_files=False) for _ in seeds]
+        jobs = [c.submit(*compare_args(seed=seed, runs=1, max_audio_s=2, csm=[preset]), api_name="/compare")
+                for c, seed in zip(clients, seeds)]
+        for job in jobs:
+            job.result(timeout=180)
+        spans = windows(preset, seeds)
+        assert len(spans) == 4, spans      # a cold (or first) and a warm run per user
+        if overlap:
+            assert any(a_start < b_end and b_start < a_end for a_start, a_end in spans for b_start, b_end in spans
+                       if (a_start, a_end) != (b_start, b_end)), spans
+        else:
+            ordered = sorted(spans)
+            assert all(ordered[i][1] <= ordered[i + 1][0] + 0.05 for i in range(len(ordered) - 1)), ordered
+
+
 @pytest.mark.parametrize("kwargs,field,expect", [
     (dict(text=""), "text-error", "text: is empty; type a sentence"),
     (dict(text="Party 🎉 time"), "text-error", "U+1F389"),
