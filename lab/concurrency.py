@@ -52,6 +52,13 @@ def summary(timelines: list[Timeline], arrived: list[float], started: float) -> 
     }
 
 
+def _arrive(started: float, offset_s: float) -> float:
+    """Sleeps until the arrival `offset_s` after `started`; returns that arrival's time."""
+    at = started + offset_s
+    time.sleep(max(0.0, at - time.perf_counter()))
+    return at
+
+
 def batched(engine, requests: list[Request], offsets_s: list[float]) -> dict:
     """Every request into a batched engine at its arrival offset (`engine.open`), then each one's chunks drained.
     The chunks are stamped by the engine's scheduler when they reach the host, so draining late changes nothing."""
@@ -59,10 +66,7 @@ def batched(engine, requests: list[Request], offsets_s: list[float]) -> dict:
     started = time.perf_counter()
     tickets, arrived = [], []
     for request, offset in zip(requests, offsets_s):
-        wait = started + offset - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
-        arrived.append(started + offset)
+        arrived.append(_arrive(started, offset))
         tickets.append(engine.open(request, Timeline()))
     for ticket in tickets:
         for _ in ticket.chunks():
@@ -80,10 +84,7 @@ def sequential(engine, requests: list[Request], offsets_s: list[float]) -> dict:
     started = time.perf_counter()
     timelines, arrived = [], []
     for request, offset in zip(requests, offsets_s):
-        wait = started + offset - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
-        arrived.append(started + offset)
+        arrived.append(_arrive(started, offset))
         timeline = Timeline()
         for _ in engine.stream(request, timeline):
             pass

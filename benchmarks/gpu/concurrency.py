@@ -105,43 +105,34 @@ def checks(engine) -> dict:
                     "are independent by construction (the second check)"}
 
 
-def bucket_times(engine) -> list[dict]:
-    """The graphed step alone, per bucket of rows (greedy, the shortest and the longest length bucket): ms per
-    replay, median of 20 after 3 warm-ups, timed with CUDA events. No stream is active, so no state moves on."""
-    out = []
-    if not engine.use_graphs:
-        return out
-    for rows in engine.row_buckets:
-        for length in (engine.length_buckets[0], engine.length_buckets[-1]):
-            graph, _ = engine.step_graphs[(rows, length, False)]
-            for _ in range(3):
-                graph.replay()
-            times = []
-            for _ in range(20):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            out.append({"rows": rows, "kv_length": length, "ms_per_frame": summarize(times)})
-            log(f"step rows {rows:5d} kv {length:5d}: {statistics.median(times):.2f} ms")
-    engine.row_codec.reset()
-    return out
-
-
-def replay_ms(graph) -> float:
+def replay_ms(graph, runs: int = 20) -> list[float]:
+    """A graph's replays timed with CUDA events, after 3 warm-ups: ms each."""
     for _ in range(3):
         graph.replay()
     times = []
-    for _ in range(15):
+    for _ in range(runs):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return times
+
+
+def bucket_times(engine) -> list[dict]:
+    """The graphed step alone, per bucket of rows (greedy, the shortest and the longest length bucket): ms per
+    replay over 20. No stream is active, so no state moves on."""
+    out = []
+    if not engine.use_graphs:
+        return out
+    for rows in engine.row_buckets:
+        for length in (engine.length_buckets[0], engine.length_buckets[-1]):
+            times = replay_ms(engine.step_graphs[(rows, length, False)][0])
+            out.append({"rows": rows, "kv_length": length, "ms_per_frame": summarize(times)})
+            log(f"step rows {rows:5d} kv {length:5d}: {statistics.median(times):.2f} ms")
+    engine.row_codec.reset()
+    return out
 
 
 def breakdown(engine) -> list[dict]:
@@ -158,12 +149,12 @@ def breakdown(engine) -> list[dict]:
         engine._bind(rows, engine.length_buckets[0])
         lm, _ = tc.capture_graph(lambda: engine.frame(engine.hidden_rows[:rows], None, 0.0, 50), warmup_runs=1,
                                  pool=engine.pool)
-        row = {"rows": rows, "lm_ms": replay_ms(lm)}
+        row = {"rows": rows, "lm_ms": statistics.median(replay_ms(lm, 15))}
         for tuned in (False, True):
             torch.backends.cudnn.benchmark = tuned
             codec, _ = tc.capture_graph(lambda: engine.codec_rows.decode(codes[:rows]), warmup_runs=2,
                                         pool=engine.pool)
-            row[f"codec_ms_cudnn_benchmark_{tuned}"] = replay_ms(codec)
+            row[f"codec_ms_cudnn_benchmark_{tuned}"] = statistics.median(replay_ms(codec, 15))
             del codec
         del lm
         torch.backends.cudnn.benchmark = False
@@ -327,30 +318,25 @@ def main() -> int:
              ("sweep", lambda: sweep(engine, [n for n in map(int, args.levels.split(",")) if n <= engine.rows],
                                      [float(r) for r in args.rates.split(",")], args.poisson_s)),
              ("breakdown", lambda: breakdown(engine))]   # last: its extra graphs take memory the sweep needs
-    for name, part in parts:
-        if name in skip:
-            continue
-        try:
-            result[name] = part()
-        except Exception as e:
-            traceback.print_exc()
-            result[name + "_error"] = f"{type(e).__name__}: {e}"
-        save()
+    def run_parts(named) -> None:
+        """Each part in turn; one that fails is recorded and the rest still run (the device time is spent anyway)."""
+        for name, part in named:
+            if name in skip:
+                continue
+            try:
+                result[name] = part()
+            except Exception as e:
+                traceback.print_exc()
+                result[name + "_error"] = f"{type(e).__name__}: {e}"
+            save()
+
+    run_parts(parts)
     result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if not SMOKE else 0
     engine.close()
     del engine
     if not SMOKE:
         torch.cuda.empty_cache()
-    for name, part in [("batch1", lambda: batch1_baseline([1, 4, 16])),
-                       ("generate", lambda: generate_baseline([1, 16, 64], 24))]:
-        if name in skip:
-            continue
-        try:
-            result[name] = part()
-        except Exception as e:
-            traceback.print_exc()
-            result[name + "_error"] = f"{type(e).__name__}: {e}"
-        save()
+    run_parts([("batch1", lambda: batch1_baseline([1, 4, 16])), ("generate", lambda: generate_baseline([1, 16, 64], 24))])
     if "sweep" in result:
         chart(result, os.path.join(args.out, "goodput.png"))
     log("done")
