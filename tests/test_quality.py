@@ -148,3 +148,25 @@ def test_cli_quality_adds_the_figures_and_the_models_to_results(tmp_path, models
     assert all(r["wer"] == 0 and r["quality"] == "ok" and r["first_speech_ms"] > 0 for r in results["runs"])
     header, *rows = (out / "results.csv").read_text().splitlines()
     assert {"wer", "cer", "mos", "first_speech_ms", "quality"} <= set(header.split(",")) and len(rows) == 2
+
+
+def test_the_compare_view_fills_in_quality_after_the_runs_with_parity_against_the_family_reference(models):
+    from web.view import CompareView
+
+    specs = [VariantSpec(family="hibari", name="hibari"), VariantSpec(family="hibari", name="hibari-whole",
+                                                                     streaming="whole")]
+    worker = quality.Worker()
+    view = CompareView(specs, 1, False, "pcm", "test")
+    events = session.run_presets(ModelManager(), specs, Request(corpus("harvard.txt")[5]), 1, quality=worker)
+    during = [u for u in view.updates(events)]
+    done = view.finish(False)
+    assert "quality: scoring 4 runs" in done["overall"]
+    assert any("scoring" in u.get(("quality", 0), "") for u in during)      # said at its PresetDone, not a number
+    filled = [u for u in view.quality_updates(lambda: False, poll_s=0.05) if u]
+    last = filled[-1]
+    assert "quality scored" in last["overall"] and "WER **0.0 %**" in last[("quality", 0)]
+    # hibari-whole is the same voice held back: the same audio, so no badge against hibari, its family's reference
+    (row,) = last["parity"]
+    assert (row["preset"], row["reference"], row["ΔWER points"], row["badge"]) == (
+        "hibari-whole", "hibari", "+0.0 (+0.0 – +0.0)", "ok")
+    assert {line["quality"] for line in last["summary"]} == {"ok"}
