@@ -233,9 +233,13 @@ def assess(audio: np.ndarray, sample_rate: int, text: str, max_audio_s: float | 
     audio16 = to_16k(audio, sample_rate)
     audio_s = len(audio) / sample_rate
     with m.lock:
+        t = [time.perf_counter()]
         transcript = m.transcribe(audio16)
+        t.append(time.perf_counter())
         mos = m.dnsmos(audio16)
+        t.append(time.perf_counter())
         speech = m.speech(audio16)
+        t.append(time.perf_counter())
     wer, cer = error_rates(text, transcript)
     onset_s = speech[0][0] if speech else None
     leading = onset_s if speech else audio_s
@@ -254,7 +258,9 @@ def assess(audio: np.ndarray, sample_rate: int, text: str, max_audio_s: float | 
             "transcript": transcript, "first_speech_s": onset_s,
             "first_speech_ms": first_speech_ms(chunks, onset_s) if chunks and onset_s is not None else None,
             "leading_silence_s": leading, "trailing_silence_s": trailing, "runaway": ran_away is not None,
-            "quality": "; ".join(problems) or "ok", "quality_s": time.perf_counter() - started}
+            "quality": "; ".join(problems) or "ok", "quality_s": time.perf_counter() - started,
+            # the cost, part by part: resampling and the text's normalization are the rest of quality_s
+            "asr_s": t[1] - t[0], "mos_s": t[2] - t[1], "vad_s": t[3] - t[2]}
 
 
 def assess_run(record: dict, audio: np.ndarray) -> dict:

@@ -63,12 +63,14 @@ def main(out: str) -> dict:
     readings = {text: {"phonemes": " | ".join(tts.phonemize(text)),
                        "transcript": next(r["transcript"] for r in runs if r["text"] == text)}
                 for text in texts["numbers"]}
+    next_runs = next_run(manager, worker, specs[0], texts["harvard"][0])
     cost = [r["quality_s"] for r in runs]
     per_audio = [r["quality_s"] / r["audio_s"] for r in runs]
     summary = {}
     for preset in names:
         for category in texts:
-            mine = [r for r in runs if r["preset"] == preset and r["category"] == category and not r["cold"]]
+            # run 1 of each text: a warm run (run 0 is cold only for the first text, after the build)
+            mine = [r for r in runs if r["preset"] == preset and r["category"] == category and r["run"] == 1]
             summary[f"{preset} / {category}"] = {
                 "texts": len(mine), "corpus_wer": corpus_wer(mine),
                 **{k: summarize([r[k] for r in mine]) for k in ("wer", "cer", "mos", "first_speech_ms",
@@ -81,7 +83,9 @@ def main(out: str) -> dict:
                "presets": names, "runs": runs, "summary": summary, "readings": readings,
                "parity": quality.parity(runs),
                "cost": {"models_load_s": models_load_s, "quality_s": summarize(cost),
-                        "quality_s_per_audio_s": summarize(per_audio), "runs": len(runs)}}
+                        "quality_s_per_audio_s": summarize(per_audio), "runs": len(runs),
+                        **{part: summarize([r[part] for r in runs]) for part in ("asr_s", "mos_s", "vad_s")},
+                        "next_run": next_runs}}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
@@ -91,6 +95,29 @@ def main(out: str) -> dict:
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(markdown(results))
     return results
+
+
+def next_run(manager, worker, spec, text: str, trials: int = 5) -> dict:
+    """Does the guardrail slow the next comparison? A comparison (a cold-or-warm run and 2 warm runs) starts right
+    after another one's runs, either once the worker has scored them all (idle) or while it still has them to score
+    (pending). Its start waits for the score in progress (Worker.hold); its runs' TTFB and RTF should not move."""
+    out = {"idle": [], "pending": []}
+    for trial in range(2 * trials):
+        case = ("idle", "pending")[trial % 2]
+        for _ in session.run_presets(manager, [spec], Request(text), 2, quality=worker):
+            pass
+        if case == "idle":
+            worker.join()
+        asked = time.perf_counter()
+        for e in session.run_presets(manager, [spec], Request(text), 2, quality=worker):
+            if isinstance(e, session.Started):
+                start_wait_s = time.perf_counter() - asked
+            elif isinstance(e, session.RunDone):
+                out[case].append({"start_wait_s": start_wait_s, "ttfb_ms": e.record["ttfb_ms"],
+                                  "rtf": e.record["rtf"]})
+        worker.join()
+    return {case: {k: summarize([r[k] for r in rows]) for k in ("start_wait_s", "ttfb_ms", "rtf")}
+            for case, rows in out.items()}
 
 
 def chart(results: dict, path: str) -> None:
@@ -145,7 +172,18 @@ def markdown(results: dict) -> str:
     lines += ["", f"Guardrail cost per run (ASR + DNSMOS + VAD, {c['runs']} runs): median "
               f"{c['quality_s']['median']:.2f} s ({c['quality_s']['lo']:.2f}–{c['quality_s']['hi']:.2f}), "
               f"{c['quality_s_per_audio_s']['median']:.2f} s per second of audio; loading the three models "
-              f"{c['models_load_s']:.1f} s once.", "", "## How the voice reads numbers, dates, prices, abbreviations",
+              f"{c['models_load_s']:.1f} s once. Parts (median): ASR {c['asr_s']['median']:.2f} s, DNSMOS "
+              f"{c['mos_s']['median']:.2f} s, VAD {c['vad_s']['median']:.2f} s.", "",
+              "The next comparison, started while the worker still had the previous one's runs to score (pending) "
+              "or after it had scored them (idle), hibari, 3 runs each, 5 comparisons per case:", "",
+              "| case | waited to start s, median (min–max) | TTFB ms, median (min–max) | RTF, median (min–max) |",
+              "|---|---|---|---|"]
+    for case, s in c["next_run"].items():
+        lines.append(f"| {case} | {s['start_wait_s']['median']:.2f} ({s['start_wait_s']['lo']:.2f}–"
+                     f"{s['start_wait_s']['hi']:.2f}) | {s['ttfb_ms']['median']:.1f} ({s['ttfb_ms']['lo']:.1f}–"
+                     f"{s['ttfb_ms']['hi']:.1f}) | {s['rtf']['median']:.4f} ({s['rtf']['lo']:.4f}–"
+                     f"{s['rtf']['hi']:.4f}) |")
+    lines += ["", "## How the voice reads numbers, dates, prices, abbreviations",
               "", "| text | hibari's phonemes (misaki G2P) | what Whisper tiny.en heard | WER |", "|---|---|---|---|"]
     for text, r in results["readings"].items():
         wer = next(x["wer"] for x in results["runs"] if x["text"] == text and not x["cold"])
