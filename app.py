@@ -115,12 +115,13 @@ def compare(request: gr.Request, listener, order, text, seed, max_audio_s, runs,
             *groups):
     """Runs the ticked presets one after another, each streaming its first warm run to its player. (`request`
     comes first: Gradio injects it only among positional parameters, before the *groups.)"""
+    key = request.session_hash if request is not None else "api"
+    LATEST.pop(key, None)   # the page's previous comparison stops filling in its quality: these tables replace it
     try:
         specs, shared, runs = plan(ticked(order, groups), text, seed, max_audio_s, runs, random_weights, user_audio)
     except LabError as e:
         yield ui(refused(e))
         return
-    key = request.session_hash if request is not None else "api"
     cancel = SESSIONS.open(key)
     place = LINE.turn(history.estimate_s(history.read(HISTORY_PATH), [s.name for s in specs], runs), cancel)
     view = CompareView(specs, runs, shared.user_audio is not None, transport,
@@ -132,13 +133,21 @@ def compare(request: gr.Request, listener, order, text, seed, max_audio_s, runs,
     try:
         for values in view.updates(session.in_background(events, on_event=hook, cancel=cancel)):
             yield ui(values)
-        yield ui(view.finish(cancel.is_set()))
-        for values in view.quality_updates(lambda: cancel.is_set() or LATEST.get(key) is not view):
-            yield ui(values)
     finally:
         SESSIONS.close(key, cancel)
-        if LATEST.get(key) is view:
-            del LATEST[key]
+    yield ui(view.finish(cancel.is_set()))
+
+
+def fill_quality(request: gr.Request):
+    """After a comparison (chained to it, so Compare can be clicked again meanwhile): its runs' quality as the
+    worker scores them, until the page starts another comparison or closes."""
+    key = request.session_hash if request is not None else "api"
+    view = LATEST.get(key)
+    if view is None:
+        yield ui({})
+        return
+    for values in view.quality_updates(lambda: LATEST.get(key) is not view):
+        yield ui(values)
 
 
 def slots_for(specs, transport) -> dict:
@@ -156,6 +165,7 @@ def stop(request: gr.Request):
 
 def on_unload(request: gr.Request) -> None:
     SESSIONS.cancel(request.session_hash)
+    LATEST.pop(request.session_hash, None)
 
 
 def on_pick(order, *groups):
@@ -331,7 +341,8 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
                                        transport, *groups], compare_outputs, js=RESET_PLAYERS,
                              # every click starts at once and waits in LINE, which shows its place; no spinner: an
                              # animation re-drawn every frame costs the 2-core machine the model runs on
-                             concurrency_limit=None, show_progress="hidden", api_name="compare")
+                             concurrency_limit=None, show_progress="hidden", api_name="compare").then(
+        fill_quality, None, compare_outputs, concurrency_limit=None, show_progress="hidden", api_name="quality")
     # Stop sets the comparison's cancel flag: generation ends at its next frame, and the comparison's own handler
     # then says what stopped and keeps what finished (Gradio's `cancels` would cut it off before it could say so).
     stop_btn.click(stop, None, C["overall"], api_name="stop", queue=False)

@@ -263,11 +263,13 @@ class CompareView:
 
     def quality_updates(self, stale, poll_s: float = UI_PERIOD_S, timeout_s: float = 600.0) -> Iterator[dict]:
         """After `finish`: each time the worker has scored more runs, their quality lines, badges and tables; {}
-        between (so a closed page is noticed). Ends when all are scored, or when `stale()` (Stop, a closed page, or
-        a newer comparison on the same page, whose tables these would overwrite)."""
+        between (so a closed page is noticed). Ends when all are scored, or when `stale()` (a closed page, or a
+        newer comparison on the same page, whose tables these would overwrite)."""
         pending, deadline = self._pending(), time.monotonic() + timeout_s
-        while pending and not stale() and time.monotonic() < deadline:
+        while pending and time.monotonic() < deadline:
             time.sleep(poll_s)
+            if stale():
+                return
             now = self._pending()
             if now == pending:
                 yield {}

@@ -98,9 +98,10 @@ def main(out: str) -> dict:
 
 
 def next_run(manager, worker, spec, text: str, trials: int = 5) -> dict:
-    """Does the guardrail slow the next comparison? A comparison (a cold-or-warm run and 2 warm runs) starts right
-    after another one's runs, either once the worker has scored them all (idle) or while it still has them to score
-    (pending). Its start waits for the score in progress (Worker.hold); its runs' TTFB and RTF should not move."""
+    """Does the guardrail slow the next comparison? A comparison (3 runs) starts half a second after another one's
+    runs ended, either once the worker has scored them all (idle) or while it is scoring them (pending: a person
+    clicking again). Its start waits for the score in progress (Worker.hold); its runs' TTFB and RTF should not
+    move."""
     out = {"idle": [], "pending": []}
     for trial in range(2 * trials):
         case = ("idle", "pending")[trial % 2]
@@ -108,6 +109,7 @@ def next_run(manager, worker, spec, text: str, trials: int = 5) -> dict:
             pass
         if case == "idle":
             worker.join()
+        time.sleep(0.5)
         asked = time.perf_counter()
         for e in session.run_presets(manager, [spec], Request(text), 2, quality=worker):
             if isinstance(e, session.Started):
@@ -174,8 +176,8 @@ def markdown(results: dict) -> str:
               f"{c['quality_s_per_audio_s']['median']:.2f} s per second of audio; loading the three models "
               f"{c['models_load_s']:.1f} s once. Parts (median): ASR {c['asr_s']['median']:.2f} s, DNSMOS "
               f"{c['mos_s']['median']:.2f} s, VAD {c['vad_s']['median']:.2f} s.", "",
-              "The next comparison, started while the worker still had the previous one's runs to score (pending) "
-              "or after it had scored them (idle), hibari, 3 runs each, 5 comparisons per case:", "",
+              "The next comparison, started 0.5 s after the previous one's runs, while the worker was scoring them "
+              "(pending) or after it had scored them all (idle), hibari, 3 runs each, 5 comparisons per case:", "",
               "| case | waited to start s, median (min–max) | TTFB ms, median (min–max) | RTF, median (min–max) |",
               "|---|---|---|---|"]
     for case, s in c["next_run"].items():
