@@ -37,9 +37,10 @@ THREADS = 2                 # the guardrail runs alone (Worker.hold): it may tak
 # hears speech closer than END_OF_SPEECH_S to the last sample.
 CAP_SLACK_S = 0.05
 END_OF_SPEECH_S = 0.25
-# Seconds of audio per word of the normalized text, measured: hibari on the corpus (benchmarks/cpu/quality) reads
-# 0.36 s/word including its pauses; ordinary English speech is 0.3-0.5. A run whose audio is longer than
-# RUNAWAY_FACTOR times that, plus RUNAWAY_SLACK_S, is a runaway whatever the cap.
+# Seconds of audio per word of the normalized text, measured: hibari (benchmarks/cpu/quality) takes 0.33 s/word on
+# the Harvard sentences and 0.49 on the number texts (a "1,250,000" is one word written, six spoken), its pauses
+# included. A run whose audio is longer than RUNAWAY_FACTOR times that, plus RUNAWAY_SLACK_S, is a runaway whatever
+# the cap.
 SECONDS_PER_WORD = 0.4
 RUNAWAY_FACTOR = 2.5
 RUNAWAY_SLACK_S = 1.5
@@ -47,9 +48,9 @@ RUNAWAY_SLACK_S = 1.5
 # silence than a sentence pause is speech that stopped early (hibari ends on about 0.3 s).
 WER_MAX = 0.5
 TRAILING_SILENCE_MAX_S = 1.0
-# The badge: a variant worse than its family's reference by more than this (median over paired runs). Whisper
-# tiny.en moves one sentence's WER by a word or two when the audio changes a little, so the WER margin is ten
-# points; DNSMOS between two renderings of one voice moves by about 0.1.
+# The badge: a variant worse than its family's reference by more than this (median over paired runs). Ten WER
+# points is one word of a ten-word sentence, which Whisper tiny.en can mishear in clear speech; 0.3 MOS is more than
+# DNSMOS's whole spread over the 20 Harvard sentences of one voice (3.14-3.39, benchmarks/cpu/quality).
 WER_MARGIN = 0.10
 MOS_MARGIN = 0.3
 
@@ -273,8 +274,8 @@ def assess_run(record: dict, audio: np.ndarray) -> dict:
 # -- off the timed path ----------------------------------------------------------------------------------------
 class Worker:
     """Scores run records in its own thread, one at a time, and only while no run loop holds it: a run loop
-    (lab.session.run_presets) holds it from start to end, and waits at its start for a score in progress (about a
-    second on 2 cores). So a score never shares the CPU with a timed run, and a page's next comparison waits at most
+    (lab.session.run_presets) holds it from start to end, and waits at its start for a score in progress (a few
+    seconds on 2 cores). So a score never shares the CPU with a timed run, and a page's next comparison waits at most
     for one. The record gets its figures in place once scored (`quality` stays PENDING until then)."""
 
     def __init__(self):
