@@ -138,6 +138,9 @@ def compare(request: gr.Request, listener, order, text, seed, max_audio_s, runs,
     yield ui(view.finish(cancel.is_set()))
 
 
+QUALITY_FIELDS = ("overall", "summary", "runs_table", "parity", "builds")   # what fill_quality changes, with C["quality"]
+
+
 def fill_quality(request: gr.Request):
     """After a comparison (chained to it, so Compare can be clicked again meanwhile): its runs' quality as the
     worker scores them, until the page starts another comparison or closes."""
@@ -342,7 +345,8 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
                              # every click starts at once and waits in LINE, which shows its place; no spinner: an
                              # animation re-drawn every frame costs the 2-core machine the model runs on
                              concurrency_limit=None, show_progress="hidden", api_name="compare").then(
-        fill_quality, None, compare_outputs, concurrency_limit=None, show_progress="hidden", api_name="quality")
+        fill_quality, None, [C[name] for name in QUALITY_FIELDS] + C["quality"], concurrency_limit=None,
+        show_progress="hidden", api_name="quality")
     # Stop sets the comparison's cancel flag: generation ends at its next frame, and the comparison's own handler
     # then says what stopped and keeps what finished (Gradio's `cancels` would cut it off before it could say so).
     stop_btn.click(stop, None, C["overall"], api_name="stop", queue=False)

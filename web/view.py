@@ -229,8 +229,11 @@ class CompareView:
         for fig in charts:   # Gradio only saves them as images; open pyplot figures would pile up across clicks
             if fig is not None:
                 report.close(fig)
-        return {"chart_main": charts[0], "chart_stalls": charts[1], "chart_heard": charts[2],
-                "summary": report.summary_table(report.summary_rows(records)) if records else None,
+        return {"chart_main": charts[0], "chart_stalls": charts[1], "chart_heard": charts[2], **self.tables()}
+
+    def tables(self) -> dict:
+        records = self.records
+        return {"summary": report.summary_table(report.summary_rows(records)) if records else None,
                 "builds": report.build_table(self.builds) if self.builds else None,
                 "runs_table": report.run_table(records) if records else None,
                 "parity": quality.parity_table(records) or None}
@@ -277,8 +280,7 @@ class CompareView:
             pending = now
             done, text, kind = self.final
             yield {"overall": status_html(done, 1, text + (self._scoring() or "; quality scored"), kind),
-                   **self._quality_lines(range(len(self.specs))),
-                   **{k: v for k, v in self.results().items() if not k.startswith("chart")}}
+                   **self._quality_lines(range(len(self.specs))), **self.tables()}
 
 
 def _joined(before, after):
