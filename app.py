@@ -138,7 +138,8 @@ def compare(request: gr.Request, listener, order, text, seed, max_audio_s, runs,
     yield ui(view.finish(cancel.is_set()))
 
 
-QUALITY_FIELDS = ("overall", "summary", "runs_table", "parity", "builds")   # what fill_quality changes, with C["quality"]
+# What fill_quality changes, besides each slot's C["quality"].
+QUALITY_FIELDS = ("overall", "summary", "runs_table", "parity", "builds")
 
 
 def fill_quality(request: gr.Request):

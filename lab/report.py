@@ -162,9 +162,11 @@ def summary_table(rows: list[dict], compact: bool = False) -> list[dict]:
 
 def run_table(records: list[dict], extra: tuple[str, ...] = ()) -> list[dict]:
     """One line per run record (cancelled ones say so and have no figures). `extra`: record keys shown first."""
+    def cell(f, r):
+        return "n/a" if f.quality and quality.not_applicable(r) else f.value(r.get(f.key))
+
     return [{**{k: r.get(k) for k in extra}, "preset": r["preset"], "weights": r.get("weights"), "run": r.get("run"),
-             "cold/warm": kind(r), **{f.label: "n/a" if f.quality and quality.not_applicable(r) else f.value(r.get(f.key))
-                                      for f in RUN_FIGURES},
+             "cold/warm": kind(r), **{f.label: cell(f, r) for f in RUN_FIGURES},
              **({"quality": r["quality"]} if "quality" in r else {})} for r in records]
 
 

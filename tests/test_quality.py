@@ -52,7 +52,8 @@ def record(preset, text, figures, run=1, family="hibari"):
 
 
 def test_normalized_wer_counts_a_number_once_whichever_way_it_is_written():
-    assert quality.error_rates("The girl at the booth sold fifty bonds.", "the girl at the Booth sold 50 bonds") == (0, 0)
+    assert quality.error_rates("The girl at the booth sold fifty bonds.",
+                               "the girl at the Booth sold 50 bonds") == (0, 0)
     wer, cer = quality.error_rates("The birch canoe slid on the smooth planks.",
                                    "The birch can use slit on the smooth planks.")
     assert wer == pytest.approx(3 / 8) and 0 < cer < wer
