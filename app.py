@@ -16,7 +16,7 @@ import tempfile
 import gradio as gr
 import pandas as pd
 
-from lab import ab, availability, env, history, presets, report, session
+from lab import ab, availability, env, history, presets, quality, report, session
 from lab.errors import LabError
 from lab.manager import ModelManager
 from lab.request import MAX_USER_AUDIO_BYTES, validate_inputs, validate_user_audio
@@ -40,6 +40,9 @@ LINE = ModelLine()
 CATALOG = availability.Catalog(PRESETS_DIR)
 SESSIONS = Sessions()
 HUB = PcmHub()   # the PCM path to each page (WebSocket /lab/pcm), and the pages' reports back
+# Scores each run of real speech (WER, MOS estimate, runaway) after the comparison, never beside a timed run.
+QUALITY = quality.Worker()
+LATEST: dict[str, CompareView] = {}   # each page's newest comparison: an older one stops filling in its quality
 DEFAULT_PRESETS, DEFAULT_RANDOM = CATALOG.default_selection(env.cuda_available())
 # Families with a preset that runs here; the others' presets are only in the folded "cannot run here" lines.
 FAMILY_ORDER = [f for f, statuses in CATALOG.grouped(True).items() if any(s.available for s in statuses)]
@@ -112,18 +115,20 @@ def compare(request: gr.Request, listener, order, text, seed, max_audio_s, runs,
             *groups):
     """Runs the ticked presets one after another, each streaming its first warm run to its player. (`request`
     comes first: Gradio injects it only among positional parameters, before the *groups.)"""
+    key = request.session_hash if request is not None else "api"
+    LATEST.pop(key, None)   # the page's previous comparison stops filling in its quality: these tables replace it
     try:
         specs, shared, runs = plan(ticked(order, groups), text, seed, max_audio_s, runs, random_weights, user_audio)
     except LabError as e:
         yield ui(refused(e))
         return
-    key = request.session_hash if request is not None else "api"
     cancel = SESSIONS.open(key)
     place = LINE.turn(history.estimate_s(history.read(HISTORY_PATH), [s.name for s in specs], runs), cancel)
     view = CompareView(specs, runs, shared.user_audio is not None, transport,
                        report.environment_title(env.environment()), place)
+    LATEST[key] = view
     yield ui({**errors_cleared(), **view.start(), **slots_for(specs, transport)})
-    events = session.run_presets(MANAGER, specs, shared, runs, cancel, HISTORY_PATH, "app", place)
+    events = session.run_presets(MANAGER, specs, shared, runs, cancel, HISTORY_PATH, "app", place, QUALITY)
     hook = listen.Listener(HUB, listener, transport).on_event
     try:
         for values in view.updates(session.in_background(events, on_event=hook, cancel=cancel)):
@@ -131,6 +136,22 @@ def compare(request: gr.Request, listener, order, text, seed, max_audio_s, runs,
     finally:
         SESSIONS.close(key, cancel)
     yield ui(view.finish(cancel.is_set()))
+
+
+# What fill_quality changes, besides each slot's C["quality"].
+QUALITY_FIELDS = ("overall", "summary", "runs_table", "parity", "builds")
+
+
+def fill_quality(request: gr.Request):
+    """After a comparison (chained to it, so Compare can be clicked again meanwhile): its runs' quality as the
+    worker scores them, until the page starts another comparison or closes."""
+    key = request.session_hash if request is not None else "api"
+    view = LATEST.get(key)
+    if view is None:
+        yield ui({})
+        return
+    for values in view.quality_updates(lambda: LATEST.get(key) is not view):
+        yield ui(values)
 
 
 def slots_for(specs, transport) -> dict:
@@ -148,6 +169,7 @@ def stop(request: gr.Request):
 
 def on_unload(request: gr.Request) -> None:
     SESSIONS.cancel(request.session_hash)
+    LATEST.pop(request.session_hash, None)
 
 
 def on_pick(order, *groups):
@@ -214,7 +236,7 @@ def tally_table() -> pd.DataFrame:
 # -- History -----------------------------------------------------------------------------------------------------
 def history_view(picked, weights, kind, text_contains):
     """The filtered history as a table, a chart, and CSV/JSON/PNG files to download."""
-    records = history.read(HISTORY_PATH)
+    records = quality.merged(history.read(HISTORY_PATH))
     names = sorted({*CATALOG.statuses[False], *(r["preset"] for r in records if "preset" in r)})
     chosen = history.filter_runs(records, picked or None, weights or None, kind or "all", text_contains or "")
     exports = history.export(chosen, HISTORY_EXPORT_DIR, f"history: {len(chosen)} runs")
@@ -301,6 +323,7 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
                     C["player"].append(gr.Audio(label="streamed as generated", streaming=True, autoplay=True,
                                                 elem_id=f"player-{i}", interactive=False, visible=False))
                     C["live"].append(gr.Markdown(elem_id=f"live-{i}"))
+                    C["quality"].append(gr.Markdown(elem_id=f"quality-{i}"))
         C["chart_main"] = gr.Plot(label="TTFB, RTF (warm median, bars = spread, hollow = cold) and TTFB phases",
                                   elem_id="chart-main", format="png", visible=False)
         C["chart_heard"] = gr.Plot(label="Heard in the browser: model TTFB → first audible → sent → received → heard",
@@ -308,6 +331,9 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
         C["chart_stalls"] = gr.Plot(label="Underruns and stall", elem_id="chart-stalls", format="png", visible=False)
         C["summary"] = gr.Dataframe(label="Per preset: warm median, spread, tails, cold apart", elem_id="summary",
                                     interactive=False, visible=False)
+        C["parity"] = gr.Dataframe(label="Variant parity: ΔWER and ΔMOS against each family's reference (its first "
+                                         "preset here), paired runs, median (spread)", elem_id="parity",
+                                   interactive=False, visible=False)
         C["builds"] = gr.Dataframe(label="Build cost: load, warm-up/compile and memory", elem_id="builds",
                                    interactive=False, visible=False)
         with gr.Accordion("Every run of this comparison", open=False):
@@ -322,7 +348,9 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
                                        transport, *groups], compare_outputs, js=RESET_PLAYERS,
                              # every click starts at once and waits in LINE, which shows its place; no spinner: an
                              # animation re-drawn every frame costs the 2-core machine the model runs on
-                             concurrency_limit=None, show_progress="hidden", api_name="compare")
+                             concurrency_limit=None, show_progress="hidden", api_name="compare").then(
+        fill_quality, None, [C[name] for name in QUALITY_FIELDS] + C["quality"], concurrency_limit=None,
+        show_progress="hidden", api_name="quality")
     # Stop sets the comparison's cancel flag: generation ends at its next frame, and the comparison's own handler
     # then says what stopped and keeps what finished (Gradio's `cancels` would cut it off before it could say so).
     stop_btn.click(stop, None, C["overall"], api_name="stop", queue=False)

@@ -16,7 +16,7 @@ import wave
 
 import numpy as np
 
-from lab import env, machine, presets, report, session
+from lab import env, machine, presets, quality, report, session
 from lab.errors import LabError
 from lab.manager import ModelManager
 from lab.request import MAX_TEXT_CHARS, Request, validate_request, validate_user_audio
@@ -53,8 +53,10 @@ def read_wav(path: str) -> tuple[np.ndarray, int]:
 
 
 def bench(specs: list[VariantSpec], request: Request, runs: int, out_dir: str, manager: ModelManager | None = None,
-          history_path: str | None = HISTORY_PATH, progress_bar: bool = True, wav_dir: str | None = None) -> dict:
-    """lab.session's loop with a progress bar, a WAV per run, and results.json/csv/chart.png in `out_dir`."""
+          history_path: str | None = HISTORY_PATH, progress_bar: bool = True, wav_dir: str | None = None,
+          with_quality: bool = False) -> dict:
+    """lab.session's loop with a progress bar, a WAV per run, and results.json/csv/chart.png in `out_dir`.
+    `with_quality`: every run of real speech is scored by lab.quality after the last run, before the files."""
     from tqdm import tqdm
 
     wav_dir = wav_dir or out_dir
@@ -64,7 +66,11 @@ def bench(specs: list[VariantSpec], request: Request, runs: int, out_dir: str, m
                "errors": {}}
     bar = tqdm(total=len(specs) * (runs + 1), disable=not progress_bar, unit="run", file=sys.stderr)
     done: dict[str, int] = {}
-    for event in session.run_presets(manager or ModelManager(), specs, request, runs, history_path=history_path):
+    worker = quality.Worker() if with_quality else None
+    if worker:
+        results["env"].update(quality.versions())
+    for event in session.run_presets(manager or ModelManager(), specs, request, runs, history_path=history_path,
+                                     quality=worker):
         if isinstance(event, session.Stage):
             bar.set_description(f"{event.preset}: {event.stage} {event.seconds:.0f}s")
         elif isinstance(event, session.Built):
@@ -81,6 +87,8 @@ def bench(specs: list[VariantSpec], request: Request, runs: int, out_dir: str, m
             results["errors"][event.preset] = event.message
             bar.update(runs + 1 - done.get(event.preset, 0))
     bar.close()
+    if worker:
+        worker.join()
     report.write_results(out_dir, results)
     return results
 
@@ -126,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-chars", type=int, default=MAX_TEXT_CHARS, help="refuse longer texts (default: %(default)s)")
     p.add_argument("--wavs", help="folder for the WAVs (default: --out)")
     p.add_argument("--history", default=HISTORY_PATH, help="JSONL file every run is appended to ('' for none)")
+    p.add_argument("--quality", action="store_true", help="score each run of real speech after the runs: WER, CER, "
+                   "MOS estimate, first speech, runaway (lab.quality); n/a for random and tiny weights")
     p.add_argument("--user-audio", metavar="FILE.wav", help="a spoken user turn (PCM WAV) sent with --text, for "
                    f"families that take one ({', '.join(f for f, v in FAMILIES.items() if v['user_audio'])})")
     p.add_argument("--streams", help="a concurrency sweep: comma list of stream counts (e.g. 1,16,256), each stream "
@@ -166,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         sweep(specs, request, levels, args.arrival_rate, args.out)
         print(f"wrote {args.out}/sweep.json")
         return 0
-    results = bench(specs, request, args.runs, args.out, history_path=args.history or None, wav_dir=args.wavs)
+    results = bench(specs, request, args.runs, args.out, history_path=args.history or None, wav_dir=args.wavs,
+                    with_quality=args.quality)
     print(report.table(report.summary_rows(results["runs"]), results["builds"]))
     for name, err in results["errors"].items():
         print(f"error: {err}", file=sys.stderr)

@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from lab import quality
 from lab.metrics import PHASES, summarize
 
 WEIGHTS_NOTE = {"random": "random weights: latency only, audio is noise",
@@ -31,6 +32,7 @@ class Figure:
     tails: bool = False      # the summary shows p90 and p99 of the warm runs
     cold: bool = False       # the summary shows the cold run's value apart
     live: bool = False       # on the line that updates while a run streams
+    quality: bool = False    # lab.quality's, filled in after the run: "n/a" for noise (random, tiny), never a number
 
     @property
     def label(self) -> str:
@@ -58,6 +60,13 @@ RUN_FIGURES = (
     Figure("first_audible_ms", "first audible", "ms", 1, spread=True),
     Figure("rtf", "RTF", "", 3, significant=True, spread=True, live=True),
     Figure("steady_rtf", "steady RTF", "", 3, significant=True),
+    # The quality guardrail's (lab.quality), real speech only, scored after the run off the timed path.
+    Figure("wer", "WER", "%", 1, scale=100, spread=True, quality=True),
+    Figure("cer", "CER", "%", 1, scale=100, quality=True),
+    Figure("mos", "MOS est.", "", 2, spread=True, quality=True),
+    Figure("first_speech_ms", "first speech", "ms", 1, spread=True, quality=True),
+    Figure("leading_silence_s", "leading silence", "s", 2, quality=True),
+    Figure("trailing_silence_s", "trailing silence", "s", 2, quality=True),
     Figure("audio_s", "audio", "s", 2, live=True),
     Figure("underruns", "underruns", "", 0, live=True),
     Figure("stall_s", "stall", "s", 3),
@@ -95,6 +104,7 @@ def summary_rows(runs: list[dict]) -> list[dict]:
     figures apart, and the phases of the median-TTFB run (the lower middle one for an even count), so the stacked
     phases add up to a measured TTFB."""
     rows = []
+    badges = {p["preset"]: p["badge"] for p in quality.parity(runs)}
     for preset in dict.fromkeys(r["preset"] for r in runs):
         mine = [r for r in runs if r["preset"] == preset and not r.get("cancelled")]
         if not mine:
@@ -109,6 +119,7 @@ def summary_rows(runs: list[dict]) -> list[dict]:
             "cold": {f.key: cold.get(f.key) for f in RUN_FIGURES} if cold else None,
             "phases_ms": ranked[(len(ranked) - 1) // 2]["phases_ms"],
             "peak_mem_bytes": max(r["peak_mem_bytes"] for r in mine),
+            "quality": quality.verdict(mine, badges.get(preset, "")),   # None: not scored (the CLI without --quality)
         })
     return rows
 
@@ -128,6 +139,9 @@ def summary_table(rows: list[dict], compact: bool = False) -> list[dict]:
         for f in RUN_FIGURES:
             s = row["warm"][f.key]
             spread = "-" if s["lo"] is None else f"{f.text(s['lo'])} – {f.text(s['hi'])}"
+            if f.quality and quality.not_applicable(row):
+                line[f.label if compact else f"{f.label} (warm median)"] = "n/a"
+                continue
             if compact:
                 line[f.label] = f.text(s["median"]) + (f" ({spread.replace(' – ', '–')})" if f.spread and
                                                        s["lo"] is not None else "")
@@ -140,14 +154,20 @@ def summary_table(rows: list[dict], compact: bool = False) -> list[dict]:
                 line[f"{f.name} p99 {f.unit}".strip()] = f.value(s["p99"])
             if f.cold:
                 line[f"cold {f.label}"] = f.value(row["cold"][f.key]) if row["cold"] else None
+        if row.get("quality"):
+            line["quality"] = row["quality"]
         out.append(line)
     return out
 
 
 def run_table(records: list[dict], extra: tuple[str, ...] = ()) -> list[dict]:
     """One line per run record (cancelled ones say so and have no figures). `extra`: record keys shown first."""
+    def cell(f, r):
+        return "n/a" if f.quality and quality.not_applicable(r) else f.value(r.get(f.key))
+
     return [{**{k: r.get(k) for k in extra}, "preset": r["preset"], "weights": r.get("weights"), "run": r.get("run"),
-             "cold/warm": kind(r), **{f.label: f.value(r.get(f.key)) for f in RUN_FIGURES}} for r in records]
+             "cold/warm": kind(r), **{f.label: cell(f, r) for f in RUN_FIGURES},
+             **({"quality": r["quality"]} if "quality" in r else {})} for r in records]
 
 
 def build_table(builds: dict[str, dict]) -> list[dict]:
@@ -193,7 +213,7 @@ def table(rows: list[dict], builds: dict) -> str:
 
 def to_csv(runs: list[dict]) -> str:
     cols = ["preset", "run", "cold", "weights", *[f.key for f in RUN_FIGURES], *[f"phase_{p}_ms" for p in PHASES],
-            "chunks"]
+            "chunks", "quality", "runaway", "transcript"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()

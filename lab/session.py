@@ -225,28 +225,30 @@ def _build(manager, slot: int, spec: VariantSpec):
 
 
 def run_presets(manager, specs: list[VariantSpec], request: Request, runs: int, cancel: Cancel | None = None,
-                history_path: str | None = None, source: str = "cli", lock=None) -> Iterator[Event]:
+                history_path: str | None = None, source: str = "cli", lock=None, quality=None) -> Iterator[Event]:
     """Each preset in turn: build it (once; the manager keeps it), then `runs + 1` runs. The first run on a
     freshly built engine is its cold one (engine.served). One failing preset does not stop the others; a cancel
     stops everything. Every finished or cancelled run is appended to `history_path`, stamped with `source` and the
-    commit. `lock` (the page's line) is held for the whole loop unless every spec batches."""
+    commit. `lock` (the page's line) is held for the whole loop unless every spec batches. With a `quality` worker
+    (lab.quality.Worker), each finished run of real speech is handed to it after RunDone; the loop holds the worker
+    throughout, so no score runs beside a timed run."""
     cancel = cancel or Cancel()
     # The line (`lock`) is for variants that serve one request at a time. A comparison of batching variants only
     # goes straight on: the engine takes every caller's stream into its shared step.
     needs_line = lock is not None and not all(spec.batches for spec in specs)
-    with lock if needs_line else contextlib.nullcontext():
+    with lock if needs_line else contextlib.nullcontext(), quality.hold() if quality else contextlib.nullcontext():
         yield Started()
         for slot, spec in enumerate(specs):
             if cancel.is_set():
                 break
             stopped = yield from _run_preset(manager, slot, spec, for_family(request, spec), runs, cancel,
-                                             history_path, source)
+                                             history_path, source, quality)
             yield PresetDone(slot, spec.name)
             if stopped:
                 break
 
 
-def _run_preset(manager, slot, spec, request, runs, cancel, history_path, source) -> Iterator[Event]:
+def _run_preset(manager, slot, spec, request, runs, cancel, history_path, source, quality) -> Iterator[Event]:
     """One preset's build and runs; returns True when it was cancelled."""
     stamp = {"source": source, "env_commit": env.git_commit()}
     try:
@@ -271,9 +273,12 @@ def _run_preset(manager, slot, spec, request, runs, cancel, history_path, source
                 yield Stopped(slot, spec.name, record)
                 return True
             record.update(stamp, heard=heard)
+            scored = quality is not None and quality.prepare(record)   # "pending", or n/a for noise
             yield RunDone(slot, spec.name, record, audio, heard)
             if history_path:   # after the consumer had RunDone: it may have added the browser's figures
                 history.append(history_path, record)
+            if scored:
+                quality.submit(record, audio, history_path)
     except Cancelled:
         yield Stopped(slot, spec.name, None)
         return True

@@ -12,11 +12,11 @@ from typing import Iterator
 
 import numpy as np
 
-from lab import report, session
+from lab import quality, report, session
 from lab.spec import VariantSpec
 from lab.streaming import pcm16
 
-SLOT_FIELDS = ("box", "header", "status", "player", "pcm", "live")
+SLOT_FIELDS = ("box", "header", "status", "player", "pcm", "live", "quality")
 # The page is sent what changed at most this often. Every update costs the server Python time (Gradio's
 # postprocessing, under the GIL the run loop's thread needs too) and the browser a re-render; per chunk, that
 # slowed the runs it was showing.
@@ -129,11 +129,12 @@ class CompareView:
     def start(self) -> dict:
         """Every slot in tick order, waiting; last comparison's charts and tables cleared."""
         ui = {"overall": status_html(0, 0, "waiting for the model"), "chart_main": None, "chart_stalls": None,
-              "chart_heard": None, "summary": None, "builds": None, "runs_table": None}
+              "chart_heard": None, "summary": None, "builds": None, "runs_table": None, "parity": None}
         for i, spec in enumerate(self.specs):
             ui[("header", i)] = header_md(spec, self.ignores_turn[i])
             ui[("status", i)] = status_html(0, self.total, "waiting")
             ui[("live", i)] = ""
+            ui[("quality", i)] = ""
         return ui
 
     def tick(self) -> dict:
@@ -218,7 +219,7 @@ class CompareView:
             return {}
         return {("status", e.slot): status_html(self.total, self.total, f"done: {rows[0]['warm_runs'] + 1} runs",
                                                 "ok"),
-                ("live", e.slot): report.result_line(rows[0])}
+                ("live", e.slot): report.result_line(rows[0]), **self._quality_lines([e.slot])}
 
     def results(self, stopped: bool = False) -> dict:
         records = self.records
@@ -228,10 +229,14 @@ class CompareView:
         for fig in charts:   # Gradio only saves them as images; open pyplot figures would pile up across clicks
             if fig is not None:
                 report.close(fig)
-        return {"chart_main": charts[0], "chart_stalls": charts[1], "chart_heard": charts[2],
-                "summary": report.summary_table(report.summary_rows(records)) if records else None,
+        return {"chart_main": charts[0], "chart_stalls": charts[1], "chart_heard": charts[2], **self.tables()}
+
+    def tables(self) -> dict:
+        records = self.records
+        return {"summary": report.summary_table(report.summary_rows(records)) if records else None,
                 "builds": report.build_table(self.builds) if self.builds else None,
-                "runs_table": report.run_table(records) if records else None}
+                "runs_table": report.run_table(records) if records else None,
+                "parity": quality.parity_table(records) or None}
 
     def finish(self, stopped: bool) -> dict:
         """The last word: stopped, or done with how many presets failed. Not "done" after a Stop."""
@@ -243,7 +248,39 @@ class CompareView:
             text = f"done: {len(self.records)} runs of {len(ran)} presets" + (
                 f"; {failed} failed (see its status)" if failed else "")
             kind, done = ("warn" if failed else "ok"), 1
-        return {"overall": status_html(done, 1, text, kind), **self.results(stopped)}
+        self.final = (done, text, kind)
+        return {"overall": status_html(done, 1, text + self._scoring(), kind), **self.results(stopped)}
+
+    # -- the quality guardrail's figures, which come after the runs (lab.quality.Worker) -------------------------
+    def _pending(self) -> int:
+        return sum(r.get("quality") == quality.PENDING for r in self.records)
+
+    def _scoring(self) -> str:
+        pending = self._pending()
+        return f"; quality: scoring {pending} runs of real speech" if pending else ""
+
+    def _quality_lines(self, slots) -> dict:
+        badges = {p["preset"]: p["badge"] for p in quality.parity(self.records)}
+        return {("quality", slot): quality.summary_line(mine, badges.get(self.specs[slot].name, ""))
+                for slot in slots if (mine := [r for r in self.records if r["preset"] == self.specs[slot].name])}
+
+    def quality_updates(self, stale, poll_s: float = UI_PERIOD_S, timeout_s: float = 600.0) -> Iterator[dict]:
+        """After `finish`: each time the worker has scored more runs, their quality lines, badges and tables; {}
+        between (so a closed page is noticed). Ends when all are scored, or when `stale()` (a closed page, or a
+        newer comparison on the same page, whose tables these would overwrite)."""
+        pending, deadline = self._pending(), time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            time.sleep(poll_s)
+            if stale():
+                return
+            now = self._pending()
+            if now == pending:
+                yield {}
+                continue
+            pending = now
+            done, text, kind = self.final
+            yield {"overall": status_html(done, 1, text + (self._scoring() or "; quality scored"), kind),
+                   **self._quality_lines(range(len(self.specs))), **self.tables()}
 
 
 def _joined(before, after):

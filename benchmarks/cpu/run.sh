@@ -10,3 +10,5 @@ python -m lab.bench --presets hibari csm-cpu pocket-tts-cpu --weights tiny --run
 # 2) Pocket TTS at real size, random weights: sdpa eager loop against the inductor-compiled step, one run
 python -m lab.bench --presets pocket-tts-cpu pocket-tts-cpu-inductor --weights random --runs 10 --max-seconds 3 \
   --out benchmarks/cpu/pocket-random --wavs results/cpu-pocket --history ""
+# 3) the quality guardrail over every hibari variant on the corpus (tests/data), and its own cost
+python benchmarks/cpu/quality/run.py
