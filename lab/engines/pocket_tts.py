@@ -126,7 +126,7 @@ class PocketTTSEngine(Engine):
         # so every utterance would end at frame 6. Latency runs need full-length audio, so only trained
         # weights listen to it. None turns the check (and its per-frame host sync) off.
         self.eos_threshold: float | None = float(setting["eos_threshold"]) if spec.weights == "pretrained" else None
-        step = torch.compile(frame_step) if spec.compile == "inductor" else frame_step
+        step = tc.compile_own(frame_step) if spec.compile == "inductor" else frame_step
         # The pinned attention kernel (sdpa-flash) wraps the model's calls only, as in the CSM engine.
         self.step = tc.with_attention(spec, step)
         self.prefill = tc.with_attention(spec, lambda ids, cache: model(input_ids=ids, cache=cache, use_cache=True))

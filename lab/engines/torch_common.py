@@ -10,6 +10,7 @@ import os
 import resource
 import shutil
 import tempfile
+import types
 import warnings
 
 import torch
@@ -272,6 +273,15 @@ def capture_graph(fn, warmup_runs: int = 3):
         raise LabError("compile", f"CUDA graph capture failed at {type(failed).__name__}: {failed}; this variant's "
                                   f"step is not capturable here: use compile: inductor or off") from failed
     return graph, out
+
+
+def compile_own(fn, **options):
+    """torch.compile of `fn` for one engine. Dynamo keeps compiled graphs per code object, so a second engine
+    compiling the same function reuses the first one's graphs wherever the guards pass: CPU code that inductor
+    generated for another thread count, and one shared recompile limit. A copy of the code object gives each
+    engine its own."""
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return torch.compile(own, **options)
 
 
 def compiled_graph_count() -> int:
