@@ -12,6 +12,8 @@ import os
 import platform
 import subprocess
 
+import lab
+
 
 def _version(dist: str) -> str | None:
     try:
@@ -102,7 +104,8 @@ def environment() -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "omp_wait_policy": (os.environ.get("OMP_WAIT_POLICY") if lab.OMP_WAIT_POLICY_IN_FORCE
+                            else "libgomp's default: torch loaded before the lab set it"),
         "torchao": _version("torchao"),
         "cuda": None,
         "driver": None,
