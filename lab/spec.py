@@ -62,8 +62,8 @@ class VariantSpec:
     revision: str = ""              # the hub commit (40 hex digits) that weights and remote code are pinned to
     init_tts: str = "build"         # minicpm_o: init_tts() at build, or in the first request's session phase
     streaming: str = "per-sentence"  # hibari: a chunk per sentence, or the whole text synthesized before the first
-    # CPU threads of the model's kernels (torch intra-op, or ONNX Runtime's for hibari): a count, or "auto" for the
-    # library's own default (one per core).
+    # CPU threads of the model's kernels (torch intra-op, or ONNX Runtime's for hibari): a count, or "auto", one per
+    # core less one (lab.engines.torch_common.AUTO_THREADS).
     threads: str = "auto"
 
     def identity(self) -> dict:

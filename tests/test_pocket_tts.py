@@ -181,6 +181,6 @@ def test_threads_axis_sets_torch_threads_for_each_request(engine):
         assert record["threads"] == torch.get_num_threads() == 1
         # the next variant's request sets its own count back: the setting is per process
         record, _ = session.run_once(engine, engine.spec, Request(text=TEXT, max_audio_s=0.5))
-        assert record["threads"] == torch.get_num_threads() == pocket_tts.tc.DEFAULT_THREADS
+        assert record["threads"] == torch.get_num_threads() == pocket_tts.tc.AUTO_THREADS
     finally:
         one.close()

@@ -71,7 +71,7 @@ class Engine:
 
     def use_threads(self) -> int:
         """Sets the threads this variant's kernels run on for the request about to start, and returns the count.
-        torch's count is per process and variants of different counts take turns in it, so every request sets it."""
+        torch's count outlives a request and variants of different counts take turns, so every request sets it."""
         from lab.engines import torch_common as tc
 
         return tc.use_threads(self.spec)

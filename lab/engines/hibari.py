@@ -74,8 +74,9 @@ class HibariEngine(Engine):
 
 
 def ort_threads(spec: VariantSpec) -> int:
-    """ONNX Runtime's intra- and inter-op threads (hibari sets both): the spec's count, or one per CPU for auto."""
-    return (os.cpu_count() or 1) if spec.threads == "auto" else int(spec.threads)
+    """ONNX Runtime's intra- and inter-op threads (hibari sets both): the spec's count, or for auto one per CPU
+    less one, as for torch (lab.engines.torch_common.AUTO_THREADS)."""
+    return max(1, (os.cpu_count() or 1) - 1) if spec.threads == "auto" else int(spec.threads)
 
 
 def build(spec: VariantSpec, progress) -> HibariEngine:

@@ -118,17 +118,22 @@ def quantize_int8(spec: VariantSpec, linears: torch.nn.Module) -> None:
         quantize_(linears, Int8DynamicActivationInt8WeightConfig())
 
 
-DEFAULT_THREADS = torch.get_num_threads()   # at import: one per core, or OMP_NUM_THREADS where it is set
+# `threads: auto`: one per core less one, which the server, the stream to the browser and the machine's other work
+# use; OMP_NUM_THREADS where it is set. On this project's shared 2-core machine that is 1 thread, and 1 measured
+# faster than 2 for every Pocket TTS variant and for hibari (benchmarks/cpu/README.md).
+AUTO_THREADS = torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else max(1, torch.get_num_threads() - 1)
 
 
 def thread_count(spec: VariantSpec) -> int:
-    return DEFAULT_THREADS if spec.threads == "auto" else int(spec.threads)
+    return AUTO_THREADS if spec.threads == "auto" else int(spec.threads)
 
 
 def use_threads(spec: VariantSpec) -> int:
-    """Sets torch's intra-op threads to the spec's count and returns it. Called at build and at every request:
-    the setting is per process, and variants of different counts take turns in one process. Inductor's CPU code
-    is generated for the count in force when it compiles, so the build sets it before the warm-up compiles."""
+    """Sets torch's intra-op threads to the spec's count, in the calling thread, and returns it. Called at build and
+    at every request, in the thread that runs it: the setting outlives the request (under OpenMP it belongs to the
+    thread, and new threads start from the process's last one), and variants of different counts take turns in one
+    process. Inductor's CPU code is generated for the count in force when it compiles, so the build sets it before
+    the warm-up compiles."""
     threads = thread_count(spec)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
