@@ -10,3 +10,7 @@ python -m lab.bench --presets hibari csm-cpu pocket-tts-cpu --weights tiny --run
 # 2) Pocket TTS at real size, random weights: sdpa eager loop against the inductor-compiled step, one run
 python -m lab.bench --presets pocket-tts-cpu pocket-tts-cpu-inductor --weights random --runs 10 --max-seconds 3 \
   --out benchmarks/cpu/pocket-random --wavs results/cpu-pocket --history ""
+# 3) issue 12: the CPU axes (float32 eager and inductor, int8-dynamic, int8-torchao; 1 and 2 threads) and
+#    generate(), in one process, taking turns; and OpenMP's wait policy (fresh processes)
+python benchmarks/cpu/axes.py --out "benchmarks/cpu/$(git rev-parse --short HEAD)"
+python benchmarks/cpu/omp_wait.py --out "benchmarks/cpu/$(git rev-parse --short HEAD)/omp_wait.json"
