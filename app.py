@@ -232,8 +232,8 @@ def environment_md() -> str:
             "omp_num_threads", "omp_wait_policy", "python", "torch", "transformers", "gradio", "flash_attn",
             "bitsandbytes", "torchao", "onnxruntime", "hibari_tts", "commit"]
     rows = "\n".join(f"| {k} | {e.get(k) if e.get(k) is not None else 'not installed / none'} |" for k in keys)
-    return (f"| | |\n|---|---|\n{rows}\n\nEach variant runs on its own thread count (`threads`, in every result); "
-            f"torch_threads is the process's default. Memory budget for built variants: "
+    return (f"| | |\n|---|---|\n{rows}\n\nEach variant runs on its own thread count (`threads`, in every result; "
+            f"`auto` is one per core less one); torch_threads is the process's count at start. Memory budget for built variants: "
             f"**{MEMORY_BUDGET_GB:g} GB** (`LAB_MEMORY_BUDGET_GB`). History: `{HISTORY_PATH}`. Votes: "
             f"`{VOTES_PATH}`. Presets: `{PRESETS_DIR}`.")
 
