@@ -120,7 +120,7 @@ def quantize_int8(spec: VariantSpec, linears: torch.nn.Module) -> None:
 
 # `threads: auto`: one per core less one, which the server, the stream to the browser and the machine's other work
 # use; OMP_NUM_THREADS where it is set. On this project's shared 2-core machine that is 1 thread, and 1 measured
-# faster than 2 for every Pocket TTS variant and for hibari (benchmarks/cpu/README.md).
+# faster than 2 for every Pocket TTS variant and for hibari (README, How fast: benchmarks/cpu/axes.py).
 AUTO_THREADS = torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else max(1, torch.get_num_threads() - 1)
 
 
