@@ -250,11 +250,12 @@ def history_view(picked, weights, kind, text_contains):
 
 def environment_md() -> str:
     e = env.environment()
-    keys = ["device", "cuda", "driver", "cpu_count", "torch_threads", "torch_interop_threads", "omp_num_threads",
-            "python", "torch", "transformers", "gradio", "flash_attn", "bitsandbytes", "onnxruntime", "hibari_tts",
-            "commit"]
+    keys = ["device", "cuda", "driver", "cpu_model", "cpu_isa", "cpu_count", "torch_threads", "torch_interop_threads",
+            "omp_num_threads", "omp_wait_policy", "python", "torch", "transformers", "gradio", "flash_attn",
+            "bitsandbytes", "torchao", "onnxruntime", "hibari_tts", "commit"]
     rows = "\n".join(f"| {k} | {e.get(k) if e.get(k) is not None else 'not installed / none'} |" for k in keys)
-    return (f"| | |\n|---|---|\n{rows}\n\nhibari runs ONNX Runtime on 1 thread. Memory budget for built variants: "
+    return (f"| | |\n|---|---|\n{rows}\n\nEach variant runs on its own thread count (`threads`, in every result; "
+            f"`auto` is one per core less one); torch_threads is the process's count at start. Memory budget for built variants: "
             f"**{MEMORY_BUDGET_GB:g} GB** (`LAB_MEMORY_BUDGET_GB`). History: `{HISTORY_PATH}`. Votes: "
             f"`{VOTES_PATH}`. Presets: `{PRESETS_DIR}`.")
 

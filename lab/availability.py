@@ -140,5 +140,9 @@ def option_requirements() -> list[dict]:
         ("quantization", "none", "nothing", True),
         ("quantization", "bnb-int8", "a CUDA GPU and `pip install bitsandbytes`; not inside CUDA graphs", cuda and bnb),
         ("quantization", "bnb-nf4", "a CUDA GPU and `pip install bitsandbytes`", cuda and bnb),
+        ("quantization", "int8-dynamic", "the CPU; Pocket TTS only, float32, compile: off (torch's own int8 "
+                                         "kernels: fast on CPUs with VNNI, slower than float on some without)", True),
+        ("quantization", "int8-torchao", "the CPU and `pip install torchao`; Pocket TTS only, float32; fast only "
+                                         "with compile: inductor", env.has_package("torchao")),
     ]
     return [{"axis": a, "option": o, "needs": n, "here": "yes" if ok else "no"} for a, o, n, ok in rows]

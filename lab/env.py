@@ -12,6 +12,8 @@ import os
 import platform
 import subprocess
 
+import lab
+
 
 def _version(dist: str) -> str | None:
     try:
@@ -59,12 +61,33 @@ def git_commit() -> str:
 
 
 @functools.cache
+def cpu_model() -> dict:
+    """The CPU's name, family and model numbers, and the int8 and wide-vector instructions it has (/proc/cpuinfo):
+    which CPU option wins depends on them (int8 matmuls are fast with VNNI, slow without)."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        return {"cpu_model": platform.processor() or platform.machine(), "cpu_isa": None}
+    name = info.get("model name", platform.machine())
+    if "cpu family" in info:
+        name += f" (family {info['cpu family']} model {info.get('model', '?')})"
+    flags = info.get("flags", "").split()
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags]
+    return {"cpu_model": name, "cpu_isa": " ".join(isa) or None}
+
+
+@functools.cache
 def environment() -> dict:
     """The facts docs/METRICS.md asks to record with every result."""
     import torch
 
     env = {
         "device": platform.processor() or platform.machine(),
+        **cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -76,10 +99,14 @@ def environment() -> dict:
         "onnxruntime": _version("onnxruntime"),
         "hibari_tts": _version("hibari-tts"),
         "commit": git_commit(),
-        # Thread settings: on a 2-core machine, torch's threads, ONNX Runtime's and a web server's compete.
+        # Thread settings: on a 2-core machine, torch's threads, ONNX Runtime's and a web server's compete. These
+        # are the process's; each variant sets its own count (its `threads`), which every run record holds.
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "omp_wait_policy": (os.environ.get("OMP_WAIT_POLICY") if lab.OMP_WAIT_POLICY_IN_FORCE
+                            else "libgomp's default: torch loaded before the lab set it"),
+        "torchao": _version("torchao"),
         "cuda": None,
         "driver": None,
     }

@@ -47,6 +47,9 @@ def check(spec: VariantSpec, weights_here=None) -> Refusal | None:
         return Refusal(NO_GPU, "MiniCPM-o has no CPU path; run this preset on a machine with an NVIDIA GPU")
     if spec.quantization.startswith("bnb") and not env.has_package("bitsandbytes"):
         return _missing("bitsandbytes", "bitsandbytes", f"quantization: {spec.quantization} needs it")
+    if spec.quantization == "int8-torchao" and not env.has_package("torchao"):
+        return _missing("torchao", "torchao", "quantization: int8-torchao needs it; quantization: int8-dynamic "
+                                              "uses torch's own int8 kernels instead")
     if spec.attention == "flash_attention_2" and not env.has_package("flash_attn"):
         return _missing("flash-attn", "flash-attn", "attention: flash_attention_2 needs it; attention: sdpa-flash "
                                                     "uses PyTorch's built-in FlashAttention-2 kernel instead")

@@ -71,6 +71,7 @@ RUN_FIGURES = (
     Figure("underruns", "underruns", "", 0, live=True),
     Figure("stall_s", "stall", "s", 3),
     Figure("peak_mem_bytes", "peak", "MiB", 0, scale=2 ** -20),
+    Figure("threads", "CPU threads", "", 0),   # the kernels' threads (torch intra-op, or ONNX Runtime's)
     # Measured in the browser, for the run a listener hears (its first warm run, `RunStarted.heard`); the others have none.
     Figure("sent_ms", "sent", "ms", 1),
     Figure("received_ms", "received", "ms", 1),
@@ -224,7 +225,8 @@ def to_csv(runs: list[dict]) -> str:
 
 
 def environment_title(env: dict) -> str:
-    return (f"{env['device']} · torch {env['torch']} · transformers {env.get('transformers')} · "
+    cpu = "" if env.get("cuda") else f" · {env.get('cpu_model')}, {env.get('cpu_count')} cores"
+    return (f"{env['device']}{cpu} · torch {env['torch']} · transformers {env.get('transformers')} · "
             f"commit {env['commit']}")
 
 

@@ -165,7 +165,7 @@ def stream_run(engine, spec: VariantSpec, request: Request, cold: bool, run: int
         "text": request.text, "seed": request.seed, "max_audio_s": request.max_audio_s,
         # a spoken user turn changes what prefill does: runs with and without one must be told apart
         "user_audio_s": request.user_audio_s or 0.0,
-        "tokenizer": engine.report.tokenizer, "sample_rate": engine.sample_rate,
+        "tokenizer": engine.report.tokenizer, "sample_rate": engine.sample_rate, "threads": engine.threads,
         "timeline": timeline.to_dict(), "time": time.time(),
     }
     if getattr(engine, "last_text", None) is not None:   # models that answer (minicpm_o): what it said

@@ -34,7 +34,7 @@ CHOICES = {
     "attention": ("eager", "sdpa", "sdpa-flash", "flash_attention_2"),
     "compile": ("off", "inductor", "cuda-graphs", "inductor+cuda-graphs"),
     "kernels": ("torch", "triton"),
-    "quantization": ("none", "bnb-int8", "bnb-nf4"),
+    "quantization": ("none", "bnb-int8", "bnb-nf4", "int8-dynamic", "int8-torchao"),
     "prefill": ("batched", "per-segment"),
     "init_tts": ("build", "request"),
     "streaming": ("per-sentence", "whole"),
@@ -62,6 +62,9 @@ class VariantSpec:
     revision: str = ""              # the hub commit (40 hex digits) that weights and remote code are pinned to
     init_tts: str = "build"         # minicpm_o: init_tts() at build, or in the first request's session phase
     streaming: str = "per-sentence"  # hibari: a chunk per sentence, or the whole text synthesized before the first
+    # CPU threads of the model's kernels (torch intra-op, or ONNX Runtime's for hibari): a count, or "auto", one per
+    # core less one (lab.engines.torch_common.AUTO_THREADS).
+    threads: str = "auto"
     max_streams: int = 1            # csm: above 1, that many listeners share one batched frame step at once
 
     def identity(self) -> dict:
@@ -113,6 +116,8 @@ def from_dict(data: dict, where: str = "spec") -> VariantSpec:
             raise LabError(where, f"unknown field {key!r}{hint}; known fields: {', '.join(known)}")
     if "family" not in data:
         raise LabError(where, f"family is required: one of {'|'.join(FAMILIES)}")
+    if isinstance(data.get("threads"), int) and not isinstance(data["threads"], bool):
+        data = {**data, "threads": str(data["threads"])}   # YAML reads `threads: 2` as a number
     for key, value in data.items():
         want = known[key].type
         ok = {
@@ -163,6 +168,25 @@ def _validate_remote_code(spec: VariantSpec, where: str) -> None:
         if getattr(spec, axis) != getattr(defaults, axis):
             raise LabError(where, f"{axis}: MiniCPM-o streams audio in chunks of its own size, so {axis} does not "
                                   f"apply; remove the field")
+
+
+def _validate_cpu_int8(spec: VariantSpec, where: str) -> None:
+    """int8-dynamic (torch.ao's quantized linear) and int8-torchao (int8 activations and weights) are CPU kernels
+    over float32 layers, for the backbone's linears; the flow head and the codec stay in float."""
+    q = spec.quantization
+    if spec.device != "cpu":
+        gpu = "bnb-int8" if q == "int8-dynamic" else "bnb-int8 (or bnb-nf4)"
+        raise LabError(where, f"quantization: {q!r} runs on the CPU only (its int8 matmuls are CPU kernels): use "
+                              f"device: cpu, or quantization: {gpu} on CUDA")
+    if spec.family != "pocket_tts":
+        raise LabError(where, f"quantization: {q} is implemented for pocket_tts only; use quantization: none")
+    if spec.dtype != "float32":
+        raise LabError(where, f"quantization: {q} quantizes float32 layers (activations are quantized from float32 "
+                              f"at every call); use dtype: float32")
+    if q == "int8-dynamic" and spec.compile != "off":
+        raise LabError(where, "quantization: int8-dynamic with compile: inductor: dynamo breaks the step into 22 "
+                              "graphs at torch.ao's quantized linears, and it ran slower than eager; use compile: "
+                              "off, or quantization: int8-torchao, which is built for torch.compile")
 
 
 def _validate_triton(spec: VariantSpec, where: str) -> None:
@@ -225,6 +249,9 @@ def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
     if spec.chunk_growth < 1.0:
         raise LabError(where, f"chunk_growth: {spec.chunk_growth} would shrink chunks; use 1.0 or more")
 
+    if spec.threads != "auto" and not (spec.threads.isdigit() and int(spec.threads) >= 1):
+        raise LabError(where, f"threads: {spec.threads!r} is not a thread count; use threads: 1, 2 (any count of 1 "
+                              f"or more) or auto")
     if spec.streaming != "per-sentence" and spec.family != "hibari":
         raise LabError(where, f"streaming: {spec.family} streams in frame chunks (first_chunk_frames, chunk_growth, "
                               f"max_chunk_frames); streaming: {spec.streaming} is for hibari; remove the field")
@@ -245,6 +272,8 @@ def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
         if spec.quantization == "bnb-int8" and spec.compile in ("cuda-graphs", "inductor+cuda-graphs"):
             raise LabError(where, "bnb-int8 cannot run inside a CUDA graph (LLM.int8 syncs with the host); "
                                   "use compile: off, or quantization: bnb-nf4")
+    if spec.quantization.startswith("int8-"):
+        _validate_cpu_int8(spec, where)
     if spec.attention == "flash_attention_2":
         if spec.device != "cuda" or spec.dtype == "float32":
             raise LabError(where, "attention: flash_attention_2 needs device: cuda and dtype bfloat16 or float16")

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 
 from lab.metrics import Timeline, figures
@@ -49,3 +51,23 @@ def test_hibari_whole_is_the_same_voice_held_back_until_the_last_sentence(hibari
     assert len(chunks) == 1 and len(held.frames) == 3
     np.testing.assert_array_equal(chunks[0].samples, streamed)          # the same audio, sample for sample
     assert held.chunks[0][0] > held.frames[-1]                          # its first byte waits for the last sentence
+
+
+def test_hibari_threads_axis_sizes_onnx_runtimes_pool_and_speaks_the_same(hibari_engine):
+    from lab import engines, session
+    from lab.spec import from_dict
+
+    one = engines.build(from_dict({"family": "hibari", "name": "hibari-1-thread", "threads": 1}))
+    two = engines.build(from_dict({"family": "hibari", "name": "hibari-2-threads", "threads": 2}))
+    text = "Two threads or one, the same voice."
+    record, audio = session.run_once(one, one.spec, Request(text, seed=2))
+    record_two, reference = session.run_once(two, two.spec, Request(text, seed=2))
+    assert record["threads"] == 1 and one.tts.sess.get_session_options().intra_op_num_threads == 1
+    assert record_two["threads"] == 2 and two.tts.sess.get_session_options().intra_op_num_threads == 2
+    assert "ONNX Runtime on 1 CPU thread " in one.report.notes[0]
+    assert hibari_engine.ort_threads == max(1, os.cpu_count() - 1)   # threads: auto leaves a core free
+    # the same durations, and samples that differ by rounding only (the pools sum in another order)
+    assert len(audio) == len(reference)
+    error = np.linalg.norm(audio - reference) / np.linalg.norm(reference)
+    print(f"1 thread against 2: relative error {error:.2e}")
+    assert error < 0.05

@@ -147,3 +147,40 @@ def test_inductor_compiled_step_streams_the_same_latents(engine):
     finally:
         compiled.close()
     print(f"inductor build + stream: {time.perf_counter() - started:.1f} s")
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "int8-torchao"])
+def test_cpu_int8_streams_near_float32_in_less_memory(engine, scheme):
+    if scheme == "int8-torchao":
+        pytest.importorskip("torchao", reason="int8-torchao needs torchao (requirements-dev.txt installs it)")
+    quantized = pocket_tts.build(tiny_spec(quantization=scheme), lambda stage, seconds: None)
+    try:
+        chunks, timeline = run(quantized, max_audio_s=1.0)
+        _, _ = run(engine, max_audio_s=1.0)
+        assert len(chunks) >= 3 and timeline.chunks[0][0] < timeline.frames[-1]
+        # The backbone's linears hold int8 weights: a quarter of their float32 bytes
+        layers = pocket_tts.tc.memory_bytes(quantized.model.model.layers)
+        assert layers < 0.4 * pocket_tts.tc.memory_bytes(engine.model.model.layers)
+        assert quantized.report.memory_bytes < engine.report.memory_bytes
+        error = relative_error(quantized.last_latents, engine.last_latents)
+        assert 0 < error < 0.1, error   # rounded, so not equal; near, so the same utterance
+    finally:
+        quantized.close()
+
+
+def test_threads_axis_sets_torch_threads_for_each_request(engine):
+    from lab import session
+
+    one = pocket_tts.build(tiny_spec(threads="1"), lambda stage, seconds: None)
+    try:
+        record, _ = session.run_once(one, one.spec, Request(text=TEXT, max_audio_s=0.5))
+        assert record["threads"] == torch.get_num_threads() == 1
+        # the next variant's request sets its own count back: the setting is per process
+        record, _ = session.run_once(engine, engine.spec, Request(text=TEXT, max_audio_s=0.5))
+        assert record["threads"] == torch.get_num_threads() == pocket_tts.tc.AUTO_THREADS
+    finally:
+        one.close()

@@ -95,3 +95,37 @@ def test_streaming_whole_is_hibari_only():
     assert from_dict({"family": "hibari", "streaming": "whole"}).streaming == "whole"
     assert "streaming: whole is for hibari" in refused({"family": "csm", "streaming": "whole"})
     assert "streaming: 'all' is not one of per-sentence|whole" in refused({"family": "hibari", "streaming": "all"})
+
+
+@pytest.mark.parametrize("scheme,fix", [("int8-dynamic", "quantization: bnb-int8 on CUDA"),
+                                        ("int8-torchao", "quantization: bnb-int8 (or bnb-nf4) on CUDA")])
+def test_cpu_int8_on_cuda_is_refused_with_the_fix(scheme, fix):
+    msg = refused({"family": "pocket_tts", "device": "cuda", "quantization": scheme})
+    assert msg.startswith(f"presets/x.yaml: quantization: '{scheme}' runs on the CPU only")
+    assert "use device: cpu, or " + fix in msg
+
+
+def test_cpu_int8_needs_float32_pocket_tts_and_int8_dynamic_stays_eager():
+    assert "use dtype: float32" in refused({"family": "pocket_tts", "dtype": "bfloat16",
+                                            "quantization": "int8-dynamic"})
+    assert "implemented for pocket_tts only" in refused({"family": "csm", "quantization": "int8-dynamic"})
+    assert "use compile: off" in refused({"family": "pocket_tts", "quantization": "int8-dynamic",
+                                          "compile": "inductor"})
+    assert from_dict({"family": "pocket_tts", "quantization": "int8-torchao", "compile": "inductor"})
+
+
+def test_torchao_missing_is_a_sentence_with_the_install(monkeypatch):
+    monkeypatch.setattr(env, "has_package", lambda name: name != "torchao")
+    refusal = machine.check(from_dict({"family": "pocket_tts", "weights": "tiny", "quantization": "int8-torchao"}))
+    assert refusal.code == machine.NO_PACKAGE and refusal.package == "torchao"
+    assert "pip install torchao" in refusal.sentence and "int8-dynamic" in refusal.sentence
+
+
+def test_threads_is_a_count_or_auto_and_yaml_numbers_are_counts():
+    assert from_dict({"family": "pocket_tts", "threads": 2}).key == from_dict({"family": "pocket_tts",
+                                                                              "threads": "2"}).key
+    assert from_dict({"family": "hibari", "threads": 1}).threads == "1"   # ONNX Runtime's threads
+    for bad in ("0", "two", "-1"):
+        assert f"threads: '{bad}' is not a thread count; use threads: 1, 2" in refused({"family": "pocket_tts",
+                                                                                        "threads": bad})
+    assert "threads: expected str, got bool" in refused({"family": "pocket_tts", "threads": True})

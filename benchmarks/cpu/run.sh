@@ -12,3 +12,7 @@ python -m lab.bench --presets pocket-tts-cpu pocket-tts-cpu-inductor --weights r
   --out benchmarks/cpu/pocket-random --wavs results/cpu-pocket --history ""
 # 3) the quality guardrail over every hibari variant on the corpus (tests/data), and its own cost
 python benchmarks/cpu/quality/run.py
+# 4) issue 12: the CPU axes (float32 eager and inductor, int8-dynamic, int8-torchao; 1 and 2 threads) and
+#    generate(), in one process, taking turns; and OpenMP's wait policy (fresh processes)
+python benchmarks/cpu/axes.py --out "benchmarks/cpu/$(git rev-parse --short HEAD)"
+python benchmarks/cpu/omp_wait.py --out "benchmarks/cpu/$(git rev-parse --short HEAD)/omp_wait.json"

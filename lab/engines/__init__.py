@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 from lab.metrics import Timeline
 from lab.request import Request
-from lab.spec import VariantSpec
+from lab.spec import FAMILIES, VariantSpec
 from lab.streaming import AudioChunk  # noqa: F401  (the engines' chunk type, re-exported for them)
 
 # progress(stage, seconds_so_far): stage is "loading" or "warming up" / "compiling"
@@ -41,7 +41,8 @@ class Engine:
 
     # What close() keeps: the variant's identity and its bookkeeping. Everything else an engine set on itself
     # (model, codec, caches, graphs, compiled steps) is dropped, so no engine lists its attributes by hand.
-    KEEP_ON_CLOSE = frozenset({"spec", "sample_rate", "report", "_lock", "served", "_memory_baseline_bytes"})
+    KEEP_ON_CLOSE = frozenset({"spec", "sample_rate", "report", "_lock", "served", "_memory_baseline_bytes",
+                               "threads"})
 
     def __init__(self, spec: VariantSpec, sample_rate: int, report: BuildReport | None = None):
         self.spec = spec
@@ -54,17 +55,26 @@ class Engine:
         # is cold again; `build` clears it after the build's own warm-up.
         self.served = False
         self._memory_baseline_bytes = 0   # what other variants held when this one's peak-memory window opened
+        self.threads = 0                  # the CPU threads its latest request ran on (Engine.use_threads)
 
     def stream(self, request: Request, timeline: Timeline,
                cancel: threading.Event | None = None) -> Iterator[AudioChunk]:
         """Yields AudioChunks as soon as each is decoded, stamping `timeline`. A second caller waits for the
         request in flight."""
         with self._lock:
+            self.threads = self.use_threads()
             yield from self._stream(request, timeline, cancel)
             self.served = True
 
     def _stream(self, request: Request, timeline: Timeline, cancel: threading.Event | None) -> Iterator[AudioChunk]:
         raise NotImplementedError
+
+    def use_threads(self) -> int:
+        """Sets the threads this variant's kernels run on for the request about to start, and returns the count.
+        torch's count outlives a request and variants of different counts take turns, so every request sets it."""
+        from lab.engines import torch_common as tc
+
+        return tc.use_threads(self.spec)
 
     def busy(self) -> bool:
         return self._lock.locked()
@@ -97,6 +107,10 @@ FAMILY_MODULES = {"csm": "lab.engines.csm", "pocket_tts": "lab.engines.pocket_tt
 
 def build(spec: VariantSpec, progress: Progress | None = None) -> Engine:
     module = importlib.import_module(FAMILY_MODULES[spec.family])
+    if FAMILIES[spec.family]["torch"]:   # before the build's warm-up, which is where inductor compiles
+        from lab.engines import torch_common as tc
+
+        tc.use_threads(spec)
     engine = module.build(spec, progress or (lambda stage, s: None))
     engine.served = False   # the build's own warm-up requests do not make the first caller's request warm
     return engine

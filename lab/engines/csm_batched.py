@@ -300,6 +300,8 @@ class BatchedCsmEngine(CsmEngine):
     def _admit(self, tickets: list[Ticket]) -> None:
         """Prefill the arrivals together: prompts right-padded into one batch through the backbone (causal, so a
         real position never sees padding), their keys and values copied into their rows, each row's state reset."""
+        # torch's thread count is the process's, and another variant may have set its own since the last round.
+        self.threads = self.use_threads()
         for t in tickets:
             t.timeline.mark("session")      # the wait for a slot ends here
         lens = [t.prompt_len for t in tickets]

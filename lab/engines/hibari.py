@@ -24,10 +24,15 @@ from lab.spec import VariantSpec
 
 
 class HibariEngine(Engine):
-    def __init__(self, spec: VariantSpec, tts):
+    def __init__(self, spec: VariantSpec, tts, threads: int):
         super().__init__(spec, tts.sample_rate, BuildReport(tokenizer="hibari G2P (misaki phonemes)"))
         self.tts = tts
+        self.ort_threads = threads
         self.sync = lambda: None    # ONNX Runtime on the CPU: its work is done when run() returns
+
+    def use_threads(self) -> int:
+        # ONNX Runtime's session owns its thread pool, sized at build; torch's setting does not reach it.
+        return self.ort_threads
 
     def _stream(self, request: Request, timeline: Timeline, cancel: threading.Event | None
                 ) -> Iterator[AudioChunk]:
@@ -68,6 +73,12 @@ class HibariEngine(Engine):
                 break
 
 
+def ort_threads(spec: VariantSpec) -> int:
+    """ONNX Runtime's intra- and inter-op threads (hibari sets both): the spec's count, or for auto one per CPU
+    less one, as for torch (lab.engines.torch_common.AUTO_THREADS)."""
+    return max(1, (os.cpu_count() or 1) - 1) if spec.threads == "auto" else int(spec.threads)
+
+
 def build(spec: VariantSpec, progress) -> HibariEngine:
     try:
         import hibari
@@ -78,12 +89,13 @@ def build(spec: VariantSpec, progress) -> HibariEngine:
         raise LabError("model", f"hibari has no voice {voice!r}; use one of "
                                 f"{', '.join('hibari-tts:' + v for v in hibari.voices.VOICES)}")
     clock = StageClock(progress)
+    threads = ort_threads(spec)
     try:
-        tts, load_s = clock.run("loading", lambda: hibari.Hibari(voice=voice))
+        tts, load_s = clock.run("loading", lambda: hibari.Hibari(voice=voice, threads=threads))
     except OSError as e:
         raise LabError("model", f"hibari voice {voice!r} is not in the wheel and could not be downloaded; "
                                 f"use hibari-tts:heart, which ships inside it") from e
-    engine = HibariEngine(spec, tts)
+    engine = HibariEngine(spec, tts, threads)
 
     def warm_up():
         for _ in engine.stream(Request("Warm up."), Timeline()):
@@ -93,5 +105,6 @@ def build(spec: VariantSpec, progress) -> HibariEngine:
     model_bytes = os.path.getsize(tts.model_path)
     engine.report = BuildReport(load_s=load_s, warmup_s=warmup_s, memory_bytes=model_bytes,
                                 params=0, tokenizer="hibari G2P (misaki phonemes)",
-                                notes=["ONNX Runtime on 1 CPU thread; parameter count not exposed by the wheel"])
+                                notes=[f"ONNX Runtime on {threads} CPU thread{'s' * (threads > 1)} (intra- and "
+                                       f"inter-op); parameter count not exposed by the wheel"])
     return engine

@@ -40,7 +40,8 @@ GENERATION_DEFAULTS = {"num_flow_steps": 1, "eos_threshold": -4.0, "min_frames_b
 SHORT_TEXT_MAX_WORDS, FRAMES_AFTER_EOS_SHORT_TEXT, FRAMES_AFTER_EOS = 4, 4, 2
 FADE_IN_S = 0.005  # the processor fades each waveform in: a fresh decoder state starts with a click
 # Kept out of bnb quantization: the flow head and the small projections around it are a sliver of the
-# weights, run at batch 1, and the adaLN modulation they compute is sensitive to rounding.
+# weights, run at batch 1, and the adaLN modulation they compute is sensitive to rounding. The CPU int8 schemes
+# quantize the backbone's layers only, which keeps these and the codec in float too (as Kyutai's own int8 does).
 SKIP_QUANT_MODULES = ["flow_head", "eos_head", "audio_latent_proj", "audio_prompt_proj", "loss_weighting"]
 
 
@@ -85,8 +86,9 @@ def load(spec: VariantSpec):
         model = tc.init_random(cls, model_config, spec, SKIP_QUANT_MODULES)
         codec = tc.init_random(PocketTTSAudioTokenizerModel, codec_config, spec, quantize=False)
         processor = None
-    if spec.quantization == "none":
+    if not spec.quantization.startswith("bnb"):   # bitsandbytes placed the model itself (device_map)
         model = model.to(spec.device)
+    tc.quantize_int8(spec, model.model.layers)   # the CPU int8 schemes: the backbone's attention and MLP linears
     return model.eval(), codec.to(spec.device, dtype).eval(), processor
 
 
@@ -124,7 +126,7 @@ class PocketTTSEngine(Engine):
         # so every utterance would end at frame 6. Latency runs need full-length audio, so only trained
         # weights listen to it. None turns the check (and its per-frame host sync) off.
         self.eos_threshold: float | None = float(setting["eos_threshold"]) if spec.weights == "pretrained" else None
-        step = torch.compile(frame_step) if spec.compile == "inductor" else frame_step
+        step = tc.compile_own(frame_step) if spec.compile == "inductor" else frame_step
         # The pinned attention kernel (sdpa-flash) wraps the model's calls only, as in the CSM engine.
         self.step = tc.with_attention(spec, step)
         self.prefill = tc.with_attention(spec, lambda ids, cache: model(input_ids=ids, cache=cache, use_cache=True))

@@ -10,6 +10,8 @@ import os
 import resource
 import shutil
 import tempfile
+import types
+import warnings
 
 import torch
 
@@ -48,7 +50,9 @@ def with_attention(spec: VariantSpec, fn):
 
 
 def quantization_config(spec: VariantSpec, skip_modules: list[str]):
-    if spec.quantization == "none":
+    """bitsandbytes' config for transformers' loader; None for the CPU int8 schemes, which quantize_int8 applies to
+    a loaded float32 model."""
+    if not spec.quantization.startswith("bnb"):
         return None
     from transformers import BitsAndBytesConfig  # bitsandbytes itself was checked by spec validation
 
@@ -97,6 +101,45 @@ def quantize_random(cls, model, spec: VariantSpec, skip_modules: list[str]):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def quantize_int8(spec: VariantSpec, linears: torch.nn.Module) -> None:
+    """The CPU int8 schemes, in place, on every nn.Linear under `linears` (the layers that dominate a frame's time:
+    at batch 1 a frame reads every weight once, so a quarter of the bytes is most of the gain).
+    int8-dynamic: torch.ao's dynamic quantization, int8 weights with activations quantized per call (fbgemm).
+    int8-torchao: torchao's int8 dynamic-activation, int8-weight tensors, which need torch.compile to be fast."""
+    if spec.quantization == "int8-dynamic":
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():   # torch.ao's notice that this API moves to torchao; it still ships in torch
+            warnings.simplefilter("ignore")
+            quantize_dynamic(linears, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    elif spec.quantization == "int8-torchao":
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        quantize_(linears, Int8DynamicActivationInt8WeightConfig())
+
+
+# `threads: auto`: one per core less one, which the server, the stream to the browser and the machine's other work
+# use; OMP_NUM_THREADS where it is set. On this project's shared 2-core machine that is 1 thread, and 1 measured
+# faster than 2 for every Pocket TTS variant and for hibari (README, How fast: benchmarks/cpu/axes.py).
+AUTO_THREADS = torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else max(1, torch.get_num_threads() - 1)
+
+
+def thread_count(spec: VariantSpec) -> int:
+    return AUTO_THREADS if spec.threads == "auto" else int(spec.threads)
+
+
+def use_threads(spec: VariantSpec) -> int:
+    """Sets torch's intra-op threads to the spec's count, in the calling thread, and returns it. Called at build and
+    at every request, in the thread that runs it: the setting outlives the request (under OpenMP it belongs to the
+    thread, and new threads start from the process's last one), and variants of different counts take turns in one
+    process. Inductor's CPU code is generated for the count in force when it compiles, so the build sets it before
+    the warm-up compiles."""
+    threads = thread_count(spec)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
 def build_report(spec: VariantSpec, baseline_bytes: int, modules: list[torch.nn.Module], **fields):
     """A build's BuildReport with its size figures taken the same way for every torch engine. memory_bytes: on a GPU,
     what the variant keeps allocated since `baseline_bytes` (weights, quantization state, static caches, graph
@@ -110,8 +153,23 @@ def build_report(spec: VariantSpec, baseline_bytes: int, modules: list[torch.nn.
         peak_mem_bytes=peak_memory_bytes(spec.device, baseline_bytes), **fields)
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds; a tensor subclass (torchao's int8 weights) holds its inner tensors."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
 def memory_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    """Parameter and buffer bytes, and the int8 weights of torch.ao's dynamic quantized linears, which are
+    neither (packed parameters)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    packed = [m for m in module.modules() if isinstance(m, DynamicQuantizedLinear)]
+    packed_bytes = sum(tensor_bytes(m.weight()) + (tensor_bytes(m.bias()) if m.bias() is not None else 0)
+                       for m in packed)
+    return packed_bytes + sum(tensor_bytes(t) for t in [*module.parameters(), *module.buffers()])
 
 
 def param_count(module: torch.nn.Module) -> int:
@@ -181,7 +239,7 @@ def init_random(cls, config, spec: VariantSpec, skip_modules: list[str] = (), qu
             if hasattr(module, "embed_sum") and hasattr(module, "_embed"):
                 module.embed_sum.normal_()
                 module._embed = None
-    if quantize and spec.quantization != "none":
+    if quantize and spec.quantization.startswith("bnb"):
         model = quantize_random(cls, model, spec, list(skip_modules))
     return model
 
@@ -221,6 +279,15 @@ def capture_graph(fn, warmup_runs: int = 3, pool=None):
         raise LabError("compile", f"CUDA graph capture failed at {type(failed).__name__}: {failed}; this variant's "
                                   f"step is not capturable here: use compile: inductor or off") from failed
     return graph, out
+
+
+def compile_own(fn, **options):
+    """torch.compile of `fn` for one engine. Dynamo keeps compiled graphs per code object, so a second engine
+    compiling the same function reuses the first one's graphs wherever the guards pass: CPU code that inductor
+    generated for another thread count, and one shared recompile limit. A copy of the code object gives each
+    engine its own."""
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return torch.compile(own, **options)
 
 
 def compiled_graph_count() -> int:
