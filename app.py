@@ -16,7 +16,7 @@ import tempfile
 import gradio as gr
 import pandas as pd
 
-from lab import ab, availability, env, history, presets, quality, report, session
+from lab import ab, availability, concurrency, env, history, presets, quality, report, session
 from lab.errors import LabError
 from lab.manager import ModelManager
 from lab.request import MAX_USER_AUDIO_BYTES, validate_inputs, validate_user_audio
@@ -267,6 +267,33 @@ RESET_PLAYERS = """(...args) => {
   if (window.labAudio) { window.labAudio.reset(); args[0] = window.labAudio.listenerId; }
   return args; }"""
 
+SWEEP_TEXT = "Streaming speech should start at once and keep pace with the listener, even on a busy machine tonight."
+
+
+def how_many(preset, streams, seconds, text, random_weights):
+    """A concurrency sweep of one batching preset (lab.concurrency.sweep, as the CLI's --streams): a table row and
+    the chart redrawn after each level."""
+    try:
+        if not preset:
+            raise LabError("preset", "none picked; pick a batching preset")
+        spec = CATALOG.runnable_spec(preset, random_weights)
+        request, _ = validate_inputs(text, 0, seconds, 1)
+        levels = concurrency.parse_levels(streams, most=spec.max_streams)
+    except LabError as e:
+        yield f"⚠️ {html.escape(str(e))}", None, None
+        return
+    yield f"building {html.escape(spec.name)} (once; later sweeps reuse it)…", None, None
+    engine = MANAGER.get(spec)
+    done, shown = [], None
+    for level in concurrency.sweep(engine, spec, request, levels):
+        done.append(level)
+        chart = report.sweep_chart(done, f"{spec.name}, {request.max_audio_s:g} s per stream")
+        yield (f"{len(done)} of {len(levels)} levels", pd.DataFrame(report.sweep_table(done)), chart)
+        if shown is not None:   # the one before: Gradio has drawn it by now
+            report.close(shown)
+        shown = chart
+
+
 with gr.Blocks(title="Speech Latency Lab") as demo:
     gr.Markdown("# Speech Latency Lab\nHear streaming voice models and compare their time-to-first-byte (TTFB) and "
                 "real-time factor (RTF), measured the same way every time. **Random weights give real latency but "
@@ -397,6 +424,27 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
         for button, choice in ((vote_a, "A"), (vote_b, "B"), (vote_same, "same")):
             button.click(lambda t, c=choice: ab_vote(c, t), [trial], [ab_msg, trial, ab_tally, vote_a, vote_same,
                                                                         vote_b], api_name=f"vote_{choice.lower()}")
+
+    with gr.Tab("How many", id="how-many"):
+        batching = CATALOG.batching([n for f in FAMILY_ORDER for n in preset_choices(f)])
+        gr.Markdown("How many listeners one variant holds: that many streams at once, each saying the text, and "
+                    "each stream's TTFB (from the moment all were sent), steady RTF, stalls, and the audio seconds "
+                    "made per second. " + ("" if batching else "**No batching preset runs here**: they need a GPU "
+                                           "(`csm-batched-cuda-graphs`)."))
+        with gr.Row():
+            m_preset = gr.Dropdown(batching, value=batching[0] if batching else None, label="batching preset",
+                                   elem_id="m-preset")
+            m_streams = gr.Textbox("1,4,16,64", label="streams at once", info="comma list, e.g. 1,16,256",
+                                   elem_id="m-streams")
+            m_seconds = gr.Number(6.4, label="audio per stream (s)", elem_id="m-seconds")
+            m_random = gr.Checkbox(DEFAULT_RANDOM, label="random weights (latency only: the audio is noise)")
+        m_text = gr.Textbox(SWEEP_TEXT, label="text each stream says", elem_id="m-text")
+        m_go = gr.Button("Sweep", variant="primary", interactive=bool(batching), elem_id="m-go")
+        m_status = gr.Markdown(elem_id="m-status")
+        m_chart = gr.Plot(label="Goodput and per-stream figures", elem_id="m-chart", format="png")
+        m_table = gr.Dataframe(interactive=False, elem_id="m-table")
+        m_go.click(how_many, [m_preset, m_streams, m_seconds, m_text, m_random], [m_status, m_table, m_chart],
+                   concurrency_limit=1, api_name="how_many")
 
     with gr.Tab("History", id="history") as history_tab:
         gr.Markdown("Every run this server has made (and the CLI's, if they share the file), newest first.")

@@ -9,14 +9,13 @@ With --streams, a concurrency sweep instead (lab.concurrency): that many streams
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import wave
 
 import numpy as np
 
-from lab import env, machine, presets, quality, report, session
+from lab import concurrency, env, machine, presets, quality, report, session
 from lab.errors import LabError
 from lab.manager import ModelManager
 from lab.request import MAX_TEXT_CHARS, Request, validate_request, validate_user_audio
@@ -95,27 +94,15 @@ def bench(specs: list[VariantSpec], request: Request, runs: int, out_dir: str, m
 
 def sweep(specs: list[VariantSpec], request: Request, levels: list[int], rate_hz: float | None, out_dir: str,
           manager: ModelManager | None = None) -> dict:
-    """Each preset at each number of streams: batched into a batching preset, else served one after another (the
-    page's line); the per-stream figures per level, in out_dir/sweep.json."""
+    """lab.concurrency.sweep for each preset, a line per level, and out_dir/sweep.json."""
     import json
 
-    from lab import concurrency
-
-    manager, results = manager or ModelManager(), {"env": env.environment(), "text": request.text, "arrival_rate_hz": rate_hz,
-                                        "levels": []}
+    manager, results = manager or ModelManager(), {"env": env.environment(), "text": request.text,
+                                                   "arrival_rate_hz": rate_hz, "levels": []}
     for spec in specs:
-        engine = manager.get(spec)
-        for n in levels:
-            requests = [dataclasses.replace(request, seed=request.seed + i) for i in range(n)]
-            run = concurrency.batched if spec.batches else concurrency.sequential
-            level = {"preset": spec.name, "weights": spec.weights, "batches": spec.batches,
-                     **run(engine, requests, concurrency.arrivals_s(n, rate_hz, request.seed))}
+        for level in concurrency.sweep(manager.get(spec), spec, request, levels, rate_hz):
             results["levels"].append(level)
-            print(f"{spec.name} ({'batched' if spec.batches else 'one at a time'}), {n} streams: TTFB p50 "
-                  f"{level['ttfb_ms']['median']:.0f} p99 {level['ttfb_ms']['p99']:.0f} ms, steady RTF p99 "
-                  f"{level['steady_rtf']['p99']:.3f}, underruns {level['underruns']}, goodput "
-                  f"{level['goodput_audio_s_per_s']:.1f} audio s/s" + (" (random weights: latency only)"
-                                                                       if spec.weights == "random" else ""))
+            print(report.sweep_line(level))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "sweep.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
@@ -146,15 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.runs < 1:
             raise LabError("--runs", "must be at least 1")
-        levels = []
-        if args.streams:
-            try:
-                levels = [int(n) for n in args.streams.split(",")]
-            except ValueError:
-                levels = [0]
-            if min(levels) < 1:
-                raise LabError("--streams", f"{args.streams!r} is not a comma list of whole numbers of at least 1; "
-                                            f"use e.g. --streams 1,16,256")
+        levels = concurrency.parse_levels(args.streams, field="--streams") if args.streams else []
         user_audio, user_audio_rate = None, 16000
         if args.user_audio:
             samples, user_audio_rate = read_wav(args.user_audio)

@@ -11,6 +11,9 @@ import time
 
 import numpy as np
 
+import dataclasses
+
+from lab.errors import LabError
 from lab.metrics import Timeline, figures, summarize
 from lab.request import Request
 
@@ -90,3 +93,26 @@ def sequential(engine, requests: list[Request], offsets_s: list[float]) -> dict:
             pass
         timelines.append(timeline)
     return summary(timelines, arrived, started)
+
+
+def parse_levels(text: str, most: int | None = None, field: str = "streams") -> list[int]:
+    """"1,16,256" -> [1, 16, 256]: whole numbers of at least 1 (and at most `most`), or a LabError naming the field."""
+    try:
+        levels = [int(n) for n in str(text).replace(" ", "").split(",")]
+    except ValueError:
+        levels = [0]
+    if not levels or min(levels) < 1:
+        raise LabError(field, f"{text!r} is not a comma list of whole numbers of at least 1; use e.g. 1,16,256")
+    if most is not None and max(levels) > most:
+        raise LabError(field, f"{max(levels)} streams is more than this variant's {most} slots; use at most {most}")
+    return levels
+
+
+def sweep(engine, spec, request: Request, levels: list[int], rate_hz: float | None = None):
+    """Each level in turn, as its figures come (the CLI and the page both consume this): `request` once per stream
+    with the stream's own seed, batched into a batching engine, else one after another."""
+    run = batched if spec.batches else sequential
+    for n in levels:
+        requests = [dataclasses.replace(request, seed=request.seed + i) for i in range(n)]
+        yield {"preset": spec.name, "weights": spec.weights, "batches": spec.batches, "arrival_rate_hz": rate_hz,
+               **run(engine, requests, arrivals_s(n, rate_hz, request.seed))}

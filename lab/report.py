@@ -241,6 +241,46 @@ def write_results(out_dir: str, results: dict) -> None:
         chart(results["runs"], environment_title(results["env"]), os.path.join(out_dir, "chart.png"))
 
 
+# -- many streams at once (lab.concurrency) ---------------------------------------------------------------------
+def sweep_line(level: dict) -> str:
+    return (f"{level['preset']} ({'batched' if level['batches'] else 'one at a time'}), {level['streams']} streams: "
+            f"TTFB p50 {level['ttfb_ms']['median']:.0f} p99 {level['ttfb_ms']['p99']:.0f} ms, steady RTF p99 "
+            f"{level['steady_rtf']['p99']:.3f}, underruns {level['underruns']}, goodput "
+            f"{level['goodput_audio_s_per_s']:.1f} audio s/s" + (f" ({WEIGHTS_NOTE[level['weights']]})"
+                                                                 if level["weights"] in WEIGHTS_NOTE else ""))
+
+
+def sweep_table(levels: list[dict]) -> list[dict]:
+    return [{"preset": label(lvl["preset"], lvl["weights"]), "streams": lvl["streams"],
+             "TTFB p50 ms": round(lvl["ttfb_ms"]["median"]), "TTFB p99 ms": round(lvl["ttfb_ms"]["p99"]),
+             "steady RTF p50": round(lvl["steady_rtf"]["median"], 3), "steady RTF p99": round(lvl["steady_rtf"]["p99"], 3),
+             "streams with underruns": lvl["streams_with_underruns"],
+             "goodput audio s/s": round(lvl["goodput_audio_s_per_s"], 1)} for lvl in levels]
+
+
+def sweep_chart(levels: list[dict], title: str = "", path: str | None = None):
+    """Goodput against streams (the real-time line for reference), and the per-stream steady RTF p99 and TTFB p99."""
+    plt = _pyplot()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    n = [lvl["streams"] for lvl in levels]
+    ax.plot(n, [lvl["goodput_audio_s_per_s"] for lvl in levels], "o-", label="goodput")
+    ax.plot(n, n, ":", color="grey", label="every stream in real time")
+    ax.set(xscale="log", yscale="log", xlabel="streams at once", ylabel="audio s per wall s")
+    ax.legend(fontsize=8)
+    bx.plot(n, [lvl["steady_rtf"]["p99"] for lvl in levels], "o-", label="steady RTF p99")
+    bx.axhline(1.0, color="grey", ls="--", lw=1)
+    bx.set(xscale="log", xlabel="streams at once", ylabel="steady RTF per stream (p99)")
+    tx = bx.twinx()
+    tx.plot(n, [lvl["ttfb_ms"]["p99"] for lvl in levels], "s-", color="#c44e52", label="TTFB p99 ms")
+    tx.set_ylabel("TTFB p99 from arrival, ms")
+    bx.legend(loc="upper left", fontsize=8)
+    tx.legend(loc="lower right", fontsize=8)
+    notes = sorted({WEIGHTS_NOTE[lvl["weights"]] for lvl in levels if lvl["weights"] in WEIGHTS_NOTE})
+    fig.suptitle("\n".join([t for t in (title, "; ".join(notes)) if t]), fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 # -- charts ----------------------------------------------------------------------------------------------------
 def _pyplot():
     import matplotlib

@@ -159,6 +159,16 @@ def test_two_users_on_a_batching_preset_run_at_once_while_a_one_at_a_time_preset
             assert all(ordered[i][1] <= ordered[i + 1][0] + 0.05 for i in range(len(ordered) - 1)), ordered
 
 
+def test_how_many_sweeps_a_batching_preset_and_refuses_a_bad_list(client):
+    status, table_value, chart = client.predict("csm-tiny-batched", "1,3", 0.8, "Two short words.", False,
+                                                api_name="/how_many")
+    assert status == "2 of 2 levels" and chart
+    rows = table_value["data"]
+    assert [row[table_value["headers"].index("streams")] for row in rows] == [1, 3]
+    status, _, _ = client.predict("csm-tiny-batched", "1,x", 0.8, "Two short words.", False, api_name="/how_many")
+    assert "streams: &#x27;1,x&#x27; is not a comma list" in status   # escaped, as everything echoed
+
+
 @pytest.mark.parametrize("kwargs,field,expect", [
     (dict(text=""), "text-error", "text: is empty; type a sentence"),
     (dict(text="Party 🎉 time"), "text-error", "U+1F389"),
