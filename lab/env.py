@@ -93,3 +93,15 @@ def environment() -> dict:
         except (OSError, subprocess.SubprocessError):
             pass
     return env
+
+
+APP_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shown_path(path: str) -> str:
+    """A path as a visitor may see it: relative to the app folder, or only its file name when it lies outside
+    (the server's own folders are not a visitor's business; the server's log has the full path)."""
+    full = os.path.abspath(path)
+    if os.path.commonpath([full, APP_ROOT]) == APP_ROOT:
+        return os.path.relpath(full, APP_ROOT)
+    return f"…/{os.path.basename(full)}"

@@ -124,7 +124,13 @@ class PresetDone:
     preset: str
 
 
-Event = Started | Stage | Built | RunStarted | Chunk | RunDone | Failed | Stopped | PresetDone
+@dataclass(frozen=True)
+class NotSaved:
+    """The history could not be written (said once per loop): the runs finished and are shown all the same."""
+    message: str        # names the file (as a visitor may see it) and the fix
+
+
+Event = Started | Stage | Built | RunStarted | Chunk | RunDone | Failed | Stopped | PresetDone | NotSaved
 
 
 def error_text(e: BaseException) -> str:
@@ -225,25 +231,44 @@ def _build(manager, slot: int, spec: VariantSpec):
 
 
 def run_presets(manager, specs: list[VariantSpec], request: Request, runs: int, cancel: Cancel | None = None,
-                history_path: str | None = None, source: str = "cli", lock=None) -> Iterator[Event]:
+                history_path: "str | history.Journal | None" = None, source: str = "cli", lock=None) -> Iterator[Event]:
     """Each preset in turn: build it (once; the manager keeps it), then `runs + 1` runs. The first run on a
     freshly built engine is its cold one (engine.served). One failing preset does not stop the others; a cancel
     stops everything. Every finished or cancelled run is appended to `history_path`, stamped with `source` and the
-    commit."""
+    commit; a history that cannot be written is said once (NotSaved) and the runs go on."""
     cancel = cancel or Cancel()
+    keeper = _Keeper(history_path)
     with lock or contextlib.nullcontext():
         yield Started()
         for slot, spec in enumerate(specs):
             if cancel.is_set():
                 break
             stopped = yield from _run_preset(manager, slot, spec, for_family(request, spec), runs, cancel,
-                                             history_path, source)
+                                             keeper, source)
             yield PresetDone(slot, spec.name)
             if stopped:
                 break
 
 
-def _run_preset(manager, slot, spec, request, runs, cancel, history_path, source) -> Iterator[Event]:
+class _Keeper:
+    """Appends records to the history; a write that fails is said once (NotSaved) and never stops the loop:
+    results first, bookkeeping second."""
+
+    def __init__(self, history_path):
+        self.history_path, self.said = history_path, False
+
+    def keep(self, record: dict) -> Iterator[Event]:
+        if not self.history_path:
+            return
+        try:
+            history.append(self.history_path, record)
+        except history.NotWritten as e:
+            if not self.said:
+                self.said = True
+                yield NotSaved(f"history not written: {e}")
+
+
+def _run_preset(manager, slot, spec, request, runs, cancel, keeper, source) -> Iterator[Event]:
     """One preset's build and runs; returns True when it was cancelled."""
     stamp = {"source": source, "env_commit": env.git_commit()}
     try:
@@ -263,14 +288,13 @@ def _run_preset(manager, slot, spec, request, runs, cancel, history_path, source
                 record, audio = yield from _chunk_events(slot, spec.name, run, cold, heard, timeline, steps)
             except Cancelled:
                 record = cancelled_record(spec, request, timeline, cancel.at, run, cold)
-                if history_path:
-                    history.append(history_path, {**record, **stamp})
+                yield from keeper.keep({**record, **stamp})
                 yield Stopped(slot, spec.name, record)
                 return True
             record.update(stamp, heard=heard)
             yield RunDone(slot, spec.name, record, audio, heard)
-            if history_path:   # after the consumer had RunDone: it may have added the browser's figures
-                history.append(history_path, record)
+            # after the consumer had RunDone: it may have added the browser's figures
+            yield from keeper.keep(record)
     except Cancelled:
         yield Stopped(slot, spec.name, None)
         return True
