@@ -99,10 +99,11 @@ def plan(names, text, seed, max_audio_s, runs, random_weights, user_audio):
         raise LabError("presets", f"{len(names)} ticked; a comparison takes at most {MAX_SLOTS}, untick some")
     request, runs = validate_inputs(text, seed, max_audio_s, runs)
     specs = [CATALOG.runnable_spec(n, random_weights) for n in names]
-    if user_audio is not None and any(s.takes_user_audio for s in specs):
-        samples, sample_rate = read_audio_file(user_audio)   # a file: what is not audio is refused by name
-        request = dataclasses.replace(request, user_audio=validate_user_audio(samples, sample_rate),
-                                      user_audio_sample_rate=int(sample_rate))
+    if user_audio is not None:   # a file, read here: what is not audio is refused by name, whoever would hear it
+        samples, sample_rate = read_audio_file(user_audio)
+        samples = validate_user_audio(samples, sample_rate)
+        if any(s.takes_user_audio for s in specs):
+            request = dataclasses.replace(request, user_audio=samples, user_audio_sample_rate=int(sample_rate))
     return specs, request, runs
 
 
@@ -139,7 +140,7 @@ def compare(request: gr.Request, listener, order, text, seed, max_audio_s, runs,
                        report.environment_title(env.environment()), place)
     yield ui({**errors_cleared(shared.text_notes), **view.start(), **slots_for(specs, transport)})
     events = session.run_presets(MANAGER, specs, shared, runs, cancel, HISTORY, "app", place)
-    hook = listen.Listener(HUB, listener, transport, cancel=cancel).on_event
+    hook = listen.Listener(HUB, listener, transport, cancel=cancel, gone=server.gone_check(demo, request)).on_event
     try:
         for values in view.updates(session.in_background(events, on_event=hook, cancel=cancel)):
             yield ui(values)
@@ -194,7 +195,8 @@ def ab_play(listener, first, second, text, seed, random_weights, mode, request: 
     cancel = SESSIONS.open(key)
     try:
         place = LINE.turn(history.estimate_s(history.read(HISTORY, tail=True), [s.name for s in specs], 1), cancel)
-        audio, not_saved = listen.ab_pair(HUB, MANAGER, specs, req, mode, listener, cancel, HISTORY, place)
+        audio, not_saved = listen.ab_pair(HUB, MANAGER, specs, req, mode, listener, cancel, HISTORY, place,
+                                          server.gone_check(demo, request))
     except LabError as e:
         return None, None, f"⚠️ {html.escape(str(e))}", None, hidden, hidden, hidden
     finally:

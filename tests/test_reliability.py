@@ -1,0 +1,269 @@
+"""Nothing lost, nobody stuck: the app as a crowd, a client that walks away and a full disk would use it, on
+loopback. `python app.py` runs in a subprocess on tests/presets (tiny CSM, real-size random Pocket TTS); a second
+one starts with a history that is a directory and a votes file on a full disk (/dev/full). Odd inputs go through
+the page's API and the CLI, each with the outcome a person would see.
+"""
+import json
+import os
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+
+from lab import bench, history, session
+from lab.manager import ModelManager
+from lab.request import Request
+from lab.spec import VariantSpec
+from test_app import ROOT, Outputs, compare_args, history_records, table
+from web.server import AppProcess
+from web.view import ModelLine
+
+TEST_PRESETS = os.path.join(ROOT, "tests", "presets")
+CLIENTS = 16
+DISCONNECT_BOUND_S = 1.0   # what the issue asks: no frame generated later than this after a client went away
+LONG, LONG_PRESET = "A long one. " * 8, "pocket-tts-random"   # real size: a 60 s cap takes about 20 s to make
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reliability")
+    app = AppProcess(str(tmp), presets_dir=TEST_PRESETS)
+    yield {"url": app.url, "history": tmp / "history.jsonl", "tmp": tmp, "app": app}
+    app.stop()
+
+
+@pytest.fixture(scope="module")
+def outputs(server):
+    config = httpx.get(server["url"] + "config", timeout=10).json()
+    components = {c["id"]: c for c in config["components"]}
+    positions, deps = {}, {}
+    for d in config["dependencies"]:
+        if d.get("api_name"):
+            valued = [i for i in d["outputs"] if not components[i].get("skip_api")]
+            positions[d["api_name"]] = {(components[i].get("props") or {}).get("elem_id"): n
+                                        for n, i in enumerate(valued)}
+            deps[d["api_name"]] = {"fn_index": d["id"], "inputs": [components[i] for i in d["inputs"]]}
+    return {**positions, "_deps": deps}
+
+
+def new_client(server):
+    from gradio_client import Client
+
+    return Client(server["url"], verbose=False, download_files=False)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return new_client(server)
+
+
+def compare(client, outputs, timeout=120, **kwargs):
+    job = client.submit(*compare_args(**kwargs), api_name="/compare")
+    job.result(timeout=timeout)
+    return Outputs(job, outputs["compare"])
+
+
+# -- many clients at once ---------------------------------------------------------------------------------------
+def test_16_concurrent_clients_each_get_their_own_runs_without_error(server, outputs):
+    # Each client asks for its own text, seed and cap on audio length; the cap shows in its own runs table, so a
+    # crossed wire would show another client's audio length there.
+    caps = {i: round(0.16 + 0.08 * (i % 8), 2) for i in range(CLIENTS)}
+    results, errors = {}, {}
+
+    def one(i):
+        try:
+            results[i] = compare(new_client(server), outputs, timeout=300, text=f"Client number {i} speaks.",
+                                 seed=1000 + i, max_audio_s=caps[i], runs=1, csm=["csm-tiny"])
+        except Exception as e:   # reported below, with its client
+            errors[i] = repr(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=400)
+    assert not errors, errors
+    records = history_records(server)
+    for i, out in results.items():
+        assert "done: 2 runs of 1 presets" in out.last("overall"), (i, out.last("overall"))
+        rows = out.last("runs-table")
+        audio = [r[rows["headers"].index("audio s")] for r in rows["data"]]
+        assert audio == [pytest.approx(caps[i], abs=0.09)] * 2, (i, audio)
+        mine = [r for r in records if r.get("text") == f"Client number {i} speaks."]
+        assert len(mine) == 2 and {r["seed"] for r in mine} == {1000 + i}, i
+
+
+# -- a client that goes away -------------------------------------------------------------------------------------
+def queue_data(deps, name, values, session_hash):
+    """The body of /queue/join for `name`: every input's value (State inputs are the server's: None)."""
+    data, given = [], iter(values)
+    for component in deps[name]["inputs"]:
+        data.append(None if component.get("type") == "state" else next(given))
+    return {"data": data, "fn_index": deps[name]["fn_index"], "session_hash": session_hash, "event_data": None,
+            "trigger_id": None}
+
+
+def cancelled_since(server, since_s, timeout_s=30):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = [r for r in history_records(server) if r.get("cancelled") and r["time"] > since_s]
+        if found:
+            return found[-1]
+        time.sleep(0.1)
+    pytest.fail("no cancelled run was recorded after the client went away")
+
+
+def assert_stopped_within_bound(record, gone_at):
+    assert record["frame_s"], "cancelled before any frame: nothing was running"
+    # The record is written when the loop has stopped, after its last frame: no frame came later than it.
+    assert record["time"] - gone_at <= DISCONNECT_BOUND_S, f"generation ran {record['time'] - gone_at:.2f} s on"
+    assert record["audio_s"] < 30
+
+
+@pytest.fixture(scope="module")
+def served(client, outputs):
+    """LONG_PRESET built and served once, so that each test's first run is a warm one, streamed at once."""
+    assert "done:" in compare(client, outputs, timeout=300, max_audio_s=0.3, runs=1, pocket=[LONG_PRESET]).last(
+        "overall")
+
+
+def assert_next_client_served(client, outputs):
+    started = time.monotonic()
+    out = compare(client, outputs, timeout=60, csm=["csm-tiny"])
+    assert "done:" in out.last("overall") and time.monotonic() - started < 60
+
+
+def test_a_dropped_connection_mid_stream_stops_generation_and_the_next_client_is_served(server, outputs, client, served):
+    session_hash = uuid.uuid4().hex[:11]
+    values = compare_args(text=LONG, max_audio_s=60, runs=1, pocket=[LONG_PRESET])
+    base = server["url"] + "gradio_api/"
+    since = time.time()
+    httpx.post(base + "queue/join", json=queue_data(outputs["_deps"], "compare", values, session_hash), timeout=10)
+    with httpx.stream("GET", base + "queue/data", params={"session_hash": session_hash}, timeout=120) as stream:
+        for line in stream.iter_lines():   # until the heard run streams: its live figures say "so far"
+            if line.startswith("data:") and "so far" in line:
+                break
+        gone_at = time.time()
+    assert_stopped_within_bound(cancelled_since(server, since), gone_at)
+    assert_next_client_served(client, outputs)
+
+
+def test_a_cancelled_client_job_stops_generation(server, outputs, client, served):
+    since = time.time()
+    job = client.submit(*compare_args(text=LONG, max_audio_s=60, runs=1, pocket=[LONG_PRESET]),
+                        api_name="/compare")
+    deadline = time.monotonic() + 120
+    while not any("so far" in str(o) for o in job.outputs()):
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.05)
+    job.cancel()
+    gone_at = time.time()
+    assert_stopped_within_bound(cancelled_since(server, since), gone_at)
+    assert_next_client_served(client, outputs)
+
+
+def test_a_page_whose_pcm_socket_drops_mid_stream_stops_generation(server, outputs, client, served):
+    from websockets.sync.client import connect
+
+    listener = uuid.uuid4().hex
+    since = time.time()
+    with connect(server["url"].replace("http", "ws") + f"lab/pcm?listener={listener}") as ws:
+        args = compare_args(text=LONG, max_audio_s=60, runs=1, transport="pcm", pocket=[LONG_PRESET])
+        job = client.submit(listener, *args[1:], api_name="/compare")
+        while not isinstance(ws.recv(timeout=120), bytes):   # until the heard run's first PCM chunk
+            pass
+    gone_at = time.time()
+
+    assert_stopped_within_bound(cancelled_since(server, since), gone_at)
+    job.result(timeout=60)
+    assert "stopped" in Outputs(job, outputs["compare"]).last("overall")
+    assert_next_client_served(client, outputs)
+
+
+# -- bookkeeping that fails ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def broken_server(tmp_path_factory):
+    """History path a directory (found at start-up), votes on a full disk (found at the first write)."""
+    tmp = tmp_path_factory.mktemp("broken")
+    (tmp / "history.jsonl").mkdir()
+    os.symlink("/dev/full", tmp / "votes.jsonl")
+    app = AppProcess(str(tmp), presets_dir=TEST_PRESETS)
+    yield {"url": app.url, "tmp": tmp, "app": app}
+    app.stop()
+
+
+def test_a_directory_as_lab_history_starts_the_app_with_one_line_and_a_banner(broken_server):
+    log = open(broken_server["app"].log_path).read()
+    warnings = [line for line in log.splitlines() if "history.jsonl" in line]
+    assert len(warnings) == 1 and "is a directory" in warnings[0] and "LAB_HISTORY" in warnings[0], log
+    page = httpx.get(broken_server["url"] + "config", timeout=10).text
+    assert "cannot be written (is a directory)" in page and str(broken_server["tmp"]) not in page
+
+
+def test_an_unwritable_history_still_returns_the_runs_and_says_so(broken_server):
+    client = new_client(broken_server)
+    config = httpx.get(broken_server["url"] + "config", timeout=10).json()
+    positions = {"compare": None}
+    components = {c["id"]: c for c in config["components"]}
+    for d in config["dependencies"]:
+        if d.get("api_name") == "compare":
+            valued = [i for i in d["outputs"] if not components[i].get("skip_api")]
+            positions["compare"] = {(components[i].get("props") or {}).get("elem_id"): n for n, i in enumerate(valued)}
+    out = compare(client, positions, csm=["csm-tiny"], runs=2)
+    overall = out.last("overall")
+    assert "done: 3 runs of 1 presets" in overall and "history not written" in overall and "LAB_HISTORY" in overall
+    assert table(out.last("summary"))["csm-tiny"]["warm runs"] == 2
+    # Kept in memory: the History tab shows them, and says where it could not write.
+    table_value, _, _, note, *_ = client.predict(["csm-tiny"], [], "all", "", api_name="/history")
+    assert len(table_value["data"]) == 3 and "history.jsonl" in note and str(broken_server["tmp"]) not in note
+
+
+def test_a_vote_on_a_full_disk_is_still_counted_and_revealed(broken_server):
+    client = new_client(broken_server)
+    client.predict("", "hibari", "csm-tiny", "Hello there.", 3, False, "prebuffered", api_name="/ab_play")
+    revealed, tally = client.predict(api_name="/vote_same")
+    assert "A was **" in revealed and "vote not written" in revealed and "No space left on device" in revealed
+    assert table(tally)["csm-tiny vs hibari"]["votes"] == 1
+
+
+def test_the_run_loop_and_the_cli_keep_results_when_the_history_cannot_be_written(tmp_path, capsys):
+    spec = VariantSpec(family="pocket_tts", name="pocket-tiny", weights="tiny")
+    events = list(session.run_presets(ModelManager(), [spec], Request("Two words.", max_audio_s=0.3), runs=2,
+                                      history_path="/dev/full"))
+    assert len([e for e in events if isinstance(e, session.RunDone)]) == 3
+    said = [e.message for e in events if isinstance(e, session.NotSaved)]
+    assert len(said) == 1 and "No space left on device" in said[0]
+    code = bench.main(["--presets", "hibari", "--runs", "1", "--max-seconds", "1", "--text", "Two words.",
+                       "--out", str(tmp_path / "out"), "--history", "/dev/full"])
+    assert code == 0 and "warning: history not written" in capsys.readouterr().err
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())["runs"]) == 2
+
+
+def test_a_journal_keeps_what_it_cannot_write_in_memory(tmp_path):
+    (tmp_path / "dir").mkdir()
+    journal = history.Journal(str(tmp_path / "dir"))
+    assert "is a directory" in str(journal.problem)
+    with pytest.raises(history.NotWritten):
+        journal.append({"preset": "x", "run": 0})
+    assert history.read(journal) == [{"preset": "x", "run": 0}]
+
+
+# -- the line in front of the model is bounded ---------------------------------------------------------------------
+def test_past_the_line_limit_a_newcomer_is_told_when_to_come_back():
+    line = ModelLine(max_waiting=2)
+    first, second = line.turn(12.0, session.Cancel()), line.turn(5.0, session.Cancel())
+    first.__enter__()
+    waiting = threading.Thread(target=lambda: second.__enter__())
+    waiting.start()
+    while second not in line._line:
+        time.sleep(0.01)
+    with pytest.raises(Exception) as refused:
+        line.turn(5.0, session.Cancel())
+    assert refused.value.where == "queue" and "busy: 2 comparisons" in str(refused.value)
+    assert "try again in 12 s" in str(refused.value) or "try again in 11 s" in str(refused.value)
+    first.__exit__(None, None, None)
+    waiting.join(timeout=5)
+    second.__exit__(None, None, None)
+    assert line.turn(5.0, session.Cancel()) is not None
