@@ -3,6 +3,7 @@ loopback. `python app.py` runs in a subprocess on tests/presets (tiny CSM, real-
 one starts with a history that is a directory and a votes file on a full disk (/dev/full). Odd inputs go through
 the page's API and the CLI, each with the outcome a person would see.
 """
+import html
 import json
 import os
 import threading
@@ -51,7 +52,7 @@ def outputs(server):
 def new_client(server):
     from gradio_client import Client
 
-    return Client(server["url"], verbose=False, download_files=False)
+    return Client(server["url"], verbose=False, download_files=False, httpx_kwargs={"timeout": 120})
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,8 @@ def client(server):
 
 
 def compare(client, outputs, timeout=120, **kwargs):
-    job = client.submit(*compare_args(**kwargs), api_name="/compare")
+    # PCM to no listener: nothing is encoded for a player (Gradio's streaming audio runs ffmpeg per update)
+    job = client.submit(*compare_args(**{"transport": "pcm", **kwargs}), api_name="/compare")
     job.result(timeout=timeout)
     return Outputs(job, outputs["compare"])
 
@@ -71,10 +73,11 @@ def test_16_concurrent_clients_each_get_their_own_runs_without_error(server, out
     # crossed wire would show another client's audio length there.
     caps = {i: round(0.16 + 0.08 * (i % 8), 2) for i in range(CLIENTS)}
     results, errors = {}, {}
+    clients = [new_client(server) for _ in range(CLIENTS)]   # each its own session, as 16 pages would be
 
     def one(i):
         try:
-            results[i] = compare(new_client(server), outputs, timeout=300, text=f"Client number {i} speaks.",
+            results[i] = compare(clients[i], outputs, timeout=300, text=f"Client number {i} speaks.",
                                  seed=1000 + i, max_audio_s=caps[i], runs=1, csm=["csm-tiny"])
         except Exception as e:   # reported below, with its client
             errors[i] = repr(e)
@@ -267,3 +270,146 @@ def test_past_the_line_limit_a_newcomer_is_told_when_to_come_back():
     waiting.join(timeout=5)
     second.__exit__(None, None, None)
     assert line.turn(5.0, session.Cancel()) is not None
+
+
+# -- odd inputs: the page's API and the CLI, each with what a person is told -----------------------------------------
+# (id, what was typed, its field, what the person is told). The page shows it at the field and runs nothing; the CLI
+# prints one line naming its flag and exits 2.
+FIELDS = {"text": ("text-error", "text", "--text"), "seed": ("numbers-error", "seed", "--seed"),
+          "runs": ("numbers-error", "runs per preset", "--runs"),
+          "max_audio_s": ("numbers-error", "max_audio_s", "--max-seconds")}
+REFUSED = [
+    ("empty text", "text", "", "is empty; type a sentence"),
+    ("blank text", "text", "   \n ", "is empty"),
+    ("control characters only", "text", "\x01\x02\x07", "has nothing to speak (only U+0001, U+0002, U+0007)"),
+    ("emoji only", "text", "🎉🎉🎉", "has nothing to speak (only 🎉 (U+1F389))"),
+    ("markup only", "text", "<speak></speak>", "has nothing to speak"),
+    ("punctuation only", "text", "?!... --", "has nothing to speak (no letters or digits)"),
+    ("Arabic", "text", "مرحبا بكم", "has characters outside Latin script"),
+    ("Japanese", "text", "こんにちは", "has characters outside Latin script"),
+    ("Latin and Cyrillic", "text", "Hello Привет", "has characters outside Latin script"),
+    ("1001 characters", "text", "x" * 1001, "has 1001 characters, over the limit of 1000"),
+    ("1001 emoji", "text", "🎉" * 1001, "has 1001 characters, over the limit"),
+    ("negative seed", "seed", -1, "-1 is out of range; use 0 to 4294967295"),
+    ("seed 2**32", "seed", 2**32, "4294967296 is out of range"),
+    ("seed 2**64", "seed", 2**64, "18446744073709551616 is out of range"),
+    ("fractional seed", "seed", 1.5, "1.5 is not a whole number"),
+    ("seed with letters", "seed", "12abc", "'12abc' is not a number"),
+    ("empty seed", "seed", "", "is empty; type a whole number"),
+    ("seed nan", "seed", "nan", "'nan' is not a finite number"),
+    ("seed inf", "seed", "inf", "'inf' is not a finite number"),
+    ("zero runs", "runs", 0, "0 is out of range; use 1 to 20"),
+    ("21 runs", "runs", 21, "21 is out of range"),
+    ("1.5 runs", "runs", 1.5, "1.5 is not a whole number"),
+    ("runs in words", "runs", "two", "'two' is not a number"),
+    ("negative runs", "runs", -3, "-3 is out of range"),
+    ("empty runs", "runs", "", "is empty"),
+    ("zero cap", "max_audio_s", 0, "0.0 is out of range; use a value in (0, 120] seconds"),
+    ("cap over 120 s", "max_audio_s", 121, "121.0 is out of range"),
+    ("negative cap", "max_audio_s", -1, "-1.0 is out of range"),
+    ("cap in words", "max_audio_s", "abc", "'abc' is not a number of seconds"),
+    ("cap nan", "max_audio_s", "nan", "nan is out of range"),
+    ("empty cap", "max_audio_s", "", "is empty"),
+]
+
+
+@pytest.mark.parametrize("key,value,told", [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
+def test_odd_input_through_the_api_is_refused_at_its_field(client, outputs, key, value, told):
+    form = {"text": "Two short words.", "seed": 0, "max_audio_s": 2, "runs": 1, key: value}
+    out = compare(client, outputs, csm=["csm-tiny"], **form)
+    element, field, _ = FIELDS[key]
+    assert f"{field}: {told}" in html.unescape(out.last(element)) and "not run" in out.last("overall")
+
+
+@pytest.mark.parametrize("key,value,told", [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
+def test_odd_input_through_the_cli_is_one_line_naming_its_flag(tmp_path, capsys, key, value, told):
+    flag = FIELDS[key][2]
+    code = bench.main(["--presets", "hibari", "--history", "", "--out", str(tmp_path), flag, str(value)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"error: {flag}: {told}" in err, err
+
+
+def not_audio(tmp_path, suffix=".wav"):
+    path = tmp_path / f"notes{suffix}"
+    path.write_text("These are my notes, not a recording.\n")
+    return str(path)
+
+
+def yaml_with_a_python_tag(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("family: !!python/object/apply:os.system ['true']\n")
+    return str(path)
+
+
+# What only the CLI takes: presets by name or by file, where results go, a spoken turn from a file.
+CLI_ONLY = [
+    ("a path given as a preset name", lambda t: ["--presets", "../presets/hibari"], "--presets: '../presets/hibari' is a path"),
+    ("an absolute path as a preset name", lambda t: ["--presets", "/etc/passwd"], "use --preset-file" and "is a path"),
+    ("a preset that does not exist", lambda t: ["--presets", "hibary"], "no such preset; did you mean hibari?"),
+    ("no presets at all", lambda t: [], "--presets: none given"),
+    ("a preset file that is not there", lambda t: ["--preset-file", str(t / "gone.yaml")], "--preset-file: "),
+    ("a preset file with a python tag", lambda t: ["--preset-file", yaml_with_a_python_tag(t)], "evil.yaml"),
+    ("--out is a file", lambda t: ["--presets", "hibari", "--out", not_audio(t, ".txt")], "is a file, not a folder"),
+    ("--out under a file", lambda t: ["--presets", "hibari", "--out", not_audio(t, ".txt") + "/sub"],
+     "--out: "),
+    ("--out where nothing can be written", lambda t: ["--presets", "hibari", "--out", "/proc/lab-results"],
+     "cannot be written"),
+    ("a text file as the spoken turn", lambda t: ["--presets", "hibari", "--user-audio", not_audio(t)],
+     "--user-audio: not audio: notes.wav (expected WAV/FLAC/MP3/OGG)"),
+]
+
+
+@pytest.mark.parametrize("argv,told", [c[1:] for c in CLI_ONLY], ids=[c[0] for c in CLI_ONLY])
+def test_odd_cli_arguments_are_one_line_each(tmp_path, capsys, argv, told):
+    args = argv(tmp_path)
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    code = bench.main(args + ["--history", ""])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and told in err and "Traceback" not in err, err
+
+
+def test_odd_page_inputs_are_refused_by_name(client, outputs, tmp_path):
+    from gradio_client import handle_file
+
+    # An upload that is not audio (a text file renamed .wav), whoever it was meant for.
+    args = list(compare_args(csm=["csm-tiny"]))
+    args[6] = handle_file(not_audio(tmp_path))
+    job = client.submit(*args, api_name="/compare")
+    job.result(timeout=60)
+    assert "not audio: notes.wav (expected WAV/FLAC/MP3/OGG)" in Outputs(job, outputs["compare"]).last("audio-error")
+    assert "none ticked" in compare(client, outputs).last("presets-error")
+    assert "seed: is empty" in compare(client, outputs, csm=["csm-tiny"], seed=None).last("numbers-error")
+    for first, second, seed, text, told in [("csm-tiny", "csm-tiny", 0, "Hi.", "pick two different presets"),
+                                            ("csm-tiny", "hibari", "12abc", "Hi.", "seed: '12abc' is not a number"),
+                                            ("csm-tiny", "hibari", 0, "🎉", "text: has nothing to speak")]:
+        msg = html.unescape(client.predict("", first, second, text, seed, False, "prebuffered", api_name="/ab_play")[2])
+        assert told in msg, msg
+
+
+# Pasted text is made speakable, and the person is told what changed (escaped where the page echoes it).
+NORMALIZED = [
+    ("an emoji at the end of a chat reply", "Your order has shipped 🎉", "dropped (no spoken form): 🎉 (U+1F389)"),
+    ("symbols with words", "It costs ≈ €5, about 50% off", "≈ → about"),
+    ("SSML", "<speak>Please wait.</speak>", "markup removed: &lt;/speak&gt; &lt;speak&gt;"),
+    ("an SSML pause", "Wait<break time='1s'/>now.", "each &lt;break&gt; became a pause"),
+    ("a script tag", "<script>alert(1)</script>Hello there.", "markup removed: &lt;/script&gt; &lt;script&gt;"),
+]
+
+
+@pytest.mark.parametrize("text,told", [c[1:] for c in NORMALIZED], ids=[c[0] for c in NORMALIZED])
+def test_pasted_text_is_spoken_with_a_note_of_what_changed(client, outputs, server, text, told):
+    out = compare(client, outputs, text=text, csm=["csm-tiny"])
+    assert "done: 2 runs" in out.last("overall")
+    note = out.last("text-error")
+    assert told in note and "<script>" not in note and "<speak>" not in note
+    spoken = [r["text"] for r in history_records(server)][-1]
+    assert "<" not in spoken and "🎉" not in spoken and "≈" not in spoken
+
+
+def test_pasted_text_through_the_cli_is_spoken_with_a_note(tmp_path, capsys):
+    code = bench.main(["--presets", "hibari", "--runs", "1", "--max-seconds", "1", "--history", "", "--out",
+                       str(tmp_path), "--text", "<speak>Please wait.</speak> 🎉"])
+    err = capsys.readouterr().err
+    assert code == 0 and "note: --text: markup removed" in err and "note: --text: dropped" in err
+    assert json.loads((tmp_path / "results.json").read_text())["request"]["text"] == "Please wait."
