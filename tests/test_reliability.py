@@ -413,3 +413,66 @@ def test_pasted_text_through_the_cli_is_spoken_with_a_note(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 0 and "note: --text: markup removed" in err and "note: --text: dropped" in err
     assert json.loads((tmp_path / "results.json").read_text())["request"]["text"] == "Please wait."
+
+
+# -- the pretrained loading path, end to end, offline --------------------------------------------------------------
+def run_preset_file(tmp_path, family, folder, text, max_audio_s):
+    """A `weights: pretrained`, `model: <folder>` preset, read as --preset-file reads it, through the run loop."""
+    import pretrained_folder
+    from lab import presets
+
+    getattr(pretrained_folder, f"save_{'csm' if family == 'csm' else 'pocket'}")(str(folder))
+    path = tmp_path / f"{family}-folder.yaml"
+    path.write_text(f"family: {family}\nweights: pretrained\nmodel: {folder}\n")
+    spec = presets.load_file(str(path))
+    manager = ModelManager()
+    events = list(session.run_presets(manager, [spec], Request(text, max_audio_s=max_audio_s), runs=1))
+    assert not [e.message for e in events if isinstance(e, session.Failed)]
+    done = [e for e in events if isinstance(e, session.RunDone)]
+    assert len(done) == 2 and all(e.record["weights"] == "pretrained" for e in done)
+    assert len([e for e in events if isinstance(e, session.Chunk) and e.run == 1]) >= 2, "not streamed"
+    return manager.built()[0], done
+
+
+def test_a_csm_folder_loads_through_from_pretrained_and_its_processor_and_matches_generate(tmp_path):
+    import torch
+
+    engine, done = run_preset_file(tmp_path, "csm", tmp_path / "csm-1b", "Hello there.", 1.6)
+    assert type(engine.processor).__name__ == "CsmProcessor" and done[-1].record["tokenizer"] == "CsmProcessor"
+    # generate() through the processor, as the model card does: the chat template with the speaker id.
+    conversation = [{"role": "0", "content": [{"type": "text", "text": "Hello there."}]}]
+    inputs = engine.processor.apply_chat_template(conversation, tokenize=True, return_dict=True)
+    assert inputs["input_ids"][0][0] == engine.model.config.bos_token_id
+    with torch.no_grad():
+        ref = engine.model.generate(**inputs, do_sample=False, depth_decoder_do_sample=False,
+                                    max_new_tokens=len(engine.last_codes))
+    assert torch.equal(ref[0], engine.last_codes)
+
+
+def test_a_pocket_tts_folder_loads_through_from_pretrained_and_its_processor_and_matches_generate(tmp_path):
+    import torch
+
+    engine, done = run_preset_file(tmp_path, "pocket_tts", tmp_path / "pocket-tts", "Hello there, friend.", 10)
+    assert type(engine.processor).__name__ == "PocketTTSProcessor" and "stand-in" not in done[-1].record["tokenizer"]
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "Hello there, friend."}]}]
+    inputs = engine.processor(text=engine.processor.apply_chat_template(conversation, tokenize=False),
+                              return_tensors="pt")
+    torch.manual_seed(0)
+    with torch.no_grad():   # greedy; the end of speech and the frame budget are generate()'s own
+        out = engine.model.generate(**inputs, do_sample=False, return_dict_in_generate=True)
+    expected = out.audio_latents[:, : int(out.audio_latents_mask.sum())]
+    torch.testing.assert_close(engine.last_latents, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("model,told", [
+    ("nobody/no-such-model", "'nobody/no-such-model': the weights could not be loaded: not in the Hugging Face cache "
+                             "and the hub is unreachable"),
+    ("sesame/csm-1b", "'sesame/csm-1b': the weights could not be loaded"),      # gated on the hub
+    ("/nonexistent/csm-folder", "is not a directory with a saved model"),
+])
+def test_a_missing_or_gated_hub_id_gives_the_labs_own_message(model, told):
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"   # conftest: the hub is unreachable, as on a machine without it
+    spec = VariantSpec(family="csm", name="csm-hub", weights="pretrained", model=model)
+    failed = [e for e in session.run_presets(ModelManager(), [spec], Request("Hi."), runs=1)
+              if isinstance(e, session.Failed)]
+    assert len(failed) == 1 and told in failed[0].message and "unexpected failure" not in failed[0].message
