@@ -136,6 +136,7 @@ def compare(request: gr.Request, listener, order, text, seed, max_audio_s, runs,
         SESSIONS.close(key, cancel)
         yield ui(refused(e))
         return
+    server.forget_streams(demo, request.session_hash if request is not None else None)
     view = CompareView(specs, runs, shared.user_audio is not None, transport,
                        report.environment_title(env.environment()), place)
     yield ui({**errors_cleared(shared.text_notes), **view.start(), **slots_for(specs, transport)})
@@ -421,6 +422,8 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
 
     # A closed or reloaded tab ends its session: stop whatever it was generating.
     demo.unload(on_unload)
+# Sessions whose page state Gradio keeps in memory, the oldest dropped first (its default is 10000).
+demo.state_session_capacity = int(os.environ.get("LAB_MAX_SESSIONS", "256"))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,17 @@ def gone_check(demo, request) -> Callable[[], bool]:
     return gone
 
 
+def forget_streams(demo, session_hash: str | None) -> None:
+    """Drop the streamed audio Gradio keeps for this page's earlier runs. Gradio keeps every run's HLS segments
+    until the page's session ends, so a tab (or an API client, which has no heartbeat) that compares again and
+    again grew the server by about 2 MB a compare; a new compare resets the players, so the old ones go."""
+    streams = getattr(demo, "pending_streams", None)
+    if session_hash and streams is not None:
+        for run in streams.pop(session_hash, {}).values():
+            for stream in run.values():
+                stream.end_stream()
+
+
 def serve(demo, host: str, port: int, hub: PcmHub, **launch_kwargs: Any) -> None:
     """Blocks until the server stops (Ctrl-C). Hugging Face Spaces wants host "0.0.0.0", port 7860."""
     import uvicorn

@@ -57,6 +57,8 @@ class Sessions:
         with self._lock:
             if cancel in self._open.get(key, []):
                 self._open[key].remove(cancel)
+            if not self._open.get(key):   # a long-lived server sees many sessions come and go
+                self._open.pop(key, None)
 
     def cancel(self, key: str) -> int:
         with self._lock:
