@@ -86,7 +86,7 @@ def ticked(order: list[str], groups) -> list[str]:
 def weights_notice(random_weights) -> str:
     folded = CATALOG.unavailable_by_reason(random_weights)
     lines = "".join(f"<details><summary>{len(names)} of the presets {reason}: show</summary>"
-                    f"{', '.join(names)}</details>" for reason, names in folded.items())
+                    f"{html.escape(', '.join(names))}</details>" for reason, names in folded.items())
     return f'<div id="unavailable">{lines}</div>'
 
 
@@ -428,7 +428,8 @@ demo.state_session_capacity = int(os.environ.get("LAB_MAX_SESSIONS", "256"))
 
 if __name__ == "__main__":
     # Gradio's own queue is bounded too (events other than compare and A/B, which wait in LINE).
-    server.serve(demo.queue(default_concurrency_limit=4, max_size=4 * MAX_WAITING), host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+    server.serve(demo.queue(default_concurrency_limit=4, max_size=4 * MAX_WAITING),
+                 host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                  port=int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860), hub=HUB,
                  # Refuse big uploads before they are decoded; lab.request.validate_user_audio caps length and size.
                  max_file_size=f"{MAX_USER_AUDIO_BYTES // 2**20}mb")

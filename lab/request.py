@@ -23,8 +23,8 @@ BREAK = re.compile(r"<\s*break\b[^<>]*>", re.I)   # SSML's pause
 PAUSE = ", "                      # what a <break> becomes: the voices pause at a comma
 # Symbols with a common spoken form. A currency sign before a number goes after it: "€5" -> "5 euros".
 SYMBOL_WORDS = {"≈": "about", "~": "about", "%": "percent", "&": "and", "+": "plus", "=": "equals", "@": "at",
-                "°": "degrees", "×": "times", "÷": "divided by", "±": "plus or minus", "→": "to", "≤": "at most",
-                "≥": "at least", "€": "euros", "£": "pounds", "¥": "yen", "#": "number"}
+                "°": "degrees", "×": "times", "÷": "divided by", "±": "plus or minus", "→": "to",
+                "≤": "at most", "≥": "at least", "€": "euros", "£": "pounds", "¥": "yen", "#": "number"}
 CURRENCY_FIRST = re.compile(r"([€£¥])\s?(\d[\d,.]*)")
 AUDIO_FORMATS = "WAV/FLAC/MP3/OGG"
 

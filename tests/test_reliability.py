@@ -17,7 +17,7 @@ from lab import bench, history, session
 from lab.manager import ModelManager
 from lab.request import Request
 from lab.spec import VariantSpec
-from test_app import ROOT, Outputs, compare_args, history_records, table
+from test_app import ROOT, Outputs, compare_args, history_records, table, wait_for_cancelled_record
 from web.server import AppProcess
 from web.view import ModelLine
 
@@ -35,9 +35,10 @@ def server(tmp_path_factory):
     app.stop()
 
 
-@pytest.fixture(scope="module")
-def outputs(server):
-    config = httpx.get(server["url"] + "config", timeout=10).json()
+def endpoints(url):
+    """Per endpoint: elem_id -> position in its outputs (as test_app reads them), and under "_deps" its fn_index
+    and input components, for a raw /queue/join."""
+    config = httpx.get(url + "config", timeout=10).json()
     components = {c["id"]: c for c in config["components"]}
     positions, deps = {}, {}
     for d in config["dependencies"]:
@@ -47,6 +48,11 @@ def outputs(server):
                                         for n, i in enumerate(valued)}
             deps[d["api_name"]] = {"fn_index": d["id"], "inputs": [components[i] for i in d["inputs"]]}
     return {**positions, "_deps": deps}
+
+
+@pytest.fixture(scope="module")
+def outputs(server):
+    return endpoints(server["url"])
 
 
 def new_client(server):
@@ -108,16 +114,6 @@ def queue_data(deps, name, values, session_hash):
             "trigger_id": None}
 
 
-def cancelled_since(server, since_s, timeout_s=30):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = [r for r in history_records(server) if r.get("cancelled") and r["time"] > since_s]
-        if found:
-            return found[-1]
-        time.sleep(0.1)
-    pytest.fail("no cancelled run was recorded after the client went away")
-
-
 def assert_stopped_within_bound(record, gone_at):
     assert record["frame_s"], "cancelled before any frame: nothing was running"
     # The record is written when the loop has stopped, after its last frame: no frame came later than it.
@@ -138,7 +134,8 @@ def assert_next_client_served(client, outputs):
     assert "done:" in out.last("overall") and time.monotonic() - started < 60
 
 
-def test_a_dropped_connection_mid_stream_stops_generation_and_the_next_client_is_served(server, outputs, client, served):
+def test_a_dropped_connection_mid_stream_stops_generation_and_the_next_client_is_served(server, outputs, client,
+                                                                                        served):
     session_hash = uuid.uuid4().hex[:11]
     values = compare_args(text=LONG, max_audio_s=60, runs=1, pocket=[LONG_PRESET])
     base = server["url"] + "gradio_api/"
@@ -149,7 +146,7 @@ def test_a_dropped_connection_mid_stream_stops_generation_and_the_next_client_is
             if line.startswith("data:") and "so far" in line:
                 break
         gone_at = time.time()
-    assert_stopped_within_bound(cancelled_since(server, since), gone_at)
+    assert_stopped_within_bound(wait_for_cancelled_record(server, since), gone_at)
     assert_next_client_served(client, outputs)
 
 
@@ -163,7 +160,7 @@ def test_a_cancelled_client_job_stops_generation(server, outputs, client, served
         time.sleep(0.05)
     job.cancel()
     gone_at = time.time()
-    assert_stopped_within_bound(cancelled_since(server, since), gone_at)
+    assert_stopped_within_bound(wait_for_cancelled_record(server, since), gone_at)
     assert_next_client_served(client, outputs)
 
 
@@ -179,7 +176,7 @@ def test_a_page_whose_pcm_socket_drops_mid_stream_stops_generation(server, outpu
             pass
     gone_at = time.time()
 
-    assert_stopped_within_bound(cancelled_since(server, since), gone_at)
+    assert_stopped_within_bound(wait_for_cancelled_record(server, since), gone_at)
     job.result(timeout=60)
     assert "stopped" in Outputs(job, outputs["compare"]).last("overall")
     assert_next_client_served(client, outputs)
@@ -207,14 +204,7 @@ def test_a_directory_as_lab_history_starts_the_app_with_one_line_and_a_banner(br
 
 def test_an_unwritable_history_still_returns_the_runs_and_says_so(broken_server):
     client = new_client(broken_server)
-    config = httpx.get(broken_server["url"] + "config", timeout=10).json()
-    positions = {"compare": None}
-    components = {c["id"]: c for c in config["components"]}
-    for d in config["dependencies"]:
-        if d.get("api_name") == "compare":
-            valued = [i for i in d["outputs"] if not components[i].get("skip_api")]
-            positions["compare"] = {(components[i].get("props") or {}).get("elem_id"): n for n, i in enumerate(valued)}
-    out = compare(client, positions, csm=["csm-tiny"], runs=2)
+    out = compare(client, endpoints(broken_server["url"]), csm=["csm-tiny"], runs=2)
     overall = out.last("overall")
     assert "done: 3 runs of 1 presets" in overall and "history not written" in overall and "LAB_HISTORY" in overall
     assert table(out.last("summary"))["csm-tiny"]["warm runs"] == 2
@@ -343,8 +333,9 @@ def yaml_with_a_python_tag(tmp_path):
 
 # What only the CLI takes: presets by name or by file, where results go, a spoken turn from a file.
 CLI_ONLY = [
-    ("a path given as a preset name", lambda t: ["--presets", "../presets/hibari"], "--presets: '../presets/hibari' is a path"),
-    ("an absolute path as a preset name", lambda t: ["--presets", "/etc/passwd"], "use --preset-file" and "is a path"),
+    ("a path given as a preset name", lambda t: ["--presets", "../presets/hibari"],
+     "--presets: '../presets/hibari' is a path"),
+    ("an absolute path as a preset name", lambda t: ["--presets", "/etc/passwd"], "give it with --preset-file"),
     ("a preset that does not exist", lambda t: ["--presets", "hibary"], "no such preset; did you mean hibari?"),
     ("no presets at all", lambda t: [], "--presets: none given"),
     ("a preset file that is not there", lambda t: ["--preset-file", str(t / "gone.yaml")], "--preset-file: "),
