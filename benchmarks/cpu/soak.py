@@ -39,6 +39,7 @@ def main() -> int:
     p.add_argument("--compares", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20, help="compares before the baseline is taken")
     p.add_argument("--transport", default="gradio", choices=["gradio", "pcm"])
+    p.add_argument("--session-every", type=int, default=10, help="compares per page session (0: one session)")
     p.add_argument("--out", help="default: benchmarks/cpu/soak-<commit>/")
     args = p.parse_args()
     from gradio_client import Client
@@ -53,7 +54,7 @@ def main() -> int:
     try:
         client = None
         for i in range(args.compares):
-            if i % 10 == 0:
+            if i == 0 or (args.session_every and i % args.session_every == 0):
                 client = Client(app.url, verbose=False, download_files=False, httpx_kwargs={"timeout": 120})
                 client.predict([], [], "all", "", api_name="/history")
             t0 = time.monotonic()
@@ -68,6 +69,7 @@ def main() -> int:
     base = samples[min(args.warmup, len(samples)) - 1]["rss_bytes"]
     growth = samples[-1]["rss_bytes"] - base
     result = {"compares": len(samples), "warmup": args.warmup, "transport": args.transport, "commit": commit,
+              "session_every": args.session_every,
               "rss_after_warmup_mib": round(base / 2**20, 1),
               "rss_at_end_mib": round(samples[-1]["rss_bytes"] / 2**20, 1),
               "growth_after_warmup_mib": round(growth / 2**20, 1), "goal_mib": 50,
