@@ -147,6 +147,7 @@ def compare(request: gr.Request, listener, order, text, seed, max_audio_s, runs,
             yield ui(values)
     finally:
         SESSIONS.close(key, cancel)
+        env.trim_heap()
     yield ui(view.finish(cancel.is_set()))
 
 
@@ -202,6 +203,7 @@ def ab_play(listener, first, second, text, seed, random_weights, mode, request: 
         return None, None, f"⚠️ {html.escape(str(e))}", None, hidden, hidden, hidden
     finally:
         SESSIONS.close(key, cancel)
+        env.trim_heap()
     trial = {"a": a, "b": b, "text": req.text, "seed": req.seed, "mode": mode,
              "weights": {s.name: s.weights for s in specs}}
     notes = [report.WEIGHTS_NOTE.get(s.weights, "") for s in specs]
