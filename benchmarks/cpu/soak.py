@@ -57,11 +57,15 @@ def main() -> int:
             if i == 0 or (args.session_every and i % args.session_every == 0):
                 client = Client(app.url, verbose=False, download_files=False, httpx_kwargs={"timeout": 120})
                 client.predict([], [], "all", "", api_name="/history")
-            t0 = time.monotonic()
-            client.predict(*compare_args(text=f"Soak number {i}.", seed=i, max_audio_s=1.0, runs=1,
-                                         transport=args.transport, csm=["csm-tiny"]), api_name="/compare")
+            t0, error = time.monotonic(), None
+            try:
+                client.predict(*compare_args(text=f"Soak number {i}.", seed=i, max_audio_s=1.0, runs=1,
+                                             transport=args.transport, csm=["csm-tiny"]), api_name="/compare")
+            except Exception as e:   # counted, not fatal: a soak measures memory over many compares
+                error = f"{type(e).__name__}: {e}"
+                client = Client(app.url, verbose=False, download_files=False, httpx_kwargs={"timeout": 120})
             samples.append({"compare": i + 1, "rss_bytes": rss_bytes(app.proc.pid),
-                            "compare_s": round(time.monotonic() - t0, 3)})
+                            "compare_s": round(time.monotonic() - t0, 3), "error": error})
             if (i + 1) % 10 == 0:
                 print(f"{i + 1} compares: RSS {samples[-1]['rss_bytes'] / 2**20:.0f} MiB", flush=True)
     finally:
@@ -73,6 +77,7 @@ def main() -> int:
               "rss_after_warmup_mib": round(base / 2**20, 1),
               "rss_at_end_mib": round(samples[-1]["rss_bytes"] / 2**20, 1),
               "growth_after_warmup_mib": round(growth / 2**20, 1), "goal_mib": 50,
+              "failed_compares": sum(1 for s in samples if s["error"]),
               "wall_s": round(time.monotonic() - started, 1), "cpu_count": os.cpu_count(), "samples": samples}
     with open(os.path.join(out, "soak.json"), "w") as f:
         json.dump(result, f, indent=1)
