@@ -231,7 +231,8 @@ def _build(manager, slot: int, spec: VariantSpec):
 
 
 def run_presets(manager, specs: list[VariantSpec], request: Request, runs: int, cancel: Cancel | None = None,
-                history_path: "str | history.Journal | None" = None, source: str = "cli", lock=None) -> Iterator[Event]:
+                history_path: "str | history.Journal | None" = None, source: str = "cli",
+                lock=None) -> Iterator[Event]:
     """Each preset in turn: build it (once; the manager keeps it), then `runs + 1` runs. The first run on a
     freshly built engine is its cold one (engine.served). One failing preset does not stop the others; a cancel
     stops everything. Every finished or cancelled run is appended to `history_path`, stamped with `source` and the
