@@ -204,6 +204,8 @@ def cancelled_record(spec: VariantSpec, request: Request, timeline: Timeline, ca
         "frame_s": [t - t0 for t in timeline.frames],
         "chunk_s": [t - t0 for t, _ in timeline.chunks],
         "cancel_s": None if cancel_at is None else cancel_at - t0,
+        # the wall clock of the last frame, to set against when a client went away (a disconnect is a cancel)
+        "last_frame_time": time.time() - (time.perf_counter() - timeline.frames[-1]) if timeline.frames else None,
         "audio_s": sum(a for _, a in timeline.chunks), "time": time.time(),
     }
 
