@@ -19,7 +19,7 @@ import pandas as pd
 from lab import ab, availability, concurrency, env, history, presets, quality, report, session
 from lab.errors import LabError
 from lab.manager import ModelManager
-from lab.request import MAX_USER_AUDIO_BYTES, validate_inputs, validate_user_audio
+from lab.request import MAX_USER_AUDIO_BYTES, read_audio_file, validate_inputs, validate_user_audio
 from web import listen, server
 from web.pcm import PcmHub
 from lab.streaming import pcm16
@@ -31,12 +31,20 @@ VOTES_PATH = os.environ.get("LAB_VOTES", os.path.join("runs", "votes.jsonl"))
 HISTORY_EXPORT_DIR = tempfile.mkdtemp(prefix="lab-history-")   # one folder, overwritten: a Space's disk stays small
 MEMORY_BUDGET_GB = float(os.environ.get("LAB_MEMORY_BUDGET_GB", "16"))
 MAX_SLOTS = 6   # players on the page; a comparison takes at most this many presets
+# Comparisons waiting for the model, at most; past it a newcomer is told to come back (README, "Limits and failure").
+MAX_WAITING = int(os.environ.get("LAB_MAX_WAITING", "32"))
+# Checked once here: an unusable file is said in one line, on the page's banner, and runs are kept in memory.
+HISTORY = history.Journal(HISTORY_PATH, "LAB_HISTORY")
+VOTES = history.Journal(VOTES_PATH, "LAB_VOTES")
+for problem in (HISTORY.problem, VOTES.problem):
+    if problem is not None:
+        print(f"warning: {problem}", flush=True)
 
 # Variants stay built between clicks, up to this much memory; then the least recently used is freed.
 MANAGER = ModelManager(memory_budget_bytes=int(MEMORY_BUDGET_GB * 2**30))
 # One comparison or blind pair on the model at a time; the others wait in line and their pages say their place and
 # about how long, from this server's measured runs (Gradio's own queue would average unrelated comparisons).
-LINE = ModelLine()
+LINE = ModelLine(MAX_WAITING)
 CATALOG = availability.Catalog(PRESETS_DIR)
 SESSIONS = Sessions()
 HUB = PcmHub()   # the PCM path to each page (WebSocket /lab/pcm), and the pages' reports back
@@ -48,7 +56,7 @@ DEFAULT_PRESETS, DEFAULT_RANDOM = CATALOG.default_selection(env.cuda_available()
 FAMILY_ORDER = [f for f, statuses in CATALOG.grouped(True).items() if any(s.available for s in statuses)]
 TRANSPORTS = [("PCM over a WebSocket (low latency)", "pcm"), ("Gradio streaming audio (HLS, AAC)", "gradio")]
 ERROR_AT = {"text": "text_error", "seed": "numbers_error", "max_audio_s": "numbers_error",
-            "runs per preset": "numbers_error", "user_audio": "audio_error"}   # else: under the presets
+            "runs per preset": "numbers_error", "user_audio": "audio_error", "queue": "overall"}   # else: presets
 EXAMPLES = ["The quick brown fox jumps over the lazy dog. It runs back home before the rain. Then it sleeps.",
             "Hello! Thanks for calling. How can I help you today?",
             "Streaming speech starts playing before the whole sentence is generated, so the first chunk matters "
@@ -81,7 +89,7 @@ def ticked(order: list[str], groups) -> list[str]:
 def weights_notice(random_weights) -> str:
     folded = CATALOG.unavailable_by_reason(random_weights)
     lines = "".join(f"<details><summary>{len(names)} of the presets {reason}: show</summary>"
-                    f"{', '.join(names)}</details>" for reason, names in folded.items())
+                    f"{html.escape(', '.join(names))}</details>" for reason, names in folded.items())
     return f'<div id="unavailable">{lines}</div>'
 
 
@@ -94,19 +102,26 @@ def plan(names, text, seed, max_audio_s, runs, random_weights, user_audio):
         raise LabError("presets", f"{len(names)} ticked; a comparison takes at most {MAX_SLOTS}, untick some")
     request, runs = validate_inputs(text, seed, max_audio_s, runs)
     specs = [CATALOG.runnable_spec(n, random_weights) for n in names]
-    if user_audio is not None and any(s.takes_user_audio for s in specs):
-        sample_rate, samples = user_audio
-        request = dataclasses.replace(request, user_audio=validate_user_audio(samples, sample_rate),
-                                      user_audio_sample_rate=int(sample_rate))
+    if user_audio is not None:   # a file, read here: what is not audio is refused by name, whoever would hear it
+        samples, sample_rate = read_audio_file(user_audio)
+        samples = validate_user_audio(samples, sample_rate)
+        if any(s.takes_user_audio for s in specs):
+            request = dataclasses.replace(request, user_audio=samples, user_audio_sample_rate=int(sample_rate))
     return specs, request, runs
 
 
-def errors_cleared() -> dict:
-    return {field: "" for field in {*ERROR_AT.values(), "presets_error"}}
+def errors_cleared(notes=()) -> dict:
+    """Every field's error cleared; under the text, what was changed in it before synthesis (escaped)."""
+    cleared = {field: "" for field in {*ERROR_AT.values(), "presets_error"} if field != "overall"}
+    if notes:
+        cleared["text_error"] = "ℹ️ text changed before synthesis: " + html.escape("; ".join(notes))
+    return cleared
 
 
 def refused(e: LabError) -> dict:
     """The error at its field, and the page says nothing ran."""
+    if e.where == "queue":   # not the form's fault: come back later
+        return {**errors_cleared(), "overall": status_html(0, 0, str(e), "warn")}
     return {**errors_cleared(), ERROR_AT.get(e.where, "presets_error"): f"⚠️ {html.escape(str(e))}",
             "overall": status_html(0, 0, f"not run: fix {e.where}", "error")}
 
@@ -117,24 +132,27 @@ def compare(request: gr.Request, listener, order, text, seed, max_audio_s, runs,
     comes first: Gradio injects it only among positional parameters, before the *groups.)"""
     key = request.session_hash if request is not None else "api"
     LATEST.pop(key, None)   # the page's previous comparison stops filling in its quality: these tables replace it
+    cancel = SESSIONS.open(key)
     try:
         specs, shared, runs = plan(ticked(order, groups), text, seed, max_audio_s, runs, random_weights, user_audio)
+        place = LINE.turn(history.estimate_s(history.read(HISTORY, tail=True), [s.name for s in specs], runs), cancel)
     except LabError as e:
+        SESSIONS.close(key, cancel)
         yield ui(refused(e))
         return
-    cancel = SESSIONS.open(key)
-    place = LINE.turn(history.estimate_s(history.read(HISTORY_PATH), [s.name for s in specs], runs), cancel)
+    server.forget_streams(demo, request.session_hash if request is not None else None)
     view = CompareView(specs, runs, shared.user_audio is not None, transport,
                        report.environment_title(env.environment()), place)
     LATEST[key] = view
-    yield ui({**errors_cleared(), **view.start(), **slots_for(specs, transport)})
-    events = session.run_presets(MANAGER, specs, shared, runs, cancel, HISTORY_PATH, "app", place, QUALITY)
-    hook = listen.Listener(HUB, listener, transport).on_event
+    yield ui({**errors_cleared(shared.text_notes), **view.start(), **slots_for(specs, transport)})
+    events = session.run_presets(MANAGER, specs, shared, runs, cancel, HISTORY, "app", place, QUALITY)
+    hook = listen.Listener(HUB, listener, transport, cancel=cancel, gone=server.gone_check(demo, request)).on_event
     try:
         for values in view.updates(session.in_background(events, on_event=hook, cancel=cancel)):
             yield ui(values)
     finally:
         SESSIONS.close(key, cancel)
+        env.trim_heap()
     yield ui(view.finish(cancel.is_set()))
 
 
@@ -200,16 +218,22 @@ def ab_play(listener, first, second, text, seed, random_weights, mode, request: 
     key = request.session_hash if request is not None else "api"
     cancel = SESSIONS.open(key)
     try:
-        place = LINE.turn(history.estimate_s(history.read(HISTORY_PATH), [s.name for s in specs], 1), cancel)
-        audio = listen.ab_pair(HUB, MANAGER, specs, req, mode, listener, cancel, HISTORY_PATH, place)
+        place = LINE.turn(history.estimate_s(history.read(HISTORY, tail=True), [s.name for s in specs], 1), cancel)
+        audio, not_saved = listen.ab_pair(HUB, MANAGER, specs, req, mode, listener, cancel, HISTORY, place,
+                                          server.gone_check(demo, request))
     except LabError as e:
         return None, None, f"⚠️ {html.escape(str(e))}", None, hidden, hidden, hidden
     finally:
         SESSIONS.close(key, cancel)
+        env.trim_heap()
     trial = {"a": a, "b": b, "text": req.text, "seed": req.seed, "mode": mode,
              "weights": {s.name: s.weights for s in specs}}
     notes = [report.WEIGHTS_NOTE.get(s.weights, "") for s in specs]
     msg = "Listen to both, then vote. The names are shown after your vote."
+    if req.text_notes:
+        msg += "\n\nℹ️ text changed before synthesis: " + html.escape("; ".join(req.text_notes))
+    if not_saved:
+        msg += f"\n\n⚠️ {html.escape(not_saved)}"
     if len({s.weights for s in specs}) > 1:
         msg += "\n\n⚠️ A and B use different weights, and each player says which: this pair is not blind."
     on = gr.update(interactive=True)
@@ -222,25 +246,30 @@ def ab_vote(choice, trial):
     off = gr.update(interactive=False)
     if not trial:
         return "⚠️ vote: play a pair first", None, tally_table(), off, off, off
-    ab.record_vote(VOTES_PATH, trial["a"], trial["b"], choice, text=trial["text"], seed=trial["seed"],
-                   weights=trial["weights"], mode=trial["mode"])
+    try:
+        ab.record_vote(VOTES, trial["a"], trial["b"], choice, text=trial["text"], seed=trial["seed"],
+                       weights=trial["weights"], mode=trial["mode"])
+        unsaved = ""
+    except history.NotWritten as e:   # the vote is kept in memory and counted; the reveal is not withheld
+        unsaved = f"\n\n⚠️ vote not written: {html.escape(str(e))}"
     picked = {"A": f"A ({trial['a']})", "B": f"B ({trial['b']})", "same": "same"}[choice]
-    return (f"You voted **{picked}**. A was **{trial['a']}**, B was **{trial['b']}**.", None, tally_table(),
-            off, off, off)
+    return (f"You voted **{picked}**. A was **{trial['a']}**, B was **{trial['b']}**.{unsaved}", None,
+            tally_table(), off, off, off)
 
 
 def tally_table() -> pd.DataFrame:
-    return pd.DataFrame(ab.tally_table(history.read(VOTES_PATH)))
+    return pd.DataFrame(ab.tally_table(history.read(VOTES)))
 
 
 # -- History -----------------------------------------------------------------------------------------------------
 def history_view(picked, weights, kind, text_contains):
     """The filtered history as a table, a chart, and CSV/JSON/PNG files to download."""
-    records = quality.merged(history.read(HISTORY_PATH))
+    records = quality.merged(history.read(HISTORY))
     names = sorted({*CATALOG.statuses[False], *(r["preset"] for r in records if "preset" in r)})
     chosen = history.filter_runs(records, picked or None, weights or None, kind or "all", text_contains or "")
     exports = history.export(chosen, HISTORY_EXPORT_DIR, f"history: {len(chosen)} runs")
-    note = f"{len(chosen)} of {len(records)} records (file: `{HISTORY_PATH}`)"
+    kept = f"; ⚠️ {HISTORY.problem}" if HISTORY.problem else ""
+    note = f"{len(chosen)} of {len(records)} records (file: `{HISTORY.shown}`{html.escape(kept)})"
     newest_first = [{"when": datetime.datetime.fromtimestamp(r.get("time", 0)).strftime("%Y-%m-%d %H:%M:%S"),
                      "source": r.get("source", "cli"), **r} for r in reversed(chosen)]
     table = pd.DataFrame(report.run_table(newest_first, extra=("when", "source", "text")))
@@ -255,9 +284,9 @@ def environment_md() -> str:
             "bitsandbytes", "torchao", "onnxruntime", "hibari_tts", "commit"]
     rows = "\n".join(f"| {k} | {e.get(k) if e.get(k) is not None else 'not installed / none'} |" for k in keys)
     return (f"| | |\n|---|---|\n{rows}\n\nEach variant runs on its own thread count (`threads`, in every result; "
-            f"`auto` is one per core less one); torch_threads is the process's count at start. Memory budget for built variants: "
-            f"**{MEMORY_BUDGET_GB:g} GB** (`LAB_MEMORY_BUDGET_GB`). History: `{HISTORY_PATH}`. Votes: "
-            f"`{VOTES_PATH}`. Presets: `{PRESETS_DIR}`.")
+            f"`auto` is one per core less one); torch_threads is the process's count at start. Memory budget for built "
+            f"variants: **{MEMORY_BUDGET_GB:g} GB** (`LAB_MEMORY_BUDGET_GB`). History: `{HISTORY.shown}`. Votes: "
+            f"`{VOTES.shown}`. Presets: `{env.shown_path(PRESETS_DIR)}`.")
 
 
 # -- the page ----------------------------------------------------------------------------------------------------
@@ -298,6 +327,8 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
     gr.Markdown("# Speech Latency Lab\nHear streaming voice models and compare their time-to-first-byte (TTFB) and "
                 "real-time factor (RTF), measured the same way every time. **Random weights give real latency but "
                 "noise for audio**; hibari is real speech.")
+    gr.Markdown("\n\n".join(f"⚠️ {html.escape(str(p))}" for p in (HISTORY.problem, VOTES.problem) if p),
+                elem_id="bookkeeping-banner")
     listener = gr.Textbox(visible=False, elem_id="listener-id")
     with gr.Tab("Compare", id="compare"):
         groups = []
@@ -320,9 +351,10 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
         C["text_error"] = gr.Markdown(elem_id="text-error")
         gr.Examples([[e] for e in EXAMPLES], inputs=[text])
         with gr.Row():
-            seed = gr.Number(0, label="Seed", precision=0, info="0 to 4294967295", elem_id="seed")
+            # No rounding by the component (precision None): lab.request refuses 1.5 or "12abc" with its own words.
+            seed = gr.Number(0, label="Seed", precision=None, info="0 to 4294967295", elem_id="seed")
             max_audio_s = gr.Number(8, label="Cap on audio length (s)", info="(0, 120]", elem_id="max-audio-s")
-            runs = gr.Number(2, label="Warm runs per preset", precision=0,
+            runs = gr.Number(2, label="Warm runs per preset", precision=None,
                              info="1 to 20; a cold run comes first, the first warm run is the one you hear",
                              elem_id="runs")
         C["numbers_error"] = gr.Markdown(elem_id="numbers-error")
@@ -331,7 +363,7 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
             # Read by web/player.js at each run's start; the server needs no copy of it.
             gr.Number(60, label="Jitter buffer (ms, PCM)", precision=0, elem_id="jitter-ms", interactive=True,
                       info="audio held before playing starts, to absorb late chunks")
-        user_audio = gr.Audio(label="Your spoken turn (for models that take speech input)", type="numpy",
+        user_audio = gr.Audio(label="Your spoken turn (for models that take speech input)", type="filepath",
                               sources=["upload", "microphone"], visible=False)
         C["audio_error"] = gr.Markdown(elem_id="audio-error")
         with gr.Row():
@@ -400,7 +432,7 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
             ab_random = gr.Checkbox(False, label="random weights (latency only: the audio is noise)")
         with gr.Row():
             ab_text = gr.Textbox(EXAMPLES[1], label="Text", elem_id="ab-text")
-            ab_seed = gr.Number(0, label="Seed", precision=0)
+            ab_seed = gr.Number(0, label="Seed", precision=None)
             ab_mode = gr.Radio([("as it streams", "streamed"), ("pre-buffered, loudness matched", "prebuffered")],
                                value="streamed", label="Listening mode", elem_id="ab-mode")
         ab_go = gr.Button("Play a blind pair", variant="primary", elem_id="ab-play")
@@ -472,10 +504,14 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
 
     # A closed or reloaded tab ends its session: stop whatever it was generating.
     demo.unload(on_unload)
+# Sessions whose page state Gradio keeps in memory, the oldest dropped first (its default is 10000).
+demo.state_session_capacity = int(os.environ.get("LAB_MAX_SESSIONS", "256"))
 
 
 if __name__ == "__main__":
-    server.serve(demo.queue(default_concurrency_limit=4), host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+    # Gradio's own queue is bounded too (events other than compare and A/B, which wait in LINE).
+    server.serve(demo.queue(default_concurrency_limit=4, max_size=4 * MAX_WAITING),
+                 host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                  port=int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860), hub=HUB,
                  # Refuse big uploads before they are decoded; lab.request.validate_user_audio caps length and size.
                  max_file_size=f"{MAX_USER_AUDIO_BYTES // 2**20}mb")

@@ -58,7 +58,7 @@ class Catalog:
     def runnable_spec(self, name: str, random_weights: bool) -> VariantSpec:
         status = self.statuses[bool(random_weights)].get(name)
         if status is None:
-            raise LabError(f"preset {name!r}", f"no such preset in {self.presets_dir}")
+            raise LabError(f"preset {name!r}", f"no such preset in {env.shown_path(self.presets_dir)}")
         if status.refusal is not None:
             raise LabError(f"preset {name!r}", status.refusal.sentence)
         return self.spec(name, random_weights)

@@ -9,6 +9,7 @@ With --streams, a concurrency sweep instead (lab.concurrency): that many streams
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import wave
@@ -18,7 +19,7 @@ import numpy as np
 from lab import concurrency, env, machine, presets, quality, report, session
 from lab.errors import LabError
 from lab.manager import ModelManager
-from lab.request import MAX_TEXT_CHARS, Request, validate_request, validate_user_audio
+from lab.request import MAX_TEXT_CHARS, read_audio_file, validate_inputs, validate_user_audio
 from lab.spec import FAMILIES, VariantSpec
 from lab.streaming import pcm16
 
@@ -36,19 +37,40 @@ def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
         w.writeframes(pcm.tobytes())
 
 
-def read_wav(path: str) -> tuple[np.ndarray, int]:
-    """A PCM WAV file as (samples, channels) integers and its rate; validate_user_audio scales and checks them."""
+def check_out_dir(path: str, flag: str = "--out") -> str:
+    """A folder the CLI can write its results into (made if missing), or one line saying why not."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise LabError(flag, f"{path!r} is a file, not a folder; give a folder for the results")
     try:
-        with wave.open(path, "rb") as w:
-            width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
-            raw = w.readframes(w.getnframes())
-    except (OSError, EOFError, wave.Error) as e:
-        raise LabError("--user-audio", f"{path!r} is not a readable PCM WAV file ({e}); convert it with "
-                                       f"`ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`") from e
-    if width not in (2, 4):
-        raise LabError("--user-audio", f"{path!r} has {8 * width}-bit samples; use 16- or 32-bit PCM "
-                                       f"(`ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`)")
-    return np.frombuffer(raw, f"<i{width}").reshape(-1, channels), rate
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".lab-write-check")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise LabError(flag, f"{path!r} cannot be written ({e.strerror or type(e).__name__}); give a folder you "
+                             f"can write to") from None
+    return path
+
+
+def load_specs(names: list[str], files: list[str], weights: str | None) -> list[VariantSpec]:
+    """--presets takes names from the presets folder, --preset-file takes paths: a path given as a name is
+    refused, so a name never reads a file outside the folder."""
+    specs = []
+    for name in names:
+        if os.sep in name or "/" in name or name.endswith((".yaml", ".yml")) or name.startswith("."):
+            raise LabError("--presets", f"{name!r} is a path, not a preset name; give it with --preset-file, or "
+                                        f"use a name from presets/: {', '.join(presets.available())}")
+        specs.append(presets.load(name, weights=weights))
+    for path in files:
+        if not os.path.isfile(path):
+            raise LabError("--preset-file", f"{path!r} is not a file; give the path of a preset's YAML file")
+        spec = presets.load_file(path)
+        specs.append(spec.with_weights(weights) if weights else spec)
+    if not specs:
+        raise LabError("--presets", f"none given; name at least one ({', '.join(presets.available())}) or give "
+                                    f"--preset-file PATH")
+    return specs
 
 
 def bench(specs: list[VariantSpec], request: Request, runs: int, out_dir: str, manager: ModelManager | None = None,
@@ -85,6 +107,9 @@ def bench(specs: list[VariantSpec], request: Request, runs: int, out_dir: str, m
         elif isinstance(event, session.Failed):   # one failing preset does not stop the others; it is reported
             results["errors"][event.preset] = event.message
             bar.update(runs + 1 - done.get(event.preset, 0))
+        elif isinstance(event, session.NotSaved):   # the runs go on; the results below are still written
+            results["warnings"] = [event.message]
+            print(f"warning: {event.message}", file=sys.stderr)
     bar.close()
     if worker:
         worker.join()
@@ -111,19 +136,22 @@ def sweep(specs: list[VariantSpec], request: Request, levels: list[int], rate_hz
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--presets", nargs="+", required=True, help=f"preset names from presets/: {', '.join(presets.available())}")
+    p.add_argument("--presets", nargs="+", default=[],
+                   help=f"preset names from presets/: {', '.join(presets.available())}")
+    p.add_argument("--preset-file", nargs="+", default=[], metavar="PATH", help="preset YAML files, by path")
     p.add_argument("--text", default=DEFAULT_TEXT)
-    p.add_argument("--runs", type=int, default=5, help="warm runs per preset (one cold run comes first)")
+    # Numbers are read as typed and checked by lab.request, the page's own rules and messages.
+    p.add_argument("--runs", default="5", help="warm runs per preset, 1 to 20 (one cold run comes first)")
     p.add_argument("--out", default="results")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-seconds", type=float, default=10.0, help="cap on audio length per run")
+    p.add_argument("--seed", default="0", help="0 to 4294967295")
+    p.add_argument("--max-seconds", default="10", help="cap on audio length per run, (0, 120] s")
     p.add_argument("--weights", choices=["pretrained", "random", "tiny"], help="override every preset's weights")
     p.add_argument("--max-chars", type=int, default=MAX_TEXT_CHARS, help="refuse longer texts (default: %(default)s)")
     p.add_argument("--wavs", help="folder for the WAVs (default: --out)")
     p.add_argument("--history", default=HISTORY_PATH, help="JSONL file every run is appended to ('' for none)")
     p.add_argument("--quality", action="store_true", help="score each run of real speech after the runs: WER, CER, "
                    "MOS estimate, first speech, runaway (lab.quality); n/a for random and tiny weights")
-    p.add_argument("--user-audio", metavar="FILE.wav", help="a spoken user turn (PCM WAV) sent with --text, for "
+    p.add_argument("--user-audio", metavar="FILE", help="a spoken user turn (WAV/FLAC/MP3/OGG) sent with --text, for "
                    f"families that take one ({', '.join(f for f, v in FAMILIES.items() if v['user_audio'])})")
     p.add_argument("--streams", help="a concurrency sweep: comma list of stream counts (e.g. 1,16,256), each stream "
                    "saying --text for --max-seconds, instead of --runs")
@@ -131,31 +159,34 @@ def main(argv: list[str] | None = None) -> int:
                    "streams arrive together)")
     args = p.parse_args(argv)
     try:
-        if args.runs < 1:
-            raise LabError("--runs", "must be at least 1")
+        request, runs = validate_inputs(args.text, args.seed, args.max_seconds, args.runs, args.max_chars,
+                                        fields={"seed": "--seed", "runs": "--runs", "max_audio_s": "--max-seconds",
+                                                "text": "--text"})
         levels = concurrency.parse_levels(args.streams, field="--streams") if args.streams else []
-        user_audio, user_audio_rate = None, 16000
         if args.user_audio:
-            samples, user_audio_rate = read_wav(args.user_audio)
-            user_audio = validate_user_audio(samples, user_audio_rate)
-        request = validate_request(Request(args.text, seed=args.seed, max_audio_s=args.max_seconds,
-                                           user_audio=user_audio, user_audio_sample_rate=user_audio_rate),
-                                   args.max_chars)
-        specs = [presets.load(name, weights=args.weights) for name in args.presets]
+            samples, rate = read_audio_file(args.user_audio, "--user-audio")
+            request = dataclasses.replace(request, user_audio=validate_user_audio(samples, rate, "--user-audio"),
+                                          user_audio_sample_rate=rate)
+        specs = load_specs(args.presets, args.preset_file, args.weights)
+        check_out_dir(args.out)
+        if args.wavs:
+            check_out_dir(args.wavs, "--wavs")
         for spec in specs:   # what this machine cannot run is refused before anything is built
             machine.require(spec, weights_here=lambda s: True)
         deaf = [s.name for s in specs if not s.takes_user_audio]
-        if user_audio is not None and deaf:
+        if request.user_audio is not None and deaf:
             raise LabError("--user-audio", f"{', '.join(deaf)} take no spoken user turn; drop --user-audio, or "
                                            f"those presets")
     except LabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for note in request.text_notes:
+        print(f"note: --text: {note}", file=sys.stderr)
     if levels:
         sweep(specs, request, levels, args.arrival_rate, args.out)
         print(f"wrote {args.out}/sweep.json")
         return 0
-    results = bench(specs, request, args.runs, args.out, history_path=args.history or None, wav_dir=args.wavs,
+    results = bench(specs, request, runs, args.out, history_path=args.history or None, wav_dir=args.wavs,
                     with_quality=args.quality)
     print(report.table(report.summary_rows(results["runs"]), results["builds"]))
     for name, err in results["errors"].items():

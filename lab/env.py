@@ -120,3 +120,26 @@ def environment() -> dict:
         except (OSError, subprocess.SubprocessError):
             pass
     return env
+
+
+APP_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shown_path(path: str) -> str:
+    """A path as a visitor may see it: relative to the app folder, or only its file name when it lies outside
+    (the server's own folders are not a visitor's business; the server's log has the full path)."""
+    full = os.path.abspath(path)
+    if os.path.commonpath([full, APP_ROOT]) == APP_ROOT:
+        return os.path.relpath(full, APP_ROOT)
+    return f"…/{os.path.basename(full)}"
+
+
+def trim_heap() -> None:
+    """Hands freed heap pages back to the OS (glibc's malloc_trim). A server runs each comparison in fresh threads,
+    and glibc keeps each thread arena's high-water mark: without this its RSS crept up with every compare."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc
+        pass

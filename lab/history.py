@@ -3,6 +3,11 @@
 Each record is one line written with a single os.write on an O_APPEND descriptor. A process killed
 mid-write can leave at most one partial last line: the reader skips it, and the next writer starts on
 a fresh line so the partial line never swallows a good record.
+
+Bookkeeping comes second to results: a record that cannot be written (a full disk, a read-only volume, a
+directory where the file should be) raises NotWritten, a LabError naming the file and the fix, which the run loop
+reports and goes past. A Journal checks its file once at start-up and, if the file is unusable, keeps records in
+memory instead (bounded), so a server still serves and shows what it ran.
 """
 from __future__ import annotations
 
@@ -10,12 +15,83 @@ import json
 import os
 import statistics
 import threading
+from collections import deque
+
+from lab.env import shown_path
+from lab.errors import LabError
 
 _lock = threading.Lock()
+KEPT_IN_MEMORY = 1000   # records a Journal holds when its file is unusable (the oldest are dropped)
+TAIL_BYTES = 4 * 2**20  # what read(..., tail=True) reads: enough for estimates, not the whole of a long history
 
 
-def append(path: str, record: dict) -> None:
+class NotWritten(LabError):
+    """A record was not written to its file; the run it describes finished and is kept."""
+
+
+def _unwritable(path: str, e: OSError, env_var: str) -> NotWritten:
+    reason = "is a directory" if isinstance(e, IsADirectoryError) or os.path.isdir(path) else (
+        e.strerror or type(e).__name__)
+    return NotWritten(shown_path(path), f"cannot be written ({reason}); runs are kept in memory only until the "
+                                        f"server restarts: free disk space, or set {env_var} to a writable file")
+
+
+def check(path: str, env_var: str = "LAB_HISTORY") -> NotWritten | None:
+    """Whether records can be appended to `path`, asked once at start-up: None, or why not (with the fix)."""
+    try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+    except OSError as e:
+        return _unwritable(path, e, env_var)
+    return None
+
+
+class Journal:
+    """A history (or votes) file for a long-running server: checked at start-up; when unusable, or when a write
+    fails, the records it could not write are kept in memory (the last KEPT_IN_MEMORY) and read back with the
+    file's."""
+
+    def __init__(self, path: str, env_var: str = "LAB_HISTORY"):
+        self.path, self.env_var = path, env_var
+        self.problem: NotWritten | None = check(path, env_var)
+        self.memory: deque[dict] = deque(maxlen=KEPT_IN_MEMORY)
+
+    def append(self, record: dict) -> None:
+        if self.problem is None:
+            try:
+                return _append_file(self.path, record, self.env_var)
+            except NotWritten as e:
+                self.problem = e   # a full disk stays full: later records go to memory without trying again
+        self.memory.append(record)
+        raise self.problem
+
+    def read(self, tail: bool = False) -> list[dict]:
+        on_disk = _read_file(self.path, tail) if not os.path.isdir(self.path) else []
+        return on_disk + list(self.memory)
+
+    @property
+    def shown(self) -> str:
+        return shown_path(self.path)
+
+
+def append(path: "str | Journal", record: dict) -> None:
+    """Appends one record; raises NotWritten (after a Journal kept it in memory) when it cannot be written."""
+    if isinstance(path, Journal):
+        return path.append(record)
+    return _append_file(path, record)
+
+
+def _append_file(path: str, record: dict, env_var: str = "LAB_HISTORY") -> None:
     line = (json.dumps(record, default=_jsonable) + "\n").encode()
+    try:
+        _write_line(path, line)
+    except OSError as e:
+        raise _unwritable(path, e, env_var) from e
+
+
+def _write_line(path: str, line: bytes) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with _lock:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -32,11 +108,21 @@ def append(path: str, record: dict) -> None:
             os.close(fd)
 
 
-def read(path: str) -> list[dict]:
-    if not os.path.exists(path):
+def read(path: "str | Journal", tail: bool = False) -> list[dict]:
+    """The records, oldest first; `tail`: only those in the last TAIL_BYTES (for estimates on every click)."""
+    if isinstance(path, Journal):
+        return path.read(tail)
+    return _read_file(path, tail)
+
+
+def _read_file(path: str, tail: bool = False) -> list[dict]:
+    if not os.path.isfile(path):
         return []
     records = []
     with open(path, "rb") as f:
+        if tail and os.fstat(f.fileno()).st_size > TAIL_BYTES:
+            f.seek(-TAIL_BYTES, os.SEEK_END)
+            f.readline()   # the first line read from the middle is cut
         for raw in f:
             try:
                 rec = json.loads(raw)

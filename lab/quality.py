@@ -344,8 +344,11 @@ class Worker:
                     self._cond.notify_all()
             record.update(figures)
             if history_path:
-                history.append(history_path, {"quality_of": {"preset": record["preset"], "time": record["time"]},
-                                              **figures})
+                try:
+                    history.append(history_path, {"quality_of": {"preset": record["preset"], "time": record["time"]},
+                                                  **figures})
+                except history.NotWritten:   # the scores stay on the record; the run loop said it once
+                    pass
             with self._cond:
                 self._pending -= 1
                 self._cond.notify_all()

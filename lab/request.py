@@ -2,7 +2,9 @@
 field and the fix."""
 from __future__ import annotations
 
+import html
 import math
+import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -17,6 +19,14 @@ MAX_USER_AUDIO_S = 30.0          # a spoken user turn for models that take audio
 MAX_USER_AUDIO_BYTES = 20 * 2**20
 MAX_RUNS = 20                    # warm runs per preset; one cold run comes first
 MAX_SEED = 2**32 - 1             # numpy's and torch's seeded generators both take this range
+BREAK = re.compile(r"<\s*break\b[^<>]*>", re.I)   # SSML's pause
+PAUSE = ", "                      # what a <break> becomes: the voices pause at a comma
+# Symbols with a common spoken form. A currency sign before a number goes after it: "€5" -> "5 euros".
+SYMBOL_WORDS = {"≈": "about", "~": "about", "%": "percent", "&": "and", "+": "plus", "=": "equals", "@": "at",
+                "°": "degrees", "×": "times", "÷": "divided by", "±": "plus or minus", "→": "to",
+                "≤": "at most", "≥": "at least", "€": "euros", "£": "pounds", "¥": "yen", "#": "number"}
+CURRENCY_FIRST = re.compile(r"([€£¥])\s?(\d[\d,.]*)")
+AUDIO_FORMATS = "WAV/FLAC/MP3/OGG"
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,8 @@ class Request:
     # A spoken user turn, for families with FAMILIES[f]["user_audio"] (omni models); mono float32.
     user_audio: np.ndarray | None = None
     user_audio_sample_rate: int = 16000
+    # What normalize_text changed in the text as typed, one note each, for the person who typed it.
+    text_notes: tuple[str, ...] = ()
 
     @property
     def user_audio_s(self) -> float | None:
@@ -71,6 +83,57 @@ def validate_text(text: str, max_chars: int = MAX_TEXT_CHARS, where: str = "text
         raise LabError(where, f"has characters outside Latin script, which the English voices cannot say: "
                               f"{shown}; remove them or spell them out in words")
     return text.strip()
+
+
+def _named(chars) -> str:
+    return ", ".join(f"{ch} (U+{ord(ch):04X})" if ch.isprintable() else f"U+{ord(ch):04X}"
+                     for ch in sorted(set(chars))[:8])
+
+
+def _unspoken(ch: str) -> bool:
+    """Characters no voice says: emoji and other symbols, joiners and variation selectors, control codes."""
+    cat = unicodedata.category(ch)
+    if ch in "\n\t":
+        return False
+    return (cat in ("So", "Sk", "Cc", "Cf", "Co", "Cs", "Cn") or (cat == "Sm" and ch not in SYMBOL_WORDS)
+            or unicodedata.name(ch, "").startswith(("VARIATION SELECTOR", "EMOJI MODIFIER", "COMBINING ENCLOSING")))
+
+
+def normalize_text(text: str, where: str = "text") -> tuple[str, tuple[str, ...]]:
+    """Text as pasted (a chat reply, SSML) made speakable, and a note of each change: markup is stripped and a
+    <break> becomes a pause; common symbols become words; emoji and symbols with no spoken form are dropped and
+    named. Text with nothing speakable left is refused here, up front, with the reason. What the voices cannot say
+    (another script) is left for validate_text to refuse."""
+    if not isinstance(text, str) or not text.strip():
+        raise LabError(where, "is empty; type a sentence to synthesize")
+    notes = []
+    if BREAK.search(text):
+        text = BREAK.sub(PAUSE, text)
+        notes.append("each <break> became a pause")
+    tags = MARKUP.findall(text)
+    if tags:
+        text = MARKUP.sub(" ", text)
+        notes.append(f"markup removed: {' '.join(sorted(set(t.strip() for t in tags))[:5])}")
+    unescaped = html.unescape(text)
+    if unescaped != text:
+        text = unescaped
+        notes.append("HTML entities (&amp; ...) became their characters")
+    worded = sorted({ch for ch in text if ch in SYMBOL_WORDS})
+    text = CURRENCY_FIRST.sub(lambda m: f"{m.group(2)} {SYMBOL_WORDS[m.group(1)]}", text)
+    if worded:
+        text = "".join(f" {SYMBOL_WORDS[ch]} " if ch in SYMBOL_WORDS else ch for ch in text)
+        notes.append("said as words: " + ", ".join(f"{ch} → {SYMBOL_WORDS[ch]}" for ch in worded))
+    dropped = [ch for ch in text if _unspoken(ch)]
+    if dropped:
+        text = "".join(ch for ch in text if not _unspoken(ch))
+        notes.append(f"dropped (no spoken form): {_named(dropped)}")
+    if notes:
+        text = re.sub(r"[ \t]+", " ", text)
+        text = re.sub(r" ([,.!?;:])", r"\1", text).strip()
+    if not any(ch.isalnum() for ch in text):
+        left = f"only {_named(dropped)}" if dropped and not text.strip() else "no letters or digits"
+        raise LabError(where, f"has nothing to speak ({left}); type words to synthesize")
+    return text, tuple(notes)
 
 
 def validate_user_audio(audio, sample_rate: int, where: str = "user_audio") -> np.ndarray:
@@ -133,22 +196,70 @@ def _whole_number(value, field: str, example: str) -> int:
     return int(number)
 
 
-def validate_inputs(text, seed, max_audio_s, runs, max_chars: int = MAX_TEXT_CHARS) -> tuple[Request, int]:
-    """A comparison's form, as a person typed it: the shared request (the same text, seed and cap for every
-    preset) and the warm runs per preset."""
-    seed = _whole_number(seed, "seed", "0")
+def validate_inputs(text, seed, max_audio_s, runs, max_chars: int = MAX_TEXT_CHARS,
+                    fields: dict | None = None) -> tuple[Request, int]:
+    """A comparison's form, as a person typed it (the page, the A/B tab and the CLI all come through here): the
+    shared request (the same text, seed and cap for every preset), its text normalized with a note of each change,
+    and the warm runs per preset. `fields` renames the fields in errors (the CLI says --seed)."""
+    name = {"seed": "seed", "runs": "runs per preset", "max_audio_s": "max_audio_s", "text": "text", **(fields or {})}
+    seed = _whole_number(seed, name["seed"], "0")
     if not 0 <= seed <= MAX_SEED:
-        raise LabError("seed", f"{seed} is out of range; use 0 to {MAX_SEED}")
-    runs = _whole_number(runs, "runs per preset", "3")
+        raise LabError(name["seed"], f"{seed} is out of range; use 0 to {MAX_SEED}")
+    runs = _whole_number(runs, name["runs"], "3")
     if not 1 <= runs <= MAX_RUNS:
-        raise LabError("runs per preset", f"{runs} is out of range; use 1 to {MAX_RUNS} "
-                                          f"(one cold run comes first and is reported apart)")
-    if max_audio_s is None:
-        raise LabError("max_audio_s", "is empty; type a cap on audio length in seconds, e.g. 8")
+        raise LabError(name["runs"], f"{runs} is out of range; use 1 to {MAX_RUNS} "
+                                     f"(one cold run comes first and is reported apart)")
+    if max_audio_s is None or (isinstance(max_audio_s, str) and not max_audio_s.strip()):
+        raise LabError(name["max_audio_s"], "is empty; type a cap on audio length in seconds, e.g. 8")
     try:
         max_audio_s = float(max_audio_s)
     except (TypeError, ValueError):
-        raise LabError("max_audio_s", f"{max_audio_s!r} is not a number of seconds, e.g. 8") from None
-    request = validate_request(Request(text if isinstance(text, str) else "", seed=seed, max_audio_s=max_audio_s),
-                               max_chars)
-    return Request(request.text.strip(), seed=seed, max_audio_s=max_audio_s), runs
+        raise LabError(name["max_audio_s"], f"{max_audio_s!r} is not a number of seconds, e.g. 8") from None
+    if not (0 < max_audio_s <= 120):   # (nan fails this too)
+        raise LabError(name["max_audio_s"], f"{max_audio_s} is out of range; use a value in (0, 120] seconds")
+    if isinstance(text, str) and len(text) > max_chars:   # before normalizing: the limit is on what was typed
+        validate_text(text, max_chars, name["text"])
+    spoken, notes = normalize_text(text if isinstance(text, str) else "", name["text"])
+    spoken = validate_text(spoken, max_chars, name["text"])
+    return Request(spoken, seed=seed, max_audio_s=max_audio_s, text_notes=notes), runs
+
+
+def read_audio_file(path: str, where: str = "user_audio") -> tuple[np.ndarray, int]:
+    """An uploaded or given audio file as (samples, sample rate), for validate_user_audio: WAV read here, FLAC,
+    MP3 and OGG decoded by ffmpeg (to 16 kHz mono). Anything else is refused as not audio, by its first bytes."""
+    import subprocess
+    import wave
+
+    name = os.path.basename(str(path))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError as e:
+        raise LabError(where, f"{name}: cannot be read ({e.strerror or e}); check the path") from e
+    kind = ("wav" if head[:4] == b"RIFF" and head[8:12] == b"WAVE" else "flac" if head[:4] == b"fLaC" else
+            "ogg" if head[:4] == b"OggS" else "webm" if head[:4] == b"\x1aE\xdf\xa3" else   # a microphone's
+            "mp3" if head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0) else None)
+    if kind is None:
+        raise LabError(where, f"not audio: {name} (expected {AUDIO_FORMATS})")
+    if kind == "wav":
+        try:
+            with wave.open(path, "rb") as w:
+                width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
+                raw = w.readframes(w.getnframes())
+        except (OSError, EOFError, wave.Error) as e:
+            raise LabError(where, f"not audio: {name} is not a readable PCM WAV ({e}); convert it with "
+                                  f"`ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`") from e
+        if width not in (2, 4):
+            raise LabError(where, f"{name} has {8 * width}-bit samples; use 16- or 32-bit PCM "
+                                  f"(`ffmpeg -i IN -ac 1 -ar 16000 OUT.wav`)")
+        return np.frombuffer(raw, f"<i{width}").reshape(-1, channels), rate
+    try:
+        out = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "s16le", "-ac", "1", "-ar", "16000",
+                              "pipe:1"], capture_output=True, timeout=60, check=True).stdout
+    except FileNotFoundError as e:
+        raise LabError(where, f"{name}: {kind.upper()} needs ffmpeg, which is not installed; upload a WAV, or "
+                              f"install ffmpeg") from e
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        raise LabError(where, f"not audio: {name} could not be decoded as {kind.upper()} (expected "
+                              f"{AUDIO_FORMATS})") from e
+    return np.frombuffer(out, "<i2"), 16000

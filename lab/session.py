@@ -124,7 +124,13 @@ class PresetDone:
     preset: str
 
 
-Event = Started | Stage | Built | RunStarted | Chunk | RunDone | Failed | Stopped | PresetDone
+@dataclass(frozen=True)
+class NotSaved:
+    """The history could not be written (said once per loop): the runs finished and are shown all the same."""
+    message: str        # names the file (as a visitor may see it) and the fix
+
+
+Event = Started | Stage | Built | RunStarted | Chunk | RunDone | Failed | Stopped | PresetDone | NotSaved
 
 
 def error_text(e: BaseException) -> str:
@@ -198,6 +204,8 @@ def cancelled_record(spec: VariantSpec, request: Request, timeline: Timeline, ca
         "frame_s": [t - t0 for t in timeline.frames],
         "chunk_s": [t - t0 for t, _ in timeline.chunks],
         "cancel_s": None if cancel_at is None else cancel_at - t0,
+        # the wall clock of the last frame, to set against when a client went away (a disconnect is a cancel)
+        "last_frame_time": time.time() - (time.perf_counter() - timeline.frames[-1]) if timeline.frames else None,
         "audio_s": sum(a for _, a in timeline.chunks), "time": time.time(),
     }
 
@@ -225,14 +233,17 @@ def _build(manager, slot: int, spec: VariantSpec):
 
 
 def run_presets(manager, specs: list[VariantSpec], request: Request, runs: int, cancel: Cancel | None = None,
-                history_path: str | None = None, source: str = "cli", lock=None, quality=None) -> Iterator[Event]:
+                history_path: "str | history.Journal | None" = None, source: str = "cli", lock=None,
+                quality=None) -> Iterator[Event]:
     """Each preset in turn: build it (once; the manager keeps it), then `runs + 1` runs. The first run on a
     freshly built engine is its cold one (engine.served). One failing preset does not stop the others; a cancel
     stops everything. Every finished or cancelled run is appended to `history_path`, stamped with `source` and the
-    commit. `lock` (the page's line) is held for the whole loop unless every spec batches. With a `quality` worker
-    (lab.quality.Worker), each finished run of real speech is handed to it after RunDone; the loop holds the worker
-    throughout, so no score runs beside a timed run."""
+    commit; a history that cannot be written is said once (NotSaved) and the runs go on. `lock` (the page's line)
+    is held for the whole loop unless every spec batches. With a `quality` worker (lab.quality.Worker), each
+    finished run of real speech is handed to it after RunDone; the loop holds the worker throughout, so no score
+    runs beside a timed run."""
     cancel = cancel or Cancel()
+    keeper = _Keeper(history_path)
     # The line (`lock`) is for variants that serve one request at a time. A comparison of batching variants only
     # goes straight on: the engine takes every caller's stream into its shared step.
     needs_line = lock is not None and not all(spec.batches for spec in specs)
@@ -242,13 +253,31 @@ def run_presets(manager, specs: list[VariantSpec], request: Request, runs: int, 
             if cancel.is_set():
                 break
             stopped = yield from _run_preset(manager, slot, spec, for_family(request, spec), runs, cancel,
-                                             history_path, source, quality)
+                                             keeper, source, quality)
             yield PresetDone(slot, spec.name)
             if stopped:
                 break
 
 
-def _run_preset(manager, slot, spec, request, runs, cancel, history_path, source, quality) -> Iterator[Event]:
+class _Keeper:
+    """Appends records to the history; a write that fails is said once (NotSaved) and never stops the loop:
+    results first, bookkeeping second."""
+
+    def __init__(self, history_path):
+        self.history_path, self.said = history_path, False
+
+    def keep(self, record: dict) -> Iterator[Event]:
+        if not self.history_path:
+            return
+        try:
+            history.append(self.history_path, record)
+        except history.NotWritten as e:
+            if not self.said:
+                self.said = True
+                yield NotSaved(f"history not written: {e}")
+
+
+def _run_preset(manager, slot, spec, request, runs, cancel, keeper, source, quality) -> Iterator[Event]:
     """One preset's build and runs; returns True when it was cancelled."""
     stamp = {"source": source, "env_commit": env.git_commit()}
     try:
@@ -268,17 +297,16 @@ def _run_preset(manager, slot, spec, request, runs, cancel, history_path, source
                 record, audio = yield from _chunk_events(slot, spec.name, run, cold, heard, timeline, steps)
             except Cancelled:
                 record = cancelled_record(spec, request, timeline, cancel.at, run, cold)
-                if history_path:
-                    history.append(history_path, {**record, **stamp})
+                yield from keeper.keep({**record, **stamp})
                 yield Stopped(slot, spec.name, record)
                 return True
             record.update(stamp, heard=heard)
             scored = quality is not None and quality.prepare(record)   # "pending", or n/a for noise
             yield RunDone(slot, spec.name, record, audio, heard)
-            if history_path:   # after the consumer had RunDone: it may have added the browser's figures
-                history.append(history_path, record)
+            # after the consumer had RunDone: it may have added the browser's figures
+            yield from keeper.keep(record)
             if scored:
-                quality.submit(record, audio, history_path)
+                quality.submit(record, audio, keeper.history_path)
     except Cancelled:
         yield Stopped(slot, spec.name, None)
         return True

@@ -354,10 +354,11 @@ def write_pcm_wav(path, pcm: np.ndarray, rate: int):
 
 def test_bench_sends_a_wav_user_turn_and_keeps_what_the_model_said(gpu_host, tmp_path):
     from lab import bench
+    from lab.request import read_audio_file
 
     path = tmp_path / "question.wav"
     write_pcm_wav(path, (np.stack([clip(1.0, rate=48000)] * 2, axis=1) * 32767).astype(np.int16), 48000)
-    samples, rate = bench.read_wav(str(path))
+    samples, rate = read_audio_file(str(path))   # what --user-audio reads
     assert samples.shape == (48000, 2) and rate == 48000
 
     built = []
@@ -377,8 +378,8 @@ def test_bench_sends_a_wav_user_turn_and_keeps_what_the_model_said(gpu_host, tmp
 
 @pytest.mark.parametrize("make,args,expect", [
     ("ok", ["--presets", "hibari"], "--user-audio: hibari take no spoken user turn"),
-    ("text", ["--presets", "hibari"], "is not a readable PCM WAV file"),
-    ("long", ["--presets", "hibari"], "user_audio: is 31.0 s long"),
+    ("text", ["--presets", "hibari"], "--user-audio: not audio: turn.wav (expected WAV/FLAC/MP3/OGG)"),
+    ("long", ["--presets", "hibari"], "--user-audio: is 31.0 s long"),
 ])
 def test_bench_refuses_a_bad_user_audio_argument_in_one_line(tmp_path, capsys, make, args, expect):
     from lab import bench

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Callable
 
 from lab import ab, session
 from lab.errors import LabError
@@ -39,14 +40,21 @@ class Listener:
     """One page listening to one comparison (or one blind pair)."""
 
     def __init__(self, hub: PcmHub, listener: str, transport: str, slot_offset: int = 0,
-                 labels: list[str] | None = None):
+                 labels: list[str] | None = None, cancel: session.Cancel | None = None,
+                 gone: Callable[[], bool] | None = None):
         self.hub, self.listener, self.transport = hub, listener or "", transport
-        self.slot_offset, self.labels = slot_offset, labels
+        self.slot_offset, self.labels, self.cancel, self.gone = slot_offset, labels, cancel, gone
         self.run_id: str | None = None
         self.previous: tuple[str, float] | None = None   # (run id, audio seconds) of the last heard run
+        # A page heard over PCM whose socket then closes has gone (or lost its audio): a dropped connection is a
+        # cancel, so the model is not kept busy for nobody.
+        self.was_connected = transport == "pcm" and bool(self.listener) and hub.connected(self.listener)
 
     def on_event(self, e) -> None:
+        self.stop_if_gone(e)
         if not self.listener or not self.hub.connected(self.listener):
+            if self.was_connected and self.cancel is not None:
+                self.cancel.set()
             return   # an API client, or a page whose socket is gone: the loop runs as the CLI's does
         if isinstance(e, session.RunStarted) and e.heard:
             self._start(e)
@@ -59,6 +67,12 @@ class Listener:
         elif isinstance(e, (session.Stopped, session.Failed)):
             self.hub.end_run(self.listener, self.run_id, self.chunks, self.samples)
             self.run_id = None
+
+    def stop_if_gone(self, e) -> None:
+        """A client that went away (Gradio's queue let go of its job) stops the loop at its next frame; alone, the
+        hook for a run nobody hears as it is made (a pre-buffered pair)."""
+        if self.cancel is not None and self.gone is not None and self.gone():
+            self.cancel.set()
 
     def _start(self, e: session.RunStarted) -> None:
         if self.previous is not None:
@@ -90,12 +104,16 @@ class Listener:
         self.previous, self.run_id = (self.run_id, e.record["audio_s"]), None
 
 
-def ab_pair(hub: PcmHub, manager, specs, request, mode: str, listener: str, cancel, history_path, lock):
-    """A blind pair's audio, A then B, as [(sample rate, samples)]: each side's heard run. "streamed" plays each
-    side to the page as it is generated (slots 6 and 7, labelled A and B only); "prebuffered" returns both
-    loudness matched."""
-    hook = Listener(hub, listener, "pcm", slot_offset=6, labels=["A", "B"]).on_event if mode == "streamed" else None
+def ab_pair(hub: PcmHub, manager, specs, request, mode: str, listener: str, cancel, history_path, lock,
+            gone: Callable[[], bool] | None = None):
+    """A blind pair's audio, A then B, as [(sample rate, samples)]: each side's heard run, and a warning (or
+    None) when the history could not be written. "streamed" plays each side to the page as it is generated
+    (slots 6 and 7, labelled A and B only); "prebuffered" returns both loudness matched."""
+    hook = Listener(hub, listener, "pcm" if mode == "streamed" else "none", slot_offset=6, labels=["A", "B"],
+                    cancel=cancel, gone=gone)
+    hook = hook.on_event if mode == "streamed" else hook.stop_if_gone
     heard: dict[int, tuple[int, object]] = {}
+    warning = None
     events = session.run_presets(manager, specs, request, 1, cancel, history_path, "ab", lock)
     for e in session.in_background(events, on_event=hook, cancel=cancel):
         if isinstance(e, session.RunDone) and e.heard:
@@ -104,7 +122,9 @@ def ab_pair(hub: PcmHub, manager, specs, request, mode: str, listener: str, canc
             raise LabError("A/B", f"{'AB'[e.slot]} could not run: {e.message}")
         elif isinstance(e, session.Stopped):
             raise LabError("A/B", "stopped before both sides were generated")
+        elif isinstance(e, session.NotSaved):
+            warning = e.message
     pair = [heard[0], heard[1]]
     if mode == "prebuffered":
         pair = [(rate, ab.loudness_matched(samples)) for rate, samples in pair]
-    return pair
+    return pair, warning

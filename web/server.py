@@ -4,7 +4,7 @@ at "/", run by uvicorn. Gradio's own launch() cannot host the extra WebSocket ro
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import FastAPI
 
@@ -35,6 +35,35 @@ def build_app(demo, hub: PcmHub, host: str = "0.0.0.0", port: int = 7860, **laun
     app = FastAPI()
     attach(app, hub)
     return gr.mount_gradio_app(app, demo, path="/", server_name=host, server_port=port, **kwargs)
+
+
+def gone_check(demo, request) -> Callable[[], bool]:
+    """A check the run loop calls per event: True once Gradio's queue has let go of this request's job (its client
+    disconnected or cancelled it). Gradio closes the handler itself too, but only after the update in flight has
+    been post-processed (an audio chunk through ffmpeg), about 2 s under load: this way generation stops at its
+    next frame. Reads the queue's jobs (gradio.queueing.Event.alive); a request not found there is never gone."""
+    found: list = []
+
+    def gone() -> bool:
+        if not found:
+            queue = getattr(demo, "_queue", None)
+            jobs = [e for events in (getattr(queue, "active_jobs", None) or []) if events for e in events]
+            found.extend(e for e in jobs if getattr(request, "request", None) is not None
+                         and getattr(e, "request", None) is request.request)
+        return bool(found) and not found[0].alive
+
+    return gone
+
+
+def forget_streams(demo, session_hash: str | None) -> None:
+    """Drop the streamed audio Gradio keeps for this page's earlier runs. Gradio keeps every run's HLS segments
+    until the page's session ends, so a tab (or an API client, which has no heartbeat) that compares again and
+    again grew the server by about 2 MB a compare; a new compare resets the players, so the old ones go."""
+    streams = getattr(demo, "pending_streams", None)
+    if session_hash and streams is not None:
+        for run in streams.pop(session_hash, {}).values():
+            for stream in run.values():
+                stream.end_stream()
 
 
 def serve(demo, host: str, port: int, hub: PcmHub, **launch_kwargs: Any) -> None:

@@ -13,6 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from lab import quality, report, session
+from lab.errors import LabError
 from lab.spec import VariantSpec
 from lab.streaming import pcm16
 
@@ -56,6 +57,8 @@ class Sessions:
         with self._lock:
             if cancel in self._open.get(key, []):
                 self._open[key].remove(cancel)
+            if not self._open.get(key):   # a long-lived server sees many sessions come and go
+                self._open.pop(key, None)
 
     def cancel(self, key: str) -> int:
         with self._lock:
@@ -70,11 +73,21 @@ class ModelLine:
     A waiting page shows its place and how long the ones ahead should still take, from this server's measured runs
     of their presets (lab.history.estimate_s)."""
 
-    def __init__(self):
+    def __init__(self, max_waiting: int | None = None, unknown_s: float = 30.0):
         self._cond = threading.Condition()
         self._line: list[Turn] = []
+        self.max_waiting, self.unknown_s = max_waiting, unknown_s
 
     def turn(self, estimate_s: float | None, cancel: session.Cancel) -> "Turn":
+        """A place at the end of the line; past `max_waiting` in line, a LabError that says when to come back
+        (the line does not grow without end)."""
+        with self._cond:
+            if self.max_waiting is not None and len(self._line) >= self.max_waiting:
+                head = self._line[0]   # the one on the model: a place frees when it is done
+                ran_s = time.monotonic() - head.started_at if head.started_at is not None else 0.0
+                left_s = self.unknown_s if head.estimate_s is None else head.estimate_s - ran_s
+                raise LabError("queue", f"busy: {len(self._line)} comparisons are in line (the most it takes); "
+                                        f"try again in {max(1, round(left_s))} s")
         return Turn(self, estimate_s, cancel)
 
 
@@ -125,6 +138,7 @@ class CompareView:
         self.stage: dict[int, tuple[str, float, float]] = {}     # slot -> (stage, seconds then, when)
         self.started_at = time.perf_counter()
         self.holds_model = False
+        self.not_saved: str | None = None    # the history could not be written: said at the end too
 
     def start(self) -> dict:
         """Every slot in tick order, waiting; last comparison's charts and tables cleared."""
@@ -210,6 +224,10 @@ class CompareView:
         return {("status", e.slot): status_html(self.runs_done.get(e.slot, 0), self.total,
                                                 "stopped: generation cancelled", "warn")}
 
+    def _on_notsaved(self, e: session.NotSaved) -> dict:
+        self.not_saved = e.message
+        return {"overall": status_html(0, 0, f"running · ⚠️ {e.message}", "warn")}
+
     def _on_presetdone(self, e: session.PresetDone) -> dict:
         """A preset's result line. Charts and tables wait for the end: drawing them here would run beside the next
         preset's timed runs and slow them."""
@@ -248,6 +266,8 @@ class CompareView:
             text = f"done: {len(self.records)} runs of {len(ran)} presets" + (
                 f"; {failed} failed (see its status)" if failed else "")
             kind, done = ("warn" if failed else "ok"), 1
+        if self.not_saved:   # the runs are shown all the same; bookkeeping comes second
+            text, kind = f"{text} · ⚠️ {self.not_saved}", "warn"
         self.final = (done, text, kind)
         return {"overall": status_html(done, 1, text + self._scoring(), kind), **self.results(stopped)}
 

@@ -241,7 +241,9 @@ class CsmEngine(Engine):
     def _text_ids(self, text: str, speaker: int) -> list[int]:
         if self.processor is not None:
             conv = [{"role": str(speaker), "content": [{"type": "text", "text": text}]}]
-            return self.processor.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"][0]
+            # CsmProcessor returns tensors (its text_kwargs say "pt"): a list of ids either way
+            return [int(i) for i in self.processor.apply_chat_template(conv, tokenize=True, return_dict=True)
+                    ["input_ids"][0]]
         return self.tokenizer(f"[{speaker}]{text}")
 
     @torch.no_grad()
