@@ -131,9 +131,10 @@ class BatchedCsmEngine(CsmEngine):
         self.frames_run = 0         # batched steps since build, and the rows they carried: for the sweep
         self.rows_run = 0
         # Every torch call releases the GIL and takes it back, and the scheduler makes several per frame. Beside a
-        # busy page (tens of users' handlers and Gradio's encoding), taking it back waits up to the interpreter's
-        # switch interval each time (5 ms by default): frames four to five times slower. At 0.5 ms the wait is
-        # small against a frame. The setting is the process's; a one-stream engine does not need it.
+        # busy page (tens of users' handlers and Gradio's encoding), taking it back can wait the interpreter's
+        # switch interval each time (5 ms by default): 32 clients through the page ran this engine 4-5 times
+        # slower than the CLI's 32 streams, and this is the likely cause (docs/GPU.md). At 0.5 ms the wait is small
+        # against a frame. The setting is the process's; a one-stream engine does not need it.
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self.scheduler = threading.Thread(target=self._serve, daemon=True, name=f"batched {spec.name}")
         self.scheduler.start()
@@ -184,7 +185,7 @@ class BatchedCsmEngine(CsmEngine):
                 for sampled in (False, True):
                     self._bind(rows, length)
                     # The first capture warms the libraries up (cuBLAS handles, workspaces); after it, one run
-                    # before each capture is enough, and the build is a third as long.
+                    # before each capture is enough (72 graphs: 46 s against 76 s with three, docs/GPU.md).
                     self.step_graphs[(rows, length, sampled)] = tc.capture_graph(
                         lambda: self._batch_step(rows, sampled), warmup_runs=1 if self.step_graphs else 3,
                         pool=self.pool)
@@ -426,7 +427,7 @@ def build(spec: VariantSpec, progress) -> BatchedCsmEngine:
 
 
 def per_stream_bytes(config, positions: int = BATCHED_POSITIONS, dtype_bytes: int = 2) -> int:
-    """KV bytes one stream slot holds (backbone row; the depth decoder's and codec's rows are small beside it)."""
+    """KV bytes one stream slot holds in one stack's cache: `positions` keys and values per layer, bf16."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * positions * dtype_bytes
 
