@@ -317,7 +317,8 @@ def how_many(preset, streams, seconds, text, random_weights):
     for level in concurrency.sweep(engine, spec, request, levels):
         done.append(level)
         chart = report.sweep_chart(done, f"{spec.name}, {request.max_audio_s:g} s per stream")
-        yield (f"{len(done)} of {len(levels)} levels", pd.DataFrame(report.sweep_table(done)), chart)
+        yield (f"{len(done)} of {len(levels)} levels",
+               gr.update(value=pd.DataFrame(report.sweep_table(done)), visible=True), gr.update(value=chart, visible=True))
         if shown is not None:   # the one before: Gradio has drawn it by now
             report.close(shown)
         shown = chart
@@ -473,8 +474,8 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
         m_text = gr.Textbox(SWEEP_TEXT, label="text each stream says", elem_id="m-text")
         m_go = gr.Button("Sweep", variant="primary", interactive=bool(batching), elem_id="m-go")
         m_status = gr.Markdown(elem_id="m-status")
-        m_chart = gr.Plot(label="Goodput and per-stream figures", elem_id="m-chart", format="png")
-        m_table = gr.Dataframe(interactive=False, elem_id="m-table")
+        m_chart = gr.Plot(label="Goodput and per-stream figures", elem_id="m-chart", format="png", visible=False)
+        m_table = gr.Dataframe(interactive=False, elem_id="m-table", visible=False)   # shown with the first level
         m_go.click(how_many, [m_preset, m_streams, m_seconds, m_text, m_random], [m_status, m_table, m_chart],
                    concurrency_limit=1, api_name="how_many")
 

@@ -17,12 +17,9 @@ from lab.errors import LabError
 from lab.metrics import Timeline, figures, summarize
 from lab.request import Request
 
-FRAME_RATE_HZ = 12.5
-
-
-def requests_for(texts: list[str], streams: int, frames: int, temperature: float = 0.0) -> list[Request]:
-    """One request per stream: the texts in turn, each stream with its own seed, all capped at `frames`."""
-    return [Request(texts[i % len(texts)], seed=i, max_audio_s=frames / FRAME_RATE_HZ, temperature=temperature)
+def requests_for(texts: list[str], streams: int, max_audio_s: float, temperature: float = 0.0) -> list[Request]:
+    """One request per stream: the texts in turn, each stream with its own seed, all capped at `max_audio_s`."""
+    return [Request(texts[i % len(texts)], seed=i, max_audio_s=max_audio_s, temperature=temperature)
             for i in range(streams)]
 
 

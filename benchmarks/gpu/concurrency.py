@@ -88,7 +88,7 @@ def checks(engine) -> dict:
     """A greedy stream's codes alone, beside 63 others that started 7 frames earlier, and beside 63 different
     others; and the same stream with graph replay off (the step called from Python)."""
     target = Request(TEXTS[0], seed=7, max_audio_s=40 / 12.5)
-    others = lambda shift: concurrency.requests_for(TEXTS[shift:] + TEXTS[:shift], 63, 60)  # noqa: E731
+    others = lambda shift: concurrency.requests_for(TEXTS[shift:] + TEXTS[:shift], 63, 60 / csm.FRAME_RATE_HZ)  # noqa: E731
     alone = codes_of(engine, target)
     beside = crowd(engine, others(1), target, 7)
     beside_other = crowd(engine, others(2), target, 3)
@@ -168,7 +168,8 @@ def breakdown(engine) -> list[dict]:
 def sweep(engine, levels: list[int], rates: list[float], poisson_s: float) -> dict:
     out = {"together": [], "poisson": []}
     for n in levels:
-        level = concurrency.batched(engine, concurrency.requests_for(TEXTS, n, FRAMES), [0.0] * n)
+        requests = concurrency.requests_for(TEXTS, n, FRAMES / csm.FRAME_RATE_HZ)
+        level = concurrency.batched(engine, requests, [0.0] * n)
         out["together"].append(level)
         log(f"together {n:5d}: ttfb p50 {level['ttfb_ms']['median']:.0f} p99 {level['ttfb_ms']['p99']:.0f} ms, "
             f"steady rtf p50 {level['steady_rtf']['median']:.3f} p99 {level['steady_rtf']['p99']:.3f}, "
@@ -176,7 +177,7 @@ def sweep(engine, levels: list[int], rates: list[float], poisson_s: float) -> di
             f"{level['ms_per_frame']:.1f} ms/frame, goodput {level['goodput_audio_s_per_s']:.0f} audio s/s")
     for rate in rates:
         n = int(rate * poisson_s)
-        level = concurrency.batched(engine, concurrency.requests_for(TEXTS, n, FRAMES),
+        level = concurrency.batched(engine, concurrency.requests_for(TEXTS, n, FRAMES / csm.FRAME_RATE_HZ),
                                     concurrency.arrivals_s(n, rate))
         level["rate_hz"] = rate
         out["poisson"].append(level)
@@ -206,7 +207,8 @@ def batch1_baseline(levels: list[int]) -> dict:
     log(f"batch-1 {spec.name}: {statistics.median(ms_per_frame):.2f} ms/frame, ttfb "
         f"{out['ttfb_ms']['median']:.0f} ms")
     for n in levels:
-        level = concurrency.sequential(engine, concurrency.requests_for(TEXTS, n, FRAMES), [0.0] * n)
+        requests = concurrency.requests_for(TEXTS, n, FRAMES / csm.FRAME_RATE_HZ)
+        level = concurrency.sequential(engine, requests, [0.0] * n)
         out["queue"].append(level)
         log(f"queue {n:3d}: ttfb p50 {level['ttfb_ms']['median']:.0f} p99 {level['ttfb_ms']['p99']:.0f} ms, "
             f"goodput {level['goodput_audio_s_per_s']:.1f} audio s/s")

@@ -237,6 +237,9 @@ class CsmEngine(Engine):
         self.codec.reset()
         return len(self.frame_graphs) + len(self.decode_graphs)
 
+    def build_notes(self, graphs: int) -> list[str]:
+        return [f"{graphs} CUDA graphs captured (1 frame step, {graphs - 1} codec chunk sizes)"] if graphs else []
+
     # -- prompt ----------------------------------------------------------------------------------
     def _text_ids(self, text: str, speaker: int) -> list[int]:
         if self.processor is not None:
@@ -329,12 +332,14 @@ class CsmEngine(Engine):
 
 
 def build(spec: VariantSpec, progress) -> CsmEngine:
-    if spec.max_streams > 1:     # many listeners through one batched step
-        from lab.engines import csm_batched
-
-        return csm_batched.build(spec, progress)
+    """One build for both CSM engines: one stream (CsmEngine), or many through one batched step
+    (lab.engines.csm_batched, max_streams > 1)."""
     clock, baseline_bytes, (model, processor), load_s = tc.begin_build(spec, progress, lambda: load(spec))
-    engine = CsmEngine(spec, model, processor)
+    if spec.batches:
+        from lab.engines.csm_batched import BatchedCsmEngine as engine_class
+    else:
+        engine_class = CsmEngine
+    engine = engine_class(spec, model, processor)
 
     def warm_up():
         # Captures the graphs (compiling first, with inductor), then one short request runs every kernel once.
@@ -346,11 +351,9 @@ def build(spec: VariantSpec, progress) -> CsmEngine:
     compiles_before = tc.compiled_graph_count()
     stage = "compiling" if spec.compile in COMPILED else "capturing CUDA graphs" if engine.graphed else "warming up"
     graphs, warmup_s = clock.run(stage, warm_up)
-    notes = []
+    notes = engine.build_notes(graphs)
     if spec.compile in COMPILED:
         notes.append(f"inductor compiled {tc.compiled_graph_count() - compiles_before} graphs")
-    if graphs:
-        notes.append(f"{graphs} CUDA graphs captured (1 frame step, {graphs - 1} codec chunk sizes)")
     engine.report = tc.build_report(
         spec, baseline_bytes, [engine.model], load_s=load_s, warmup_s=warmup_s, notes=notes,
         tokenizer=engine.processor.__class__.__name__ if engine.processor else tc.ByteTokenizer.name)

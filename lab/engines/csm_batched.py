@@ -31,7 +31,7 @@ import torch
 
 from lab.engines import AudioChunk
 from lab.engines import torch_common as tc
-from lab.engines.csm import FRAME_RATE_HZ, CsmEngine, load
+from lab.engines.csm import FRAME_RATE_HZ, CsmEngine
 from lab.errors import Cancelled, LabError
 from lab.kv import GrowingKV, RowKV, static_kv_for
 from lab.metrics import Timeline
@@ -147,6 +147,15 @@ class BatchedCsmEngine(CsmEngine):
                    + per_stream_bytes(self.config.depth_decoder_config, self.num_codebooks)
                    + per_stream_bytes(codec, (getattr(codec, "sliding_window", None) or 2 * self.cache_positions) + 8))
         return max(1, int(0.6 * torch.cuda.mem_get_info()[0]) // per_row)
+
+    def build_notes(self, graphs: int) -> list[str]:
+        notes = [f"{self.rows} stream slots, {self.cache_positions} KV positions each"
+                 + (f" ({self.rows_asked} asked; the GPU's free memory holds {self.rows})"
+                    if self.rows < self.rows_asked else "")]
+        if graphs:
+            notes.append(f"{graphs} CUDA graphs captured (rows {self.row_buckets[0]}..{self.rows} x lengths "
+                         f"{'/'.join(map(str, self.length_buckets))} x greedy/sampled)")
+        return notes
 
     # -- the step for one bucket -----------------------------------------------------------------
     def _bind(self, rows: int, length: int) -> None:
@@ -401,29 +410,6 @@ class BatchedCsmEngine(CsmEngine):
         if error is not None:
             ticket.out.put(error)
         ticket.out.put(None)
-
-
-def build(spec: VariantSpec, progress) -> BatchedCsmEngine:
-    clock, baseline_bytes, (model, processor), load_s = tc.begin_build(spec, progress, lambda: load(spec))
-    engine = BatchedCsmEngine(spec, model, processor)
-
-    def warm_up():
-        graphs = engine.capture_graphs() if engine.graphed else 0
-        for _ in engine.stream(Request("Warm up.", max_audio_s=4 / FRAME_RATE_HZ), Timeline()):
-            pass
-        return graphs
-
-    graphs, warmup_s = clock.run("capturing CUDA graphs" if engine.graphed else "warming up", warm_up)
-    notes = [f"{engine.rows} stream slots, {engine.cache_positions} KV positions each"
-             + (f" ({engine.rows_asked} asked; the GPU's free memory holds {engine.rows})"
-                if engine.rows < engine.rows_asked else "")]
-    if graphs:
-        notes.append(f"{graphs} CUDA graphs captured (rows {engine.row_buckets[0]}..{engine.rows} x lengths "
-                     f"{'/'.join(map(str, engine.length_buckets))} x greedy/sampled)")
-    engine.report = tc.build_report(
-        spec, baseline_bytes, [engine.model], load_s=load_s, warmup_s=warmup_s, notes=notes,
-        tokenizer=engine.processor.__class__.__name__ if engine.processor else tc.ByteTokenizer.name)
-    return engine
 
 
 def per_stream_bytes(config, positions: int = BATCHED_POSITIONS, dtype_bytes: int = 2) -> int:
