@@ -250,9 +250,6 @@ class BatchedCsmEngine(CsmEngine):
     def busy(self) -> bool:
         return bool(self.waiting) or any(self.slots)
 
-    def active_streams(self) -> int:
-        return sum(t is not None for t in self.slots)
-
     def close(self) -> None:
         with self.wake:
             self.closing = True
