@@ -144,7 +144,8 @@ def compare(request: gr.Request, listener, order, text, seed, max_audio_s, runs,
     view = CompareView(specs, runs, shared.user_audio is not None, transport,
                        report.environment_title(env.environment()), place)
     LATEST[key] = view
-    yield ui({**errors_cleared(shared.text_notes), **view.start(), **slots_for(specs, transport)})
+    # An earlier Stop's note goes with the comparison it stopped.
+    yield ui({**errors_cleared(shared.text_notes), **view.start(), **slots_for(specs, transport), "stop_note": ""})
     events = session.run_presets(MANAGER, specs, shared, runs, cancel, HISTORY, "app", place, QUALITY)
     hook = listen.Listener(HUB, listener, transport, cancel=cancel, gone=server.gone_check(demo, request)).on_event
     try:
@@ -165,8 +166,10 @@ def fill_quality(request: gr.Request):
     worker scores them, until the page starts another comparison or closes."""
     key = request.session_hash if request is not None else "api"
     view = LATEST.get(key)
+    # One update that changes nothing, first: a generator that yields nothing (no runs to score, as after a Stop or
+    # with random weights) would have Gradio set every output to empty, and the comparison's last word would go.
+    yield ui({})
     if view is None:
-        yield ui({})
         return
     for values in view.quality_updates(lambda: LATEST.get(key) is not view):
         yield ui(values)
@@ -370,6 +373,9 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
         with gr.Row():
             go = gr.Button("Compare", variant="primary", elem_id="compare-btn")
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+        # Stop's own answer has its own place: written into #overall, it could land after the comparison's last word
+        # ("stopped after N runs") and replace it, since the two come back over different connections.
+        C["stop_note"] = gr.HTML(elem_id="stop-note")
         C["overall"] = gr.HTML(elem_id="overall")
         for name in SLOT_FIELDS:
             C[name] = []
@@ -414,7 +420,7 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
         show_progress="hidden", api_name="quality")
     # Stop sets the comparison's cancel flag: generation ends at its next frame, and the comparison's own handler
     # then says what stopped and keeps what finished (Gradio's `cancels` would cut it off before it could say so).
-    stop_btn.click(stop, None, C["overall"], api_name="stop", queue=False)
+    stop_btn.click(stop, None, C["stop_note"], api_name="stop", queue=False)
     random_weights.change(weights_notice, random_weights, C["unavailable"], api_visibility="private")
     for g in groups:
         g.change(on_pick, [order, *groups], [order, user_audio], api_visibility="private")

@@ -292,10 +292,21 @@ def test_browser_stop_says_stopped_and_generation_ends(browser, server):
     page.click("#compare-btn")
     page.wait_for_selector("#live-0:has-text('TTFB')", timeout=120_000)
     page.click("#stop-btn")
+    page.wait_for_selector("#stop-note:has-text('generation was cancelled')", timeout=30_000)
     page.wait_for_selector("#status-0:has-text('stopped')", timeout=30_000)
     page.wait_for_selector("#overall:has-text('stopped after')", timeout=30_000)
     assert_stopped_in_time(wait_for_cancelled_record(server, started), 60)
-    assert "done" not in page.inner_text("#overall")
+    # The chained quality handler (nothing to score here) and Stop's own answer come after; neither may replace the
+    # comparison's last word.
+    time.sleep(2.0)
+    assert "stopped after" in page.inner_text("#overall") and "done" not in page.inner_text("#overall")
+    assert "generation was cancelled" in page.inner_text("#stop-note")
+    page.click("#compare-btn")   # a new comparison clears the old Stop's note
+    page.wait_for_function("() => !document.querySelector('#stop-note').innerText.includes('cancelled')",
+                           timeout=30_000)
+    page.wait_for_selector("#live-0:has-text('TTFB')", timeout=120_000)
+    page.click("#stop-btn")
+    page.wait_for_selector("#overall:has-text('stopped after')", timeout=60_000)
     page.close()
 
 
