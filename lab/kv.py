@@ -30,9 +30,19 @@ def to_mask(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dtype,
 
 
 class GrowingKV:
+    """`reserve(positions)` (the CPU loops): keys and values go into buffers allocated once and kept across requests,
+    and attention reads a view of the part filled so far. Without it, each step concatenates, as DynamicCache does,
+    which allocates and copies the whole cache of every layer every step."""
+
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
+        self.capacity = 0
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.reset()
+
+    def reserve(self, positions: int) -> None:
+        """Room for `positions` tokens; the buffers are (re)allocated at the next update if they are smaller."""
+        self.capacity = max(self.capacity, positions)
 
     def reset(self) -> None:
         self.keys: list[torch.Tensor | None] = [None] * self.num_layers
@@ -55,11 +65,29 @@ class GrowingKV:
         return positions[None], to_mask(keys[None, :] <= positions[:, None], attn_implementation, dtype)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        end = self.length + key.shape[-2]
+        if self.capacity:
+            return self._write(key, value, layer_idx, end)
         if self.keys[layer_idx] is None:
             self.keys[layer_idx], self.values[layer_idx] = key, value
         else:
             self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key], dim=-2)
             self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=-2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def _write(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, end: int):
+        if self._buffers is None or self._buffers[0][0].shape[-2] < max(end, self.capacity) or \
+                self._buffers[0][0].shape[:2] != key.shape[:2] or self._buffers[0][0].dtype != key.dtype:
+            shape = (*key.shape[:2], max(end, self.capacity), key.shape[-1])
+            self._buffers = [(key.new_empty(shape), key.new_empty(shape)) for _ in range(self.num_layers)]
+            for i, (k, v) in enumerate(self._buffers):   # what this request already wrote, into the new buffers
+                if self.keys[i] is not None:
+                    k[..., : self.keys[i].shape[-2], :].copy_(self.keys[i])
+                    v[..., : self.values[i].shape[-2], :].copy_(self.values[i])
+        keys, values = self._buffers[layer_idx]
+        keys[..., self.length: end, :].copy_(key)
+        values[..., self.length: end, :].copy_(value)
+        self.keys[layer_idx], self.values[layer_idx] = keys[..., :end, :], values[..., :end, :]
         return self.keys[layer_idx], self.values[layer_idx]
 
     def advance(self, n: int) -> None:

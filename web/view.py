@@ -22,6 +22,7 @@ SLOT_FIELDS = ("box", "header", "status", "player", "pcm", "live", "quality")
 # postprocessing, under the GIL the run loop's thread needs too) and the browser a re-render; per chunk, that
 # slowed the runs it was showing.
 UI_PERIOD_S = 0.25
+HEARTBEAT_S = 1.0   # with nothing to change, the page is still sent an empty update this often
 
 
 def status_html(done: int, total: int, text: str, kind: str = "info") -> str:
@@ -138,6 +139,7 @@ class CompareView:
         self.stage: dict[int, tuple[str, float, float]] = {}     # slot -> (stage, seconds then, when)
         self.started_at = time.perf_counter()
         self.holds_model = False
+        self._ticked: dict = {}   # what the last ticks sent, so a tick sends only what changed
         self.not_saved: str | None = None    # the history could not be written: said at the end too
 
     def start(self) -> dict:
@@ -152,7 +154,10 @@ class CompareView:
         return ui
 
     def tick(self) -> dict:
-        """Nothing new for a while: keep the build clocks moving, and say how long the model has been waited for."""
+        """Nothing new for a while: keep the build clocks moving, and say how long the model has been waited for.
+        Only what changed since the last tick (the clocks move in whole seconds): a page waiting in line would
+        otherwise be sent the same line ten times a second, and with many pages waiting those updates took the
+        CPU from the comparison on the model (16 clients on 2 cores: minutes instead of seconds)."""
         ui = {("status", slot): status_html(0, self.total, f"{stage} {s + time.perf_counter() - since:.0f} s")
               for slot, (stage, s, since) in self.stage.items()}
         if not self.holds_model and self.place is not None:
@@ -161,7 +166,9 @@ class CompareView:
                         if left_s is not None else "no measured runs of their presets yet to estimate from")
             ui["overall"] = status_html(0, 0, f"waiting for the model: {ahead} comparison{'s' * (ahead != 1)} ahead "
                                               f"({estimate}); waited {time.perf_counter() - self.started_at:.0f} s")
-        return ui
+        changed = {key: value for key, value in ui.items() if self._ticked.get(key) != value}
+        self._ticked.update(changed)
+        return changed
 
     def on(self, event) -> dict:
         handler = getattr(self, f"_on_{type(event).__name__.lower()}", None)
@@ -175,9 +182,13 @@ class CompareView:
             for key, value in (self.tick() if event is None else self.on(event)).items():
                 pending[key] = _joined(pending.get(key), value) if key[0] == "player" else value
             urgent = isinstance(event, session.RunStarted) and event.heard
-            if pending and (urgent or event is None or time.perf_counter() - sent_at >= UI_PERIOD_S):
+            now = time.perf_counter()
+            if pending and (urgent or event is None or now - sent_at >= UI_PERIOD_S):
                 yield pending
-                pending, sent_at = {}, time.perf_counter()
+                pending, sent_at = {}, now
+            elif event is None and now - sent_at >= HEARTBEAT_S:
+                yield {}   # nothing to change; the handler still yields, which is how a closed page is noticed
+                sent_at = now
         if pending:
             yield pending
 

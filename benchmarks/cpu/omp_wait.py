@@ -30,9 +30,8 @@ def child() -> None:
     if os.environ.get("INTEROP_THREADS"):
         torch.set_num_interop_threads(int(os.environ["INTEROP_THREADS"]))
     sys.path.insert(0, ROOT)
-    from transformers import DynamicCache
-
     from lab.engines import pocket_tts
+    from lab.kv import GrowingKV
     from lab.spec import VariantSpec
 
     model, _, _ = pocket_tts.load(VariantSpec(family="pocket_tts", weights="random", quantization="int8-dynamic"))
@@ -43,16 +42,16 @@ def child() -> None:
         per_frame = []
         with torch.no_grad():
             for _ in range(3):
-                cache = DynamicCache(config=cfg)
+                kv = GrowingKV(cfg.num_hidden_layers)
                 ids = torch.arange(30)[None] % 200
                 ids[0, -1] = cfg.audio_bos_token_id
-                outputs = model(input_ids=ids, cache=cache, use_cache=True)
-                step_ids = torch.full((1, 1), cfg.audio_latent_token_id)
+                kv.reserve(ids.shape[1] + 25)
+                hidden = pocket_tts.prefill(model, ids, kv)
                 zeros = torch.zeros(1, cfg.latent_dim)
-                latent, _ = pocket_tts.next_latent(model, outputs, zeros, 1)
+                latent, _ = pocket_tts.next_latent(model, hidden, zeros, 1)
                 t0 = time.perf_counter()
                 for _ in range(25):
-                    latent, _ = pocket_tts.frame_step(model, step_ids, latent[:, None, :].clone(), cache, zeros, 1)
+                    latent, _ = pocket_tts.frame_step(model, latent[:, None, :].clone(), kv, zeros, 1)
                 per_frame.append((time.perf_counter() - t0) / 25 * 1e3)
         out[f"{threads}_threads_ms_per_frame"] = statistics.median(per_frame)
     out["load_average_1min"] = os.getloadavg()[0]

@@ -24,11 +24,11 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
 from lab.engines import AudioChunk, Engine, Progress
 from lab.engines import torch_common as tc
 from lab.errors import Cancelled
+from lab.kv import GrowingKV, run_layers
 from lab.metrics import Timeline
 from lab.request import Request
 from lab.spec import VariantSpec
@@ -92,20 +92,37 @@ def load(spec: VariantSpec):
     return model.eval(), codec.to(spec.device, dtype).eval(), processor
 
 
-def next_latent(model, outputs, noise: torch.Tensor, num_flow_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """From the backbone's last hidden state: the next normalised latent (1, latent_dim) and its
-    end-of-speech logit (1,), as `generate` computes them."""
-    condition = outputs.last_hidden_state[:, -1, :]
-    eos_logit = outputs.logits[:, -1, 0].float()
+def next_latent(model, hidden: torch.Tensor, noise: torch.Tensor, num_flow_steps: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the backbone's last hidden state (1, positions, hidden): the next normalised latent (1, latent_dim) and
+    its end-of-speech logit (1,), as `generate` computes them."""
+    condition = hidden[:, -1, :]
+    eos_logit = model.eos_head(condition)[:, 0].float()
     return model.sample_latent(condition, noise, num_flow_steps), eos_logit
 
 
-def frame_step(model, step_ids: torch.Tensor, prev_latent: torch.Tensor, cache, noise: torch.Tensor,
+def prompt_embeds(model, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """The prompt's input embeddings, as `PocketTTSModel.forward` builds them: token embeddings, with the learnt BOS
+    latent at the audio BOS position (the prompt's last), through the same projection as generated latents."""
+    backbone = model.model
+    bos = backbone.embed_audio_latents(backbone.bos_latent)
+    embeds = backbone.embed_tokens(prompt_ids)
+    return torch.where((prompt_ids == model.config.audio_bos_token_id)[..., None], bos.to(embeds.dtype), embeds)
+
+
+def prefill(model, prompt_ids: torch.Tensor, kv: GrowingKV) -> torch.Tensor:
+    """The backbone over the whole prompt; its last hidden state is the first frame's condition."""
+    return run_layers(model.model, prompt_embeds(model, prompt_ids), kv)
+
+
+def frame_step(model, prev_latent: torch.Tensor, kv: GrowingKV, noise: torch.Tensor,
                num_flow_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One frame: the backbone on the previous latent (one new cache position), then the flow head.
-    This is the function `compile: inductor` compiles; every variant runs it."""
-    outputs = model(input_ids=step_ids, audio_latents=prev_latent, cache=cache, use_cache=True)
-    return next_latent(model, outputs, noise, num_flow_steps)
+    """One frame: the backbone on the previous latent (one new cache position), then the flow head. The model's own
+    layers and heads, called by lab.kv.run_layers rather than through `model.forward`, whose per-call work (the
+    token embedding and masks of a general forward, a mask builder, output bookkeeping) a one-position step does not
+    need. This is the function `compile: inductor` compiles; every variant runs it."""
+    hidden = run_layers(model.model, model.model.embed_audio_latents(prev_latent), kv)
+    return next_latent(model, hidden, noise, num_flow_steps)
 
 
 class PocketTTSEngine(Engine):
@@ -129,7 +146,9 @@ class PocketTTSEngine(Engine):
         step = tc.compile_own(frame_step) if spec.compile == "inductor" else frame_step
         # The pinned attention kernel (sdpa-flash) wraps the model's calls only, as in the CSM engine.
         self.step = tc.with_attention(spec, step)
-        self.prefill = tc.with_attention(spec, lambda ids, cache: model(input_ids=ids, cache=cache, use_cache=True))
+        self.prefill = tc.with_attention(spec, prefill)
+        # One cache for the engine's requests (one at a time): its buffers are allocated once, then reused.
+        self.kv = GrowingKV(model.config.num_hidden_layers)
         self.stand_in = None if processor is not None else tc.ByteTokenizer(
             vocab_size=min(self._placeholder_ids()), bos_id=None)
         self._latents: list[torch.Tensor] = []  # the latest request's normalised latents, one (1, latent_dim) a frame
@@ -180,18 +199,19 @@ class PocketTTSEngine(Engine):
         timeline.sync = self.sync
         timeline.mark("request")
         cfg, dtype = self.model.config, self.model.dtype
-        cache = DynamicCache(config=cfg)
+        kv = self.kv
+        kv.reset()
         generator = torch.Generator(self.device).manual_seed(request.seed)
         noise_scale = math.sqrt(request.temperature)
         self.decoder.reset()
         timeline.mark("session")
 
         prompt_ids, frames_after_eos = self.build_prompt(request)
-        outputs = self.prefill(prompt_ids, cache)
+        max_frames = self.max_frames(request, prompt_ids)
+        kv.reserve(prompt_ids.shape[1] + max_frames)
+        hidden = self.prefill(self.model, prompt_ids, kv)
         timeline.mark("prefill")
 
-        max_frames = self.max_frames(request, prompt_ids)
-        step_ids = torch.full((1, 1), cfg.audio_latent_token_id, device=self.device)
         zeros = torch.zeros(1, cfg.latent_dim, device=self.device, dtype=dtype)
         emitter = ChunkEmitter(self.spec, timeline, self.sample_rate)
         self._latents = []
@@ -204,11 +224,10 @@ class PocketTTSEngine(Engine):
             noise = zeros if noise_scale == 0 else noise_scale * torch.randn(
                 1, cfg.latent_dim, device=self.device, dtype=dtype, generator=generator)
             if frame_index == 0:   # the prefill already ran the backbone for this frame
-                latent, eos_logit = next_latent(self.model, outputs, noise, self.num_flow_steps)
-                del outputs
+                latent, eos_logit = next_latent(self.model, hidden, noise, self.num_flow_steps)
+                del hidden
             else:  # a fresh contiguous (1, 1, latent_dim) input, so a compiled step keeps one stride
-                latent, eos_logit = self.step(self.model, step_ids, latent[:, None, :].clone(), cache, noise,
-                                              self.num_flow_steps)
+                latent, eos_logit = self.step(self.model, latent[:, None, :].clone(), kv, noise, self.num_flow_steps)
             timeline.frame()
             if frame_index == 0:
                 timeline.mark("first_frame")
