@@ -83,7 +83,9 @@ def test_16_concurrent_clients_each_get_their_own_runs_without_error(server, out
 
     def one(i):
         try:
-            results[i] = compare(clients[i], outputs, timeout=300, text=f"Client number {i} speaks.",
+            # Through the line one after another: on CI's 2 cores all 16 took 250-290 s (each waiting page's own
+            # updates cost the server time too); the bound is for a hang, not a speed check.
+            results[i] = compare(clients[i], outputs, timeout=600, text=f"Client number {i} speaks.",
                                  seed=1000 + i, max_audio_s=caps[i], runs=1, csm=["csm-tiny"])
         except Exception as e:   # reported below, with its client
             errors[i] = repr(e)
@@ -92,7 +94,7 @@ def test_16_concurrent_clients_each_get_their_own_runs_without_error(server, out
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=400)
+        t.join(timeout=700)
     assert not errors, errors
     records = history_records(server)
     for i, out in results.items():
