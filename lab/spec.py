@@ -38,6 +38,7 @@ CHOICES = {
     "prefill": ("batched", "per-segment"),
     "init_tts": ("build", "request"),
     "streaming": ("per-sentence", "whole"),
+    "decode": ("inline", "thread"),
 }
 
 
@@ -66,6 +67,9 @@ class VariantSpec:
     # core less one (lab.engines.torch_common.AUTO_THREADS).
     threads: str = "auto"
     max_streams: int = 1            # csm: above 1, that many listeners share one batched frame step at once
+    # pocket_tts: the codec decodes each chunk in the frame loop (inline), or while a thread of its own makes the next
+    # chunk's frames (thread): on the CPU the decode then runs on a second core.
+    decode: str = "inline"
 
     def identity(self) -> dict:
         """What makes the variant: every field but the labels, with the family's default model filled in."""
@@ -257,6 +261,9 @@ def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
                               f"max_chunk_frames); streaming: {spec.streaming} is for hibari; remove the field")
     if spec.max_streams != 1:
         _validate_batched(spec, where)
+    if spec.decode != "inline" and spec.family != "pocket_tts":
+        raise LabError(where, f"decode: {spec.decode} is implemented for pocket_tts only (csm decodes inside its "
+                              f"frame graph on the GPU); remove the field")
     if not fam["torch"]:
         defaults = VariantSpec(family=spec.family)
         for axis in ("device", "dtype", "attention", "compile", "kernels", "quantization"):

@@ -12,6 +12,8 @@ chunk of a given size has fixed shapes and no host sync: it can be captured in a
 """
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -85,6 +87,52 @@ class ChunkEmitter:
         chunk = AudioChunk(samples, self.sample_rate, self.index)
         self.index += 1
         return chunk
+
+
+def ahead(items: Iterator, threads: int) -> Iterator:
+    """Runs the iterator `items` on a thread of its own and yields its items here as they come, so the caller's
+    work on one item (a codec decode) overlaps the making of the next (the frame loop): on the CPU, two cores instead
+    of one in turn. Its exception is raised here, after the items before it. Closing this generator stops `items` at
+    its next item and waits for its thread, so the engine's state is free when this returns. `threads`: torch's
+    intra-op threads in that thread (OpenMP's setting is per thread). The first item is handled alone: the thread
+    waits until the caller asks for the second, so nothing competes with the work that sets the TTFB."""
+    out: queue.Queue = queue.Queue()
+    stop, first_handled = threading.Event(), threading.Event()
+    end = object()
+
+    def run():
+        torch.set_num_threads(threads)
+        try:
+            for index, item in enumerate(items):
+                out.put(item)
+                if index == 0:
+                    first_handled.wait()
+                if stop.is_set():
+                    break
+        except BaseException as e:   # handed to the caller's thread, which raises it
+            out.put(_Raised(e))
+        finally:
+            if hasattr(items, "close"):
+                items.close()
+            out.put(end)
+
+    worker = threading.Thread(target=run, daemon=True, name="frames ahead")
+    worker.start()
+    try:
+        while (item := out.get()) is not end:
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+            first_handled.set()
+    finally:
+        stop.set()
+        first_handled.set()
+        worker.join()
+
+
+@dataclass
+class _Raised:
+    error: BaseException
 
 
 def _is_conv(m: nn.Module) -> bool:

@@ -184,3 +184,70 @@ def test_threads_axis_sets_torch_threads_for_each_request(engine):
         assert record["threads"] == torch.get_num_threads() == pocket_tts.tc.AUTO_THREADS
     finally:
         one.close()
+
+
+@pytest.fixture(scope="module")
+def threaded():
+    eng = pocket_tts.build(tiny_spec(decode="thread"), lambda stage, seconds: None)
+    yield eng
+    eng.close()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_decode_on_its_own_thread_gives_the_inline_audio(engine, threaded, temperature):
+    inline, _ = run(engine, max_audio_s=2.0, temperature=temperature, seed=3)
+    chunks, timeline = run(threaded, max_audio_s=2.0, temperature=temperature, seed=3)
+
+    torch.testing.assert_close(threaded.last_latents, engine.last_latents, atol=0, rtol=0)
+    assert [len(c.samples) for c in chunks] == [len(c.samples) for c in inline]
+    np.testing.assert_array_equal(audio_of(chunks), audio_of(inline))
+    assert timeline.chunks[0][0] < timeline.frames[-1]
+    assert [name for name, _ in timeline.events] == ["request", *PHASES]
+
+
+def test_decode_thread_makes_the_next_frames_while_a_chunk_decodes(threaded):
+    # The frame loop runs ahead of the decode: by the time the caller holds chunk 2, frames past it exist.
+    stream = threaded.stream(Request(text=TEXT, max_audio_s=2.0), timeline := Timeline())
+    for _ in range(2):
+        next(stream)
+    time.sleep(0.2)   # the caller is slow: the loop keeps making frames meanwhile
+    frames_seen = len(timeline.frames)
+    rest = list(stream)
+
+    assert frames_seen > 1 + 2   # chunk sizes 1, 2: more frames than the two chunks handed out
+    assert sum(c.audio_s for c in rest) > 0
+
+
+def test_decode_thread_cancel_and_an_early_close_free_the_engine(threaded):
+    cancel, timeline = threading.Event(), Timeline()
+    stream = threaded.stream(Request(text=TEXT, max_audio_s=5.0), timeline, cancel)
+    next(stream)
+    cancel.set()
+    with pytest.raises(Cancelled):
+        list(stream)
+    frames = len(timeline.frames)
+    time.sleep(0.1)
+    assert len(timeline.frames) == frames   # the frame loop's thread has ended
+
+    stream = threaded.stream(Request(text=TEXT, max_audio_s=5.0), Timeline())
+    next(stream)
+    stream.close()   # a page that went away: the thread stops at its next chunk, and the lock is free
+    assert not threaded.busy()
+    chunks, _ = run(threaded, max_audio_s=0.5)
+    assert sum(c.audio_s for c in chunks) == pytest.approx(round(0.5 / FRAME_S) * FRAME_S)
+
+
+def test_decode_thread_hands_a_frame_loop_failure_to_the_caller(threaded, monkeypatch):
+    calls = []
+
+    def failing_step(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("step failed")
+        return pocket_tts.frame_step(*args)
+
+    monkeypatch.setattr(threaded, "step", failing_step)
+    stream = threaded.stream(Request(text=TEXT, max_audio_s=2.0), Timeline())
+    with pytest.raises(RuntimeError, match="step failed"):
+        list(stream)
+    assert not threaded.busy()

@@ -114,6 +114,12 @@ def test_cpu_int8_needs_float32_pocket_tts_and_int8_dynamic_stays_eager():
     assert from_dict({"family": "pocket_tts", "quantization": "int8-torchao", "compile": "inductor"})
 
 
+
+def test_decode_thread_is_pocket_tts_only():
+    assert from_dict({"family": "pocket_tts", "decode": "thread"}).decode == "thread"
+    assert "decode: thread is implemented for pocket_tts only" in refused({"family": "csm", "decode": "thread"})
+    assert "decode: 'async' is not one of inline|thread" in refused({"family": "pocket_tts", "decode": "async"})
+
 def test_torchao_missing_is_a_sentence_with_the_install(monkeypatch):
     monkeypatch.setattr(env, "has_package", lambda name: name != "torchao")
     refusal = machine.check(from_dict({"family": "pocket_tts", "weights": "tiny", "quantization": "int8-torchao"}))

@@ -1,5 +1,5 @@
-"""Pocket TTS on this CPU (issue 12): float32 eager, float32 inductor, int8-dynamic and int8-torchao, each at 1 and
-2 threads, and the model's own `generate()` at 1 and 2 threads, in one process. Random weights at real size:
+"""Pocket TTS on this CPU (issue 12): float32 eager, float32 inductor, int8-dynamic and int8-torchao, and
+int8-dynamic with the codec decoding on its own thread (decode: thread), each at 1 and 2 threads, and the model's own `generate()` at 1 and 2 threads, in one process. Random weights at real size:
 latency only, the audio is noise.
 
 The variants take turns run by run (one cold run each, then `--runs` rounds of one warm run of every variant and
@@ -29,7 +29,8 @@ from lab.manager import ModelManager  # noqa: E402
 from lab.metrics import summarize  # noqa: E402
 from lab.request import Request  # noqa: E402
 
-PRESETS = ("pocket-tts-cpu", "pocket-tts-cpu-inductor", "pocket-tts-cpu-int8", "pocket-tts-cpu-torchao")
+PRESETS = ("pocket-tts-cpu", "pocket-tts-cpu-inductor", "pocket-tts-cpu-int8", "pocket-tts-cpu-torchao",
+           "pocket-tts-cpu-int8-decode-thread")
 THREADS = ("1", "2")
 REFERENCE = "pocket-tts-cpu"   # float32 eager: what the int8 errors are measured against
 
@@ -120,6 +121,7 @@ def main() -> int:
         ref = f"{REFERENCE}@{spec.threads}t"
         summary["variants"][spec.name] = {
             "quantization": spec.quantization, "compile": spec.compile, "threads": int(spec.threads),
+            "decode": spec.decode,
             "ttfb_ms": spread([r["ttfb_ms"] for r in warm]),
             "steady_rtf": spread([r["steady_rtf"] for r in warm]),
             "per_frame_ms": spread(per_frame),

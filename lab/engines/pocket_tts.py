@@ -32,7 +32,7 @@ from lab.kv import GrowingKV, run_layers
 from lab.metrics import Timeline
 from lab.request import Request
 from lab.spec import VariantSpec
-from lab.streaming import ChunkEmitter, StreamingMimiDecoder, frames_for
+from lab.streaming import ChunkEmitter, StreamingMimiDecoder, ahead, frames_for
 
 # `generate`'s defaults when the checkpoint's generation config does not set them (_GENERATION_DEFAULTS).
 GENERATION_DEFAULTS = {"num_flow_steps": 1, "eos_threshold": -4.0, "min_frames_before_eos": 6}
@@ -193,11 +193,25 @@ class PocketTTSEngine(Engine):
         `audio_latents` and what a whole-utterance decode takes."""
         return self.model.denormalize_latents(torch.stack(self._latents, dim=1))
 
-    @torch.no_grad()
     def _stream(self, request: Request, timeline: Timeline,
                 cancel: threading.Event | None) -> Iterator[AudioChunk]:
         timeline.sync = self.sync
         timeline.mark("request")
+        emitter = ChunkEmitter(self.spec, timeline, self.sample_rate)
+        chunks = self._latent_chunks(request, timeline, cancel, emitter)
+        if self.spec.decode == "thread":
+            # The frames of the next chunk are made on a thread of their own while this one decodes the last: on
+            # two cores the codec's share of a frame (a third of it, int8 on one thread) leaves the loop's path.
+            chunks = ahead(chunks, threads=self.threads)
+        for latents, first in chunks:
+            # No pinned kernel here: the codec's windowed attention passes a mask, which the flash kernel refuses.
+            with torch.no_grad():
+                yield emitter.emit(self.decode(latents, first))
+
+    @torch.no_grad()
+    def _latent_chunks(self, request: Request, timeline: Timeline, cancel: threading.Event | None,
+                       emitter: ChunkEmitter) -> Iterator[tuple[list[torch.Tensor], bool]]:
+        """The frame loop: each chunk's latents as it falls due, and whether it is the first."""
         cfg, dtype = self.model.config, self.model.dtype
         kv = self.kv
         kv.reset()
@@ -213,9 +227,9 @@ class PocketTTSEngine(Engine):
         timeline.mark("prefill")
 
         zeros = torch.zeros(1, cfg.latent_dim, device=self.device, dtype=dtype)
-        emitter = ChunkEmitter(self.spec, timeline, self.sample_rate)
         self._latents = []
         frames_left = None  # frames still to make once end of speech is heard
+        chunks_taken = 0
         timeline.mark("generator")
 
         for frame_index in range(max_frames):
@@ -242,11 +256,10 @@ class PocketTTSEngine(Engine):
             finished = frames_left == 0 or frame_index == max_frames - 1
             if not emitter.due(finished):
                 continue
-            # No pinned kernel here: the codec's windowed attention passes a mask, which the flash kernel refuses.
-            yield emitter.emit(self.decode(emitter.take(), first=emitter.index == 0))
+            yield emitter.take(), chunks_taken == 0
+            chunks_taken += 1
             if finished:
                 return
-
 
 def build(spec: VariantSpec, progress: Progress) -> PocketTTSEngine:
     clock, baseline_bytes, (model, codec, processor), load_s = tc.begin_build(spec, progress, lambda: load(spec))
