@@ -165,6 +165,48 @@ def breakdown(engine) -> list[dict]:
     return out
 
 
+KERNEL_KINDS = (("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90")), ("attention", ("fmha", "flash", "attention")),
+                ("convolution", ("conv", "cudnn", "implicit", "winograd")), ("copy", ("memcpy", "memset", "copy")))
+
+
+def profile(engine, rows: int, length: int) -> dict:
+    """Where the batched step's device time goes at `rows` rows, by kernel: torch.profiler over the step run
+    eagerly (a graph replays the same kernels, without the launch gaps between them). Diagnostic only."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    rows, steps = min(rows, engine.rows), 3
+    cuda = engine.device.type == "cuda"   # --smoke profiles the CPU's operators instead
+    spent = "self_device_time_total" if cuda else "self_cpu_time_total"
+    engine.use_graphs = False
+    try:
+        for _ in range(2):
+            engine._run_step(rows, length, False)
+        engine.sync()
+        with torch_profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                engine._run_step(rows, length, False)
+            engine.sync()
+    finally:
+        engine.use_graphs = engine.graphed
+        engine.row_codec.reset()
+        engine.row_kv.pos.zero_()
+    events = [e for e in prof.key_averages() if getattr(e, spent, 0) > 0]
+    events.sort(key=lambda e: getattr(e, spent), reverse=True)
+    total_ms = sum(getattr(e, spent) for e in events) / 1e3 / steps
+    kinds: dict[str, float] = {}
+    for e in events:
+        kind = next((k for k, words in KERNEL_KINDS if any(w in e.key.lower() for w in words)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + getattr(e, spent) / 1e3 / steps
+    top = [{"kernel": e.key[:160], "calls": e.count // steps, "ms": getattr(e, spent) / 1e3 / steps}
+           for e in events[:40]]
+    log(f"profile rows {rows} kv {length}: {total_ms:.1f} ms of kernels a step; "
+        + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    for t in top[:25]:
+        log(f"  {t['ms']:7.3f} ms {t['calls']:5d}x  {t['kernel']}")
+    return {"rows": rows, "length": length, "kernel_ms_per_step": total_ms, "by_kind_ms": kinds, "top": top}
+
+
 def sweep(engine, levels: list[int], rates: list[float], poisson_s: float) -> dict:
     out = {"together": [], "poisson": []}
     for n in levels:
@@ -291,7 +333,7 @@ def main() -> int:
     parser.add_argument("--rates", default="50,150,300")
     parser.add_argument("--poisson-s", type=float, default=6.0)
     parser.add_argument("--smoke", action="store_true", help="tiny weights on the CPU: tries the script, measures nothing")
-    parser.add_argument("--skip", default="", help="comma list of parts to leave out: checks,batch1,generate")
+    parser.add_argument("--skip", default="", help="comma list of parts to leave out: checks,bucket_times,sweep,breakdown,profile,batch1,generate")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
@@ -319,7 +361,8 @@ def main() -> int:
     parts = [("checks", lambda: checks(engine)), ("bucket_times", lambda: bucket_times(engine)),
              ("sweep", lambda: sweep(engine, [n for n in map(int, args.levels.split(",")) if n <= engine.rows],
                                      [float(r) for r in args.rates.split(",")], args.poisson_s)),
-             ("breakdown", lambda: breakdown(engine))]   # last: its extra graphs take memory the sweep needs
+             ("breakdown", lambda: breakdown(engine)),   # after the sweep: its extra graphs take memory the sweep needs
+             ("profile", lambda: [profile(engine, rows, engine.length_buckets[0]) for rows in (256, 1024)])]
     def run_parts(named) -> None:
         """Each part in turn; one that fails is recorded and the rest still run (the device time is spent anyway)."""
         for name, part in named:
