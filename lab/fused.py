@@ -500,3 +500,95 @@ class TritonKernels:
         _argmax_kernel[(logits.shape[0],)](logits, out, logits.shape[1], logits.stride(0),
                                            BLOCK=triton.next_power_of_2(logits.shape[1]), **_launch(4, self.pdl))
         return out
+
+
+# -- attention for many streams at once (the batched engine) -------------------------------------------------------
+ROWS_ATTENTION = "lab_rows"   # the name the batched engine's stacks are given in transformers' AttentionInterface
+ROWS_ATTENTION_MAX_QUERIES = 64   # queries per (row, kv head) program: a decode step's, never a prompt's
+ROWS_ATTENTION_SLOTS = 64         # keys per step of the online softmax
+
+
+@triton.jit
+def _rows_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, scale, keys,
+                           sq_r, sq_h, sq_n, sk_r, sk_h, sk_l, sv_r, sv_h, sv_l, sm_r, sm_n, so_r, so_h, so_n,
+                           N: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BQ: tl.constexpr,
+                           BS: tl.constexpr):
+    """One program per (stream row, kv head): the GROUP query heads that share that kv head, times the step's N
+    tokens, as one block of queries, so each key and value is read once for all of them and the scores are a matrix
+    product. The row's own mask says which slots each token may attend to; softmax in float32, online over blocks
+    of BS slots."""
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    i = tl.arange(0, BQ)
+    head = kv_head * GROUP + i // N
+    token = i % N
+    live = i < GROUP * N
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + row * sq_r + head[:, None] * sq_h + token[:, None] * sq_n + d[None, :], mask=live[:, None],
+                other=0.0)
+    best = tl.full([BQ], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BQ], dtype=tl.float32)
+    acc = tl.zeros([BQ, HEAD_DIM], dtype=tl.float32)
+    for s0 in range(0, keys, BS):
+        s = s0 + tl.arange(0, BS)
+        inside = s < keys
+        k = tl.load(k_ptr + row * sk_r + kv_head * sk_h + s[:, None] * sk_l + d[None, :], mask=inside[:, None],
+                    other=0.0)
+        allowed = tl.load(mask_ptr + row * sm_r + token[:, None] * sm_n + s[None, :],
+                          mask=live[:, None] & inside[None, :], other=0)
+        score = tl.where(allowed != 0, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        new_best = tl.maximum(best, tl.max(score, axis=1))
+        base = tl.where(new_best == float("-inf"), 0.0, new_best)   # no slot allowed yet: keep exp() finite
+        p = tl.exp(score - base[:, None])
+        shrink = tl.exp(best - base)
+        v = tl.load(v_ptr + row * sv_r + kv_head * sv_h + s[:, None] * sv_l + d[None, :], mask=inside[:, None],
+                    other=0.0)
+        acc = acc * shrink[:, None] + tl.dot(p.to(v.dtype), v)
+        total = total * shrink + tl.sum(p, axis=1)
+        best = new_best
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]   # a row that may attend nowhere (a free slot): zeros
+    tl.store(out_ptr + row * so_r + head[:, None] * so_h + token[:, None] * so_n + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=live[:, None])
+
+
+def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """query (rows, heads, n, head_dim), key and value (rows, kv heads, slots, head_dim), allowed (rows, 1, n, slots)
+    boolean, or (1, 1, n, slots) shared by every row; returns (rows, n, heads, head_dim), the layout transformers'
+    attention functions return."""
+    rows, heads, n, head_dim = query.shape
+    kv_heads, slots = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    out = torch.empty(rows, n, heads, head_dim, dtype=query.dtype, device=query.device)
+    block = max(16, triton.next_power_of_2(group * n))
+    _rows_attention_kernel[(rows, kv_heads)](
+        query, key, value, allowed, out, scale, slots, query.stride(0), query.stride(1), query.stride(2),
+        key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2),
+        allowed.stride(0) if allowed.shape[0] > 1 else 0, allowed.stride(2), out.stride(0), out.stride(2), out.stride(1),
+        N=n, GROUP=group, HEAD_DIM=head_dim, BQ=block, BS=ROWS_ATTENTION_SLOTS, num_warps=4)
+    return out
+
+
+def rows_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' attention-function signature: a decode step over per-row masks (the batched engine's) runs the
+    kernel above; anything else (a prompt, a mask of another form) goes to transformers' SDPA function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if (attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4
+            or attention_mask.shape[1] != 1 or attention_mask.shape[0] not in (1, query.shape[0]) or heads % kv_heads or query.stride(-1) != 1 or key.stride(-1) != 1
+            or value.stride(-1) != 1 or attention_mask.stride(-1) != 1
+            or (heads // kv_heads) * query.shape[2] > ROWS_ATTENTION_MAX_QUERIES):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return rows_attention(query, key, value, attention_mask, scale), None
+
+
+def use_rows_attention(*stacks: torch.nn.Module) -> None:
+    """Point these stacks' attention at rows_attention_forward (their masks stay SDPA's boolean form)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ROWS_ATTENTION, rows_attention_forward)
+    for stack in stacks:
+        stack.config._attn_implementation = ROWS_ATTENTION

@@ -10,6 +10,7 @@ DIR/concurrency.json (every level's per-stream figures, the checks, the environm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -207,6 +208,88 @@ def profile(engine, rows: int, length: int) -> dict:
     return {"rows": rows, "length": length, "kernel_ms_per_step": total_ms, "by_kind_ms": kinds, "top": top}
 
 
+def attention_stacks(engine) -> list:
+    """The three stacks a batched frame attends in: backbone, depth decoder, and the codec's decoder transformer."""
+    return [engine.model.backbone_model, engine.model.depth_decoder.model,
+            engine.model.codec_model.decoder.decoder_transformer]
+
+
+def attention_options(engine, rows_list=(64, 256, 1024)) -> list[dict]:
+    """The batched step (KV length 256, greedy, codec included) captured with each attention kernel, from the same
+    state: SDPA as it chooses (cuDNN's flash kernel here), SDPA pinned to its memory-efficient and math kernels, and
+    lab.fused.rows_attention (one program per row and kv head). Times, and codes against SDPA's. Diagnostic."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lab import fused
+    from lab.engines import torch_common as tc
+
+    if not engine.use_graphs:
+        return []
+    length = engine.length_buckets[0]
+    hidden0 = torch.randn(engine.rows, engine.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(
+        engine.hidden_rows)
+    options = {"sdpa": None, "sdpa efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa math": SDPBackend.MATH,
+               fused.ROWS_ATTENTION: "rows"}
+    out = []
+    for rows in [r for r in rows_list if r <= engine.rows]:
+        reference = None
+        for label, option in options.items():
+            def fresh():
+                engine.row_kv.pos.zero_()
+                engine.row_codec.reset()
+                engine.hidden_rows.copy_(hidden0)
+            fresh()
+            engine._bind(rows, length)
+            stacks = attention_stacks(engine)
+            before = [s.config._attn_implementation for s in stacks]
+            try:
+                if option == "rows":
+                    fused.use_rows_attention(*stacks)
+                context = sdpa_kernel([option]) if isinstance(option, SDPBackend) else contextlib.nullcontext()
+                with context:
+                    graph, (codes, audio) = tc.capture_graph(lambda: engine._batch_step(rows, False), warmup_runs=2,
+                                                             pool=engine.pool)
+                fresh()
+                graph.replay()
+                codes = codes.clone()
+                audio = audio.float().clone()
+                ms = statistics.median(replay_ms(graph, 15))
+                row = {"rows": rows, "attention": label, "ms": ms}
+                if reference is None:
+                    reference = codes, audio
+                else:
+                    row["codes_equal_to_sdpa"] = float((codes == reference[0]).float().mean())
+                    row["audio_rel_diff"] = float((audio - reference[1]).norm() / reference[1].norm().clamp(min=1e-9))
+                del graph
+            except Exception as e:
+                row = {"rows": rows, "attention": label, "error": f"{type(e).__name__}: {e}"}
+            finally:
+                for s, b in zip(stacks, before):
+                    s.config._attn_implementation = b
+            out.append(row)
+            log(f"attention rows {rows:5d} {label:15s}: {row}")
+    engine.row_kv.pos.zero_()
+    engine.row_codec.reset()
+    return out
+
+
+def sweep_with_rows_attention(engine, levels, rates, poisson_s) -> dict:
+    """The sweep again with lab.fused.rows_attention in every stack, its graphs captured anew."""
+    from lab import fused
+
+    if not engine.use_graphs:
+        return {}
+    fused.use_rows_attention(*attention_stacks(engine))
+    engine.step_graphs.clear()
+    torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    engine.capture_graphs()
+    log(f"captured {len(engine.step_graphs)} graphs with {fused.ROWS_ATTENTION} in {time.perf_counter() - t0:.1f} s")
+    result = sweep(engine, levels, rates, poisson_s)
+    result["bucket_times"] = bucket_times(engine)
+    return result
+
+
 def sweep(engine, levels: list[int], rates: list[float], poisson_s: float) -> dict:
     out = {"together": [], "poisson": []}
     for n in levels:
@@ -362,7 +445,11 @@ def main() -> int:
              ("sweep", lambda: sweep(engine, [n for n in map(int, args.levels.split(",")) if n <= engine.rows],
                                      [float(r) for r in args.rates.split(",")], args.poisson_s)),
              ("breakdown", lambda: breakdown(engine)),   # after the sweep: its extra graphs take memory the sweep needs
-             ("profile", lambda: [profile(engine, rows, engine.length_buckets[0]) for rows in (256, 1024)])]
+             ("profile", lambda: [profile(engine, rows, engine.length_buckets[0]) for rows in (256, 1024)]),
+             ("attention", lambda: attention_options(engine)),
+             ("sweep_rows_attention", lambda: sweep_with_rows_attention(
+                 engine, [n for n in map(int, args.levels.split(",")) if n <= engine.rows],
+                 [float(r) for r in args.rates.split(",")], args.poisson_s))]
     def run_parts(named) -> None:
         """Each part in turn; one that fails is recorded and the rest still run (the device time is spent anyway)."""
         for name, part in named:
