@@ -225,6 +225,7 @@ def attention_options(engine, rows_list=(64, 256, 1024)) -> list[dict]:
 
     if not engine.use_graphs:
         return []
+    torch.cuda.empty_cache()   # what the sweep's crowd prefills left cached: the extra graphs need it
     length = engine.length_buckets[0]
     hidden0 = torch.randn(engine.rows, engine.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(
         engine.hidden_rows)
