@@ -53,16 +53,18 @@ def check(spec: VariantSpec, weights_here=None) -> Refusal | None:
     if spec.attention == "flash_attention_2" and not env.has_package("flash_attn"):
         return _missing("flash-attn", "flash-attn", "attention: flash_attention_2 needs it; attention: sdpa-flash "
                                                     "uses PyTorch's built-in FlashAttention-2 kernel instead")
-    if spec.kernels == "triton":
+    for axis, fix in (("kernels", "kernels: torch"), ("attention", "attention: sdpa")):
+        if getattr(spec, axis) != "triton":
+            continue
         if spec.device != "cuda" and not env.triton_interpreted():
-            return Refusal(NO_GPU, "kernels: triton runs on a CUDA GPU (on the CPU only under TRITON_INTERPRET=1, "
-                                   "for tests); use device: cuda, or kernels: torch")
+            return Refusal(NO_GPU, f"{axis}: triton runs on a CUDA GPU (on the CPU only under TRITON_INTERPRET=1, "
+                                   f"for tests); use device: cuda, or {fix}")
         if not env.has_package("triton"):
-            return _missing("triton", "triton", "kernels: triton needs it (CUDA builds of torch ship it)")
+            return _missing("triton", "triton", f"{axis}: triton needs it (CUDA builds of torch ship it)")
         if spec.device == "cuda" and env.cuda_capability() < (8, 0):
             major, minor = env.cuda_capability()
-            return Refusal(OLD_GPU, f"kernels: triton needs a GPU of compute capability 8.0 or newer (bf16 loads; "
-                                    f"this one is {major}.{minor}); use kernels: torch")
+            return Refusal(OLD_GPU, f"{axis}: triton needs a GPU of compute capability 8.0 or newer (bf16 loads; "
+                                    f"this one is {major}.{minor}); use {fix}")
     if spec.weights == "pretrained" and FAMILIES[spec.family]["torch"] and not (weights_here or weights_available)(spec):
         fetch = f"huggingface-cli download {spec.model_id}" + (f" --revision {spec.revision}" if spec.revision else "")
         return Refusal(NO_WEIGHTS, f"{spec.model_id} is not in the Hugging Face cache and the hub is unreachable; "

@@ -31,7 +31,7 @@ CHOICES = {
     "weights": ("pretrained", "random", "tiny"),
     "device": ("cpu", "cuda"),
     "dtype": ("float32", "bfloat16", "float16"),
-    "attention": ("eager", "sdpa", "sdpa-flash", "flash_attention_2"),
+    "attention": ("eager", "sdpa", "sdpa-flash", "flash_attention_2", "triton"),
     "compile": ("off", "inductor", "cuda-graphs", "inductor+cuda-graphs"),
     "kernels": ("torch", "triton"),
     "quantization": ("none", "bnb-int8", "bnb-nf4", "int8-dynamic", "int8-torchao"),
@@ -229,9 +229,10 @@ def _validate_batched(spec: VariantSpec, where: str) -> None:
     if spec.compile not in ("off", "cuda-graphs"):
         raise LabError(where, f"max_streams with compile: {spec.compile}: the batched step runs eagerly or as CUDA "
                               f"graphs per bucket of streams; use compile: cuda-graphs (GPU) or off")
-    if spec.attention not in ("sdpa", "eager"):
+    if spec.attention not in ("sdpa", "eager", "triton"):
         raise LabError(where, f"max_streams with attention: {spec.attention}: each stream attends over its own row "
-                              f"through a mask, and flash kernels take no mask; use attention: sdpa")
+                              f"through a mask, and flash kernels take no mask; use attention: triton (lab/fused.py's "
+                              f"kernel for that) or sdpa")
     if spec.prefill != "batched":
         raise LabError(where, "max_streams with prefill: per-segment: arriving prompts are prefilled together in one "
                               "padded batch; use prefill: batched")
@@ -261,6 +262,10 @@ def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
                               f"max_chunk_frames); streaming: {spec.streaming} is for hibari; remove the field")
     if spec.max_streams != 1:
         _validate_batched(spec, where)
+    if spec.attention == "triton" and spec.max_streams == 1:
+        raise LabError(where, "attention: triton is the batched engine's kernel (one program per stream row over that "
+                              "row's mask); set max_streams above 1, or for one stream use kernels: triton with "
+                              "attention: sdpa")
     if spec.decode != "inline" and spec.family != "pocket_tts":
         raise LabError(where, f"decode: {spec.decode} is implemented for pocket_tts only (csm decodes inside its "
                               f"frame graph on the GPU); remove the field")

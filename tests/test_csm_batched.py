@@ -178,3 +178,58 @@ def test_the_cli_sweeps_streams_through_a_batching_preset_and_refuses_a_bad_list
     assert (tmp_path / "sweep.json").exists()
     assert bench.main(["--presets", "csm-cpu", "--streams", "1,x"]) == 2
     assert "--streams: '1,x' is not a comma list" in capsys.readouterr().err
+
+
+def test_triton_attention_streams_the_sdpa_codes_and_serves_every_stacks_decode_steps(batched, monkeypatch):
+    """attention: triton (lab.fused.rows_attention, under Triton's interpreter here): each stream's greedy codes are
+    SDPA's, and the backbone, the depth decoder and the codec's transformer all run their decode steps through it."""
+    fused = pytest.importorskip("lab.fused", reason="Triton is not installed")
+    requests = [Request(t, max_audio_s=0.8, seed=i) for i, t in enumerate([TEXT, *OTHERS[:2]])]
+    sdpa = [drain(t)[0] for t in crowd(batched, requests, 2)]
+    engine = engines.build(TINY_CSM.replace(name="csm-tiny-batched-triton", max_streams=4, attention="triton"))
+    served = []
+    kernel = fused.rows_attention
+    monkeypatch.setattr(fused, "rows_attention", lambda q, k, v, allowed, scale: served.append(q.shape) or kernel(
+        q, k, v, allowed, scale))
+    try:
+        triton = [drain(t)[0] for t in crowd(engine, requests, 2)]
+        stacks = (engine.model.backbone_model, engine.model.depth_decoder.model,
+                  engine.model.codec_model.decoder.decoder_transformer)
+        assert all(s.config._attn_implementation == fused.ROWS_ATTENTION for s in stacks)
+    finally:
+        engine.close()
+    for got, want in zip(triton, sdpa):
+        np.testing.assert_array_equal(got, want)
+    assert {shape[1] for shape in served} == {4, 2}   # the backbone's 4 query heads, the depth decoder's and codec's 2
+    assert {shape[2] for shape in served} == {1, 2}  # one token a step; two for the depth's first and the codec
+
+
+@pytest.mark.parametrize("rows,heads,kv_heads,tokens,slots,head_dim", [(3, 8, 2, 1, 40, 32), (2, 4, 4, 2, 70, 16),
+                                                                         (5, 32, 8, 1, 100, 64)])
+def test_rows_attention_matches_a_float64_reference_with_per_row_masks(rows, heads, kv_heads, tokens, slots, head_dim):
+    fused = pytest.importorskip("lab.fused", reason="Triton is not installed")
+    g = torch.Generator().manual_seed(rows * slots)
+    q = torch.randn(rows, heads, tokens, head_dim, generator=g)
+    k, v = (torch.randn(rows, kv_heads, slots, head_dim, generator=g) for _ in range(2))
+    pos = torch.randint(0, slots - tokens, (rows,), generator=g)
+    allowed = (torch.arange(slots)[None, None] <= pos[:, None, None] + torch.arange(tokens)[None, :, None])[:, None]
+    allowed[0] = False   # a free slot's row may attend nowhere: zeros, not NaN
+    group = heads // kv_heads
+    scores = (q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2)) * head_dim ** -0.5
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num()
+    want = (weights @ v.double().repeat_interleave(group, 1)).transpose(1, 2)
+
+    out = fused.rows_attention(q, k, v, allowed, head_dim ** -0.5)
+
+    assert out.shape == (rows, tokens, heads, head_dim) and torch.isfinite(out).all()
+    assert ((out.double() - want).norm() / want.norm()).item() < 1e-5
+    assert (out[0] == 0).all()
+    shared = fused.rows_attention(q, k, v, allowed[1:2], head_dim ** -0.5)   # one mask for every row
+    want_shared = fused.rows_attention(q, k, v, allowed[1:2].expand(rows, -1, -1, -1).contiguous(), head_dim ** -0.5)
+    torch.testing.assert_close(shared, want_shared, atol=0, rtol=0)
+
+
+def test_triton_attention_is_the_batched_engines_and_names_the_fix():
+    with pytest.raises(LabError, match="set max_streams above 1"):
+        TINY_CSM.replace(attention="triton")
+    assert TINY_CSM.replace(max_streams=4, attention="triton").attention == "triton"

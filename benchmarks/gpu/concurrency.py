@@ -379,7 +379,7 @@ def chart(result: dict, path: str) -> None:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
     together = result["sweep"]["together"]
     n = [lvl["streams"] for lvl in together]
-    ax.plot(n, [lvl["goodput_audio_s_per_s"] for lvl in together], "o-", label=f"{PRESET} (streams together)")
+    ax.plot(n, [lvl["goodput_audio_s_per_s"] for lvl in together], "o-", label=f"{result['preset']} (streams together)")
     if result.get("batch1"):
         q = result["batch1"]["queue"]
         ax.plot([lvl["streams"] for lvl in q], [lvl["goodput_audio_s_per_s"] for lvl in q], "s-",
@@ -412,6 +412,7 @@ def chart(result: dict, path: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--preset", default=PRESET, help="a batching preset (max_streams > 1)")
     parser.add_argument("--max-streams", type=int, default=2048)
     parser.add_argument("--levels", default="1,2,4,8,16,32,64,128,256,512,1024,2048")
     parser.add_argument("--rates", default="50,150,300")
@@ -421,7 +422,7 @@ def main() -> int:
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
-    result: dict = {"env": env.environment(), "preset": PRESET, "texts": TEXTS, "frames": FRAMES,
+    result: dict = {"env": env.environment(), "preset": args.preset, "texts": TEXTS, "frames": FRAMES,
                     "weights": "random (latency only)"}
     path = os.path.join(args.out, "concurrency.json")
 
@@ -431,7 +432,7 @@ def main() -> int:
 
     global SMOKE
     SMOKE = args.smoke
-    spec = load(PRESET, max_streams=args.max_streams)
+    spec = load(args.preset, max_streams=args.max_streams)
     log(f"building {spec.name} with {args.max_streams} slots")
     t0 = time.perf_counter()
     stages = {}

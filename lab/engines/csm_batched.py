@@ -118,6 +118,13 @@ class BatchedCsmEngine(CsmEngine):
         self.row_codec = StreamingMimiDecoder(self.model.codec_model, static_positions=2 * self.cache_positions,
                                               rows=self.rows)
         self.row_codec.reset()
+        if spec.attention == "triton":
+            # Every stream's decode step attends through one Triton program per (row, kv head) over that row's mask:
+            # SDPA's choice here (cuDNN's flash kernel) works in tiles of 64 queries for the 1-4 a decode step has.
+            from lab import fused
+
+            fused.use_rows_attention(self.model.backbone_model, self.model.depth_decoder.model,
+                                     self.model.codec_model.decoder.decoder_transformer)
         self.hidden_rows = torch.zeros(self.rows, self.config.hidden_size, dtype=width, device=self.device)
         self.temperature_rows = torch.zeros(self.rows, 1, device=self.device)
         self.seed_rows = torch.zeros(self.rows, dtype=torch.long, device=self.device)

@@ -24,8 +24,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def attn_implementation(spec: VariantSpec) -> str:
-    # sdpa-flash is SDPA with the backend pinned at run time (see attention_context).
-    return "sdpa" if spec.attention == "sdpa-flash" else spec.attention
+    # sdpa-flash is SDPA with the backend pinned at run time (see attention_context); triton loads as SDPA and the
+    # batched engine then points its decode steps at lab.fused.rows_attention (prompts stay SDPA's).
+    return "sdpa" if spec.attention in ("sdpa-flash", "triton") else spec.attention
 
 
 def attention_context(spec: VariantSpec):
