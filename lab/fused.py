@@ -564,7 +564,8 @@ def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     _rows_attention_kernel[(rows, kv_heads)](
         query, key, value, allowed, out, scale, slots, query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2),
-        allowed.stride(0) if allowed.shape[0] > 1 else 0, allowed.stride(2), out.stride(0), out.stride(2), out.stride(1),
+        allowed.stride(0) if allowed.shape[0] > 1 else 0, allowed.stride(2),
+        out.stride(0), out.stride(2), out.stride(1),
         N=n, GROUP=group, HEAD_DIM=head_dim, BQ=block, BS=ROWS_ATTENTION_SLOTS, num_warps=4)
     return out
 
@@ -575,9 +576,10 @@ def rows_attention_forward(module, query, key, value, attention_mask, dropout: f
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     heads, kv_heads = query.shape[1], key.shape[1]
-    if (attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4
-            or attention_mask.shape[1] != 1 or attention_mask.shape[0] not in (1, query.shape[0]) or heads % kv_heads or query.stride(-1) != 1 or key.stride(-1) != 1
-            or value.stride(-1) != 1 or attention_mask.stride(-1) != 1
+    mask = attention_mask
+    if (mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1
+            or mask.shape[0] not in (1, query.shape[0]) or mask.stride(-1) != 1 or heads % kv_heads
+            or any(t.stride(-1) != 1 for t in (query, key, value))
             or (heads // kv_heads) * query.shape[2] > ROWS_ATTENTION_MAX_QUERIES):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)

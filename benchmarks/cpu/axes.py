@@ -1,6 +1,6 @@
 """Pocket TTS on this CPU (issue 12): float32 eager, float32 inductor, int8-dynamic and int8-torchao, and
-int8-dynamic with the codec decoding on its own thread (decode: thread), each at 1 and 2 threads, and the model's own `generate()` at 1 and 2 threads, in one process. Random weights at real size:
-latency only, the audio is noise.
+int8-dynamic with the codec decoding on its own thread (decode: thread), each at 1 and 2 threads, and the model's own
+`generate()` at 1 and 2 threads, in one process. Random weights at real size: latency only, the audio is noise.
 
 The variants take turns run by run (one cold run each, then `--runs` rounds of one warm run of every variant and
 one `generate()` per thread count), so a change of the shared machine's load lands on all of them alike. The int8

@@ -166,8 +166,10 @@ def breakdown(engine) -> list[dict]:
     return out
 
 
-KERNEL_KINDS = (("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90")), ("attention", ("fmha", "flash", "attention")),
-                ("convolution", ("conv", "cudnn", "implicit", "winograd")), ("copy", ("memcpy", "memset", "copy")))
+# First match wins: attention before matmul (cuDNN's attention kernels are named "..._sdpa_sm90_flash_...").
+KERNEL_KINDS = (("attention", ("fmha", "flash", "attention", "sdpa", "_rows_attention")),
+                ("matmul", ("gemm", "nvjet", "xmma", "cutlass")),
+                ("convolution", ("conv", "cudnn", "implicit", "winograd", "dgrad")), ("copy", ("memcpy", "memset", "copy")))
 
 
 def profile(engine, rows: int, length: int) -> dict:

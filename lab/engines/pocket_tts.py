@@ -201,7 +201,7 @@ class PocketTTSEngine(Engine):
         chunks = self._latent_chunks(request, timeline, cancel, emitter)
         if self.spec.decode == "thread":
             # The frames of the next chunk are made on a thread of their own while this one decodes the last: on
-            # two cores the codec's share of a frame (a third of it, int8 on one thread) leaves the loop's path.
+            # two cores the codec's share of a frame (about 40% of it, int8 on one thread) leaves the loop's path.
             chunks = ahead(chunks, threads=self.threads)
         for latents, first in chunks:
             # No pinned kernel here: the codec's windowed attention passes a mask, which the flash kernel refuses.
@@ -260,6 +260,7 @@ class PocketTTSEngine(Engine):
             chunks_taken += 1
             if finished:
                 return
+
 
 def build(spec: VariantSpec, progress: Progress) -> PocketTTSEngine:
     clock, baseline_bytes, (model, codec, processor), load_s = tc.begin_build(spec, progress, lambda: load(spec))
