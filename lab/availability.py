@@ -128,6 +128,8 @@ def option_requirements() -> list[dict]:
         ("attention", "sdpa-flash", "a CUDA GPU and bfloat16/float16 (PyTorch's built-in FlashAttention-2 kernel)",
          cuda),
         ("attention", "flash_attention_2", "a CUDA GPU, bfloat16/float16 and `pip install flash-attn`", cuda and flash),
+        ("attention", "triton", "a CUDA GPU and Triton; CSM with max_streams above 1 only (one kernel program per "
+                                "stream row, over that row's mask)", cuda and env.has_package("triton")),
         ("compile", "off", "nothing", True),
         ("compile", "inductor", "a C++ compiler on the CPU (Triton on a GPU); the first build compiles for seconds "
                                 "to a minute", True),
