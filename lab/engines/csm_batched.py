@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import queue
-import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -49,7 +48,6 @@ SAMPLING_TOP_K = 50         # one top-k for every sampled stream in a batch (the
 ADMIT_EVERY_FRAMES = 4
 ADMIT_BATCH = 8
 ADMIT_GATHER_S = 0.005
-SWITCH_INTERVAL_S = 0.0005
 _MASK31 = 0x7FFFFFFF
 
 
@@ -137,12 +135,9 @@ class BatchedCsmEngine(CsmEngine):
         self.closing = False
         self.frames_run = 0         # batched steps since build, and the rows they carried: for the sweep
         self.rows_run = 0
-        # Every torch call releases the GIL and takes it back, and the scheduler makes several per frame. Beside a
-        # busy page (tens of users' handlers and Gradio's encoding), taking it back can wait the interpreter's
-        # switch interval each time (5 ms by default): 32 clients through the page ran this engine 4-5 times
-        # slower than the CLI's 32 streams, and this is the likely cause (docs/GPU.md). At 0.5 ms the wait is small
-        # against a frame. The setting is the process's; a one-stream engine does not need it.
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        # Inside the app, beside 32 busy page handlers, this engine ran 4-6 times slower than the CLI's 32 streams
+        # (docs/GPU.md). A 0.5 ms interpreter switch interval was tried against it and measured worse (TTFB from
+        # submit 9.1 s against 6.8 s), so the interval is left as Python sets it; the cause is still open.
         self.scheduler = threading.Thread(target=self._serve, daemon=True, name=f"batched {spec.name}")
         self.scheduler.start()
 
