@@ -39,6 +39,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lab import env
 from lab.sampling import pick as tc_pick
@@ -573,8 +574,6 @@ def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 def rows_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention-function signature: a decode step over per-row masks (the batched engine's) runs the
     kernel above; anything else (a prompt, a mask of another form) goes to transformers' SDPA function."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     heads, kv_heads = query.shape[1], key.shape[1]
     mask = attention_mask
     if (mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1

@@ -167,7 +167,7 @@ def breakdown(engine) -> list[dict]:
 
 
 # First match wins: attention before matmul (cuDNN's attention kernels are named "..._sdpa_sm90_flash_...").
-KERNEL_KINDS = (("attention", ("fmha", "flash", "attention", "sdpa", "_rows_attention")),
+KERNEL_KINDS = (("attention", ("fmha", "flash", "attention", "sdpa")),
                 ("matmul", ("gemm", "nvjet", "xmma", "cutlass")),
                 ("convolution", ("conv", "cudnn", "implicit", "winograd", "dgrad")), ("copy", ("memcpy", "memset", "copy")))
 
@@ -210,12 +210,6 @@ def profile(engine, rows: int, length: int) -> dict:
     return {"rows": rows, "length": length, "kernel_ms_per_step": total_ms, "by_kind_ms": kinds, "top": top}
 
 
-def attention_stacks(engine) -> list:
-    """The three stacks a batched frame attends in: backbone, depth decoder, and the codec's decoder transformer."""
-    return [engine.model.backbone_model, engine.model.depth_decoder.model,
-            engine.model.codec_model.decoder.decoder_transformer]
-
-
 def attention_options(engine, rows_list=(64, 256, 1024)) -> list[dict]:
     """The batched step (KV length 256, greedy, codec included) captured with each attention kernel, from the same
     state: SDPA as it chooses (cuDNN's flash kernel here), SDPA pinned to its memory-efficient and math kernels, and
@@ -243,7 +237,7 @@ def attention_options(engine, rows_list=(64, 256, 1024)) -> list[dict]:
                 engine.hidden_rows.copy_(hidden0)
             fresh()
             engine._bind(rows, length)
-            stacks = attention_stacks(engine)
+            stacks = engine.attention_stacks()
             before = [s.config._attn_implementation for s in stacks]
             try:
                 if option == "rows":
@@ -274,23 +268,6 @@ def attention_options(engine, rows_list=(64, 256, 1024)) -> list[dict]:
     engine.row_kv.pos.zero_()
     engine.row_codec.reset()
     return out
-
-
-def sweep_with_rows_attention(engine, levels, rates, poisson_s) -> dict:
-    """The sweep again with lab.fused.rows_attention in every stack, its graphs captured anew."""
-    from lab import fused
-
-    if not engine.use_graphs:
-        return {}
-    fused.use_rows_attention(*attention_stacks(engine))
-    engine.step_graphs.clear()
-    torch.cuda.empty_cache()
-    t0 = time.perf_counter()
-    engine.capture_graphs()
-    log(f"captured {len(engine.step_graphs)} graphs with {fused.ROWS_ATTENTION} in {time.perf_counter() - t0:.1f} s")
-    result = sweep(engine, levels, rates, poisson_s)
-    result["bucket_times"] = bucket_times(engine)
-    return result
 
 
 def sweep(engine, levels: list[int], rates: list[float], poisson_s: float) -> dict:
@@ -420,7 +397,7 @@ def main() -> int:
     parser.add_argument("--rates", default="50,150,300")
     parser.add_argument("--poisson-s", type=float, default=6.0)
     parser.add_argument("--smoke", action="store_true", help="tiny weights on the CPU: tries the script, measures nothing")
-    parser.add_argument("--skip", default="", help="comma list of parts to leave out: checks,bucket_times,sweep,breakdown,profile,batch1,generate")
+    parser.add_argument("--skip", default="", help="comma list of parts to leave out: checks,bucket_times,sweep,breakdown,profile,attention,batch1,generate")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
@@ -450,10 +427,7 @@ def main() -> int:
                                      [float(r) for r in args.rates.split(",")], args.poisson_s)),
              ("breakdown", lambda: breakdown(engine)),   # after the sweep: its extra graphs take memory the sweep needs
              ("profile", lambda: [profile(engine, rows, engine.length_buckets[0]) for rows in (256, 1024)]),
-             ("attention", lambda: attention_options(engine)),
-             ("sweep_rows_attention", lambda: sweep_with_rows_attention(
-                 engine, [n for n in map(int, args.levels.split(",")) if n <= engine.rows],
-                 [float(r) for r in args.rates.split(",")], args.poisson_s))]
+             ("attention", lambda: attention_options(engine))]
     def run_parts(named) -> None:
         """Each part in turn; one that fails is recorded and the rest still run (the device time is spent anyway)."""
         for name, part in named:

@@ -121,8 +121,7 @@ class BatchedCsmEngine(CsmEngine):
             # SDPA's choice here (cuDNN's flash kernel) works in tiles of 64 queries for the 1-4 a decode step has.
             from lab import fused
 
-            fused.use_rows_attention(self.model.backbone_model, self.model.depth_decoder.model,
-                                     self.model.codec_model.decoder.decoder_transformer)
+            fused.use_rows_attention(*self.attention_stacks())
         self.hidden_rows = torch.zeros(self.rows, self.config.hidden_size, dtype=width, device=self.device)
         self.temperature_rows = torch.zeros(self.rows, 1, device=self.device)
         self.seed_rows = torch.zeros(self.rows, dtype=torch.long, device=self.device)
@@ -140,6 +139,11 @@ class BatchedCsmEngine(CsmEngine):
         # submit 9.1 s against 6.8 s), so the interval is left as Python sets it; the cause is still open.
         self.scheduler = threading.Thread(target=self._serve, daemon=True, name=f"batched {spec.name}")
         self.scheduler.start()
+
+    def attention_stacks(self) -> tuple:
+        """The stacks a batched frame attends in: the backbone, the depth decoder, the codec's decoder transformer."""
+        return (self.model.backbone_model, self.model.depth_decoder.model,
+                self.model.codec_model.decoder.decoder_transformer)
 
     def _rows_that_fit(self) -> int:
         """Stream slots whose caches fit in 60% of the GPU's free memory: the rest is kept for the graphs'

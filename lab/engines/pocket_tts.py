@@ -193,6 +193,7 @@ class PocketTTSEngine(Engine):
         `audio_latents` and what a whole-utterance decode takes."""
         return self.model.denormalize_latents(torch.stack(self._latents, dim=1))
 
+    @torch.no_grad()
     def _stream(self, request: Request, timeline: Timeline,
                 cancel: threading.Event | None) -> Iterator[AudioChunk]:
         timeline.sync = self.sync
@@ -205,13 +206,13 @@ class PocketTTSEngine(Engine):
             chunks = ahead(chunks, threads=self.threads)
         for latents, first in chunks:
             # No pinned kernel here: the codec's windowed attention passes a mask, which the flash kernel refuses.
-            with torch.no_grad():
-                yield emitter.emit(self.decode(latents, first))
+            yield emitter.emit(self.decode(latents, first))
 
     @torch.no_grad()
     def _latent_chunks(self, request: Request, timeline: Timeline, cancel: threading.Event | None,
                        emitter: ChunkEmitter) -> Iterator[tuple[list[torch.Tensor], bool]]:
-        """The frame loop: each chunk's latents as it falls due, and whether it is the first."""
+        """The frame loop: each chunk's latents as it falls due, and whether it is the first. Decorated on its own: under
+        decode: thread it runs in another thread, where the caller's no_grad does not hold."""
         cfg, dtype = self.model.config, self.model.dtype
         kv = self.kv
         kv.reset()
@@ -229,7 +230,7 @@ class PocketTTSEngine(Engine):
         zeros = torch.zeros(1, cfg.latent_dim, device=self.device, dtype=dtype)
         self._latents = []
         frames_left = None  # frames still to make once end of speech is heard
-        chunks_taken = 0
+        first = True
         timeline.mark("generator")
 
         for frame_index in range(max_frames):
@@ -256,8 +257,8 @@ class PocketTTSEngine(Engine):
             finished = frames_left == 0 or frame_index == max_frames - 1
             if not emitter.due(finished):
                 continue
-            yield emitter.take(), chunks_taken == 0
-            chunks_taken += 1
+            yield emitter.take(), first
+            first = False
             if finished:
                 return
 
