@@ -276,6 +276,10 @@ def test_browser_first_click_plays_two_real_voices_over_pcm_and_done_comes_after
         assert_heard_after_received_after_model(server, since, ["hibari", "hibari-whole"])
         for s in states:   # every player got its whole run before "done"; none started mid-clip
             assert s["received_s"] > 1.0 and s["position_s"] <= s["received_s"] + 0.05, states
+            # seconds, not samples: the run message carries no rate, the first chunk's header does
+            assert s["received_s"] < 60, states
+        assert page.evaluate("labAudio.replay(0)") is True   # the finished clip replays from its start
+        assert page.evaluate("labAudio.state(0).state") == "replaying"
         page.wait_for_selector("#chart-heard img", timeout=30_000)    # the waterfall of the heard runs
         # The guardrail scores both real voices after the runs and the page fills it in; Compare stays clickable.
         page.wait_for_selector("#quality-1:has-text('WER')", timeout=90_000)

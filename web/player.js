@@ -235,6 +235,9 @@
     if (!run || String(run.id) !== String(header.run_id) || run.transport !== "pcm") return; // stale run
     var c = audioContext();
     var rate = header.sample_rate || run.sampleRate;
+    // The page announces a run before its model has said its rate (0 in the run message): the first chunk's header
+    // gives it, and the slot's progress, its state in seconds and its replay read it from the run.
+    if (!run.sampleRate) run.sampleRate = rate;
     noteArrival(run, header, samples.length, rate, arrivalPerfMs);
     run.chunks.push(samples);
     run.receivedSamples += samples.length;
