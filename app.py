@@ -131,7 +131,7 @@ def compare(request: gr.Request, listener, order, text, seed, max_audio_s, runs,
     """Runs the ticked presets one after another, each streaming its first warm run to its player. (`request`
     comes first: Gradio injects it only among positional parameters, before the *groups.)"""
     key = request.session_hash if request is not None else "api"
-    LATEST.pop(key, None)   # the page's previous comparison stops filling in its quality: these tables replace it
+    supersede(key)   # the page's previous comparison stops filling in its quality: these tables replace it
     cancel = SESSIONS.open(key)
     try:
         specs, shared, runs = plan(ticked(order, groups), text, seed, max_audio_s, runs, random_weights, user_audio)
@@ -171,8 +171,14 @@ def fill_quality(request: gr.Request):
     yield ui({})
     if view is None:
         return
-    for values in view.quality_updates(lambda: LATEST.get(key) is not view):
+    for values in view.quality_updates():
         yield ui(values)
+
+
+def supersede(key: str) -> None:
+    view = LATEST.pop(key, None)
+    if view is not None:
+        view.supersede()
 
 
 def slots_for(specs, transport) -> dict:
@@ -190,7 +196,7 @@ def stop(request: gr.Request):
 
 def on_unload(request: gr.Request) -> None:
     SESSIONS.cancel(request.session_hash)
-    LATEST.pop(request.session_hash, None)
+    supersede(request.session_hash)
 
 
 def on_pick(order, *groups):

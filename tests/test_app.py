@@ -272,7 +272,7 @@ def test_browser_first_click_plays_two_real_voices_over_pcm_and_done_comes_after
         states = page.evaluate("() => [0, 1].map(i => window.labAudio.state(i))")
         reports = page.evaluate("() => Object.values(window.labAudio.reports)")
         mine = [r for r in reports if r.get("complete")]
-        assert len(mine) >= 2 * (attempt + 1), (states, reports)
+        assert len(mine) >= 2 * (attempt + 1), (page.inner_text("#overall"), page.evaluate("labAudio.log"), states)
         assert_heard_after_received_after_model(server, since, ["hibari", "hibari-whole"])
         for s in states:   # every player got its whole run before "done"; none started mid-clip
             assert s["received_s"] > 1.0 and s["position_s"] <= s["received_s"] + 0.05, states

@@ -163,7 +163,7 @@ def test_the_compare_view_fills_in_quality_after_the_runs_with_parity_against_th
     done = view.finish(False)
     assert "quality: scoring 4 runs" in done["overall"]
     assert any("scoring" in u.get(("quality", 0), "") for u in during)      # said at its PresetDone, not a number
-    filled = [u for u in view.quality_updates(lambda: False, poll_s=0.05) if u]
+    filled = [u for u in view.quality_updates(poll_s=0.05) if u]
     last = filled[-1]
     assert "quality scored" in last["overall"] and "WER **0.0 %**" in last[("quality", 0)]
     # hibari-whole is the same voice held back: the same audio, so no badge against hibari, its family's reference
@@ -171,3 +171,40 @@ def test_the_compare_view_fills_in_quality_after_the_runs_with_parity_against_th
     assert (row["preset"], row["reference"], row["ΔWER points"], row["badge"]) == (
         "hibari-whole", "hibari", "+0.0 (+0.0 – +0.0)", "ok")
     assert {line["quality"] for line in last["summary"]} == {"ok"}
+
+
+def test_a_newer_comparison_waits_until_the_older_ones_quality_handler_has_let_go(models):
+    """The older comparison's quality handler runs over a Gradio event of its own. Its last update must not land
+    after the newer comparison's first (which clears the tables): CI once saw the old "done:" reappear there."""
+    import threading
+
+    from web.view import CompareView
+
+    specs = [VariantSpec(family="hibari", name="hibari")]
+    worker = quality.Worker()
+    view = CompareView(specs, 1, False, "pcm", "test")
+    with worker.hold():   # nothing is scored while held: the handler keeps waiting, as with a slow scorer
+        list(view.updates(session.run_presets(ModelManager(), specs, Request(corpus("harvard.txt")[5]), 1,
+                                              quality=worker)))
+        assert "scoring 2 runs" in view.finish(False)["overall"]
+        updates, exhausted = [], threading.Event()
+
+        def gradio_like():   # asks for the next update only after handling the last one, as Gradio's queue does
+            for u in view.quality_updates(poll_s=0.05):
+                updates.append(u)
+            exhausted.set()
+
+        handler = threading.Thread(target=gradio_like)
+        handler.start()
+        time.sleep(0.3)
+        assert not exhausted.is_set() and updates == [{}] * len(updates)
+        started = time.perf_counter()
+        view.supersede()
+        waited_s = time.perf_counter() - started
+        after = len(updates)
+        assert exhausted.wait(1.0), "the superseded handler did not end"
+        assert len(updates) == after and waited_s < 0.5, (len(updates), after, waited_s)
+        # A second handler on the same (or a superseded) comparison gets nothing.
+        assert list(view.quality_updates(poll_s=0.05)) == []
+        handler.join()
+    assert worker.join(timeout_s=60)   # released, it scores the two runs: let it finish before the next test

@@ -45,7 +45,7 @@
   window.labAudio = lab;
 
   function note(text) {
-    lab.log.push(text);
+    lab.log.push(Math.round(performance.now()) + " ms: " + text);
     if (lab.log.length > 50) lab.log.shift();
   }
 
@@ -97,6 +97,7 @@
     socket = ws;
     ws.onopen = function () {
       lab.connected = true;
+      note("socket open");
       ping(PINGS_AT_CONNECT);
     };
     ws.onmessage = function (event) {
@@ -107,6 +108,7 @@
     ws.onclose = function () {
       if (socket === ws) {
         lab.connected = false;
+        note("socket closed; reconnecting");
         socket = null;
         setTimeout(connect, RECONNECT_MS);
       }

@@ -141,6 +141,13 @@ class CompareView:
         self.holds_model = False
         self._ticked: dict = {}   # what the last ticks sent, so a tick sends only what changed
         self.not_saved: str | None = None    # the history could not be written: said at the end too
+        # The quality handler comes after the runs over a Gradio event of its own; a newer comparison on the page
+        # (or the page closing) supersedes this one, and must not start writing until that handler has let go.
+        self.final: tuple[int, str, str] | None = None   # (done, text, kind) once `finish` has said the last word
+        self._superseded = threading.Event()
+        self._quality_lock = threading.Lock()
+        self._quality_claimed = False
+        self._quality_let_go = threading.Event()
 
     def start(self) -> dict:
         """Every slot in tick order, waiting; last comparison's charts and tables cleared."""
@@ -295,23 +302,41 @@ class CompareView:
         return {("quality", slot): quality.summary_line(mine, badges.get(self.specs[slot].name, ""))
                 for slot in slots if (mine := [r for r in self.records if r["preset"] == self.specs[slot].name])}
 
-    def quality_updates(self, stale, poll_s: float = UI_PERIOD_S, timeout_s: float = 600.0) -> Iterator[dict]:
+    def quality_updates(self, poll_s: float = UI_PERIOD_S, timeout_s: float = 600.0) -> Iterator[dict]:
         """After `finish`: each time the worker has scored more runs, their quality lines, badges and tables; {}
-        between (so a closed page is noticed). Ends when all are scored, or when `stale()` (a closed page, or a
-        newer comparison on the same page, whose tables these would overwrite)."""
-        pending, deadline = self._pending(), time.monotonic() + timeout_s
-        while pending and time.monotonic() < deadline:
-            time.sleep(poll_s)
-            if stale():
+        between (so a closed page is noticed). Ends when all are scored, or when superseded (a closed page, or a
+        newer comparison on the same page, whose tables these would overwrite). One handler at a time: a second,
+        or one before `finish`, gets nothing."""
+        with self._quality_lock:
+            if self._quality_claimed or self.final is None or self._superseded.is_set():
                 return
-            now = self._pending()
-            if now == pending:
-                yield {}
-                continue
-            pending = now
-            done, text, kind = self.final
-            yield {"overall": status_html(done, 1, text + (self._scoring() or "; quality scored"), kind),
-                   **self._quality_lines(range(len(self.specs))), **self.tables()}
+            self._quality_claimed = True
+        try:
+            pending, deadline = self._pending(), time.monotonic() + timeout_s
+            while pending and time.monotonic() < deadline:
+                if self._superseded.wait(poll_s):
+                    return
+                now = self._pending()
+                if now == pending:
+                    yield {}
+                    continue
+                pending = now
+                done, text, kind = self.final
+                yield {"overall": status_html(done, 1, text + (self._scoring() or "; quality scored"), kind),
+                       **self._quality_lines(range(len(self.specs))), **self.tables()}
+        finally:
+            # Gradio asks a generator for its next update only once it has sent the last one, so once this runs,
+            # every update this handler made is on its way before anything the superseding comparison sends.
+            self._quality_let_go.set()
+
+    def supersede(self, wait_s: float = 2 * UI_PERIOD_S) -> None:
+        """A newer comparison on the page (or the page closing): the quality handler stops. Waits until it has let
+        go, so its last update cannot land after the newer comparison's first (which clears these tables)."""
+        with self._quality_lock:
+            self._superseded.set()
+            running = self._quality_claimed
+        if running:
+            self._quality_let_go.wait(wait_s)
 
 
 def _joined(before, after):
