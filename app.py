@@ -64,6 +64,15 @@ EXAMPLES = ["The quick brown fox jumps over the lazy dog. It runs back home befo
 C: dict = {}   # component by name, filled by the layout below; handlers speak in names
 
 
+def drawn(plot: gr.Plot, fig):
+    """The chart as the page gets it (a PNG), encoded here in the handler's thread by the component's own
+    postprocess, which also closes the figure. Handed the figure, Gradio encodes it on the server's event loop,
+    where every page's updates and the PCM sockets wait: with the skipped outputs no longer rebuilt
+    (web.server.skip_without_rebuilding), that encoding was a third of the loop's time with 16 pages comparing
+    (docs/DESIGN.md, Serving many pages)."""
+    return plot.postprocess(fig)
+
+
 def ui(values: dict) -> dict:
     """Names (and (field, slot) pairs) to components; tables to DataFrames, hidden while empty."""
     out = {}
@@ -72,7 +81,7 @@ def ui(values: dict) -> dict:
         if isinstance(value, list) and value and isinstance(value[0], dict):
             value = gr.update(value=pd.DataFrame(value), visible=True)
         elif value is not None and isinstance(component, gr.Plot):
-            value = gr.update(value=value, visible=True)
+            value = gr.update(value=drawn(component, value), visible=True)
         elif value is None and isinstance(component, (gr.Dataframe, gr.Plot)):
             value = gr.update(value=None, visible=False)
         out[component] = value
@@ -282,7 +291,7 @@ def history_view(picked, weights, kind, text_contains):
     newest_first = [{"when": datetime.datetime.fromtimestamp(r.get("time", 0)).strftime("%Y-%m-%d %H:%M:%S"),
                      "source": r.get("source", "cli"), **r} for r in reversed(chosen)]
     table = pd.DataFrame(report.run_table(newest_first, extra=("when", "source", "text")))
-    return (table, exports["figure"], gr.update(choices=names, value=[n for n in (picked or []) if n in names]),
+    return (table, drawn(h_chart, exports["figure"]), gr.update(choices=names, value=[n for n in (picked or []) if n in names]),
             note, exports["csv"], exports["json"], exports["png"])
 
 
@@ -322,15 +331,12 @@ def how_many(preset, streams, seconds, text, random_weights):
         return
     yield f"building {html.escape(spec.name)} (once; later sweeps reuse it)…", None, None
     engine = MANAGER.get(spec)
-    done, shown = [], None
+    done = []
     for level in concurrency.sweep(engine, spec, request, levels):
         done.append(level)
-        chart = report.sweep_chart(done, f"{spec.name}, {request.max_audio_s:g} s per stream")
+        chart = drawn(m_chart, report.sweep_chart(done, f"{spec.name}, {request.max_audio_s:g} s per stream"))
         yield (f"{len(done)} of {len(levels)} levels",
                gr.update(value=pd.DataFrame(report.sweep_table(done)), visible=True), gr.update(value=chart, visible=True))
-        if shown is not None:   # the one before: Gradio has drawn it by now
-            report.close(shown)
-        shown = chart
 
 
 with gr.Blocks(title="Speech Latency Lab") as demo:

@@ -316,3 +316,79 @@ def test_build_app_keeps_the_gradio_queue_and_loads_the_player(page):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+# -- what Gradio post-processes per update (web.server.skip_without_rebuilding) -----------------------------------
+def _many_outputs_app():
+    import gradio as gr
+    import pandas as pd
+
+    with gr.Blocks() as demo:
+        outs = [gr.HTML("<p>status</p>"), gr.Markdown("live"), gr.Audio(streaming=True, visible=False),
+                gr.Dataframe(pd.DataFrame({"a": [1]}), visible=False), gr.Plot(visible=False), gr.State(7)]
+        with gr.Column() as box:
+            outs += [gr.HTML("<div id='slot'></div>"), gr.Markdown("header")]
+        outs.append(box)
+        gr.Button().click(lambda: None, None, outs)
+    fn = next(iter(demo.fns.values()))
+    return demo, fn, outs
+
+
+def test_a_skipped_output_is_sent_and_kept_as_gradio_would_without_being_rebuilt(monkeypatch):
+    import asyncio
+    import concurrent.futures
+    import copy
+
+    import gradio as gr
+    import pandas as pd
+    from gradio.state_holder import SessionState
+
+    from web.server import BARE_SKIP, skip_without_rebuilding
+
+    def run(coroutine):   # on a thread of its own: the page fixture's Playwright holds this thread's event loop
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, coroutine).result()
+
+    demo, fn, outs = _many_outputs_app()
+    html_, md, audio, table, plot, state_, slot, header, box = outs
+    updates = [  # as app.ui sends them: a dict of what changed, the rest left out
+        {html_: "<p>running</p>", md: "TTFB 12 ms", box: gr.update(visible=True), audio: gr.update(visible=True)},
+        {html_: "<p>run 1 done</p>"},
+        {html_: gr.skip()},   # the heartbeat: nothing changes
+        {table: gr.update(value=pd.DataFrame({"a": [2, 3]}), visible=True), state_: 9, header: "## done"},
+        [gr.skip()] * 3 + [gr.update(visible=False)] + [gr.skip()] * 5,   # a list works the same way
+    ]
+    gradio_state, our_state, initial = SessionState(demo), SessionState(demo), SessionState(demo).config_values
+    gradio_pp = demo.postprocess_data
+    skip_without_rebuilding(demo)
+    rebuilt, shown = [], {}   # shown: the value last sent for each output
+    monkeypatch.setattr(SessionState, "_update_config", lambda self, key, f=SessionState._update_config:
+                        (rebuilt.append(key), f(self, key))[1])
+    for update in updates:
+        values = (lambda u: {k: copy.deepcopy(v) for k, v in u.items()} if isinstance(u, dict) else copy.deepcopy(u))
+        theirs = run(gradio_pp(fn, values(update), gradio_state))
+        del rebuilt[:]
+        ours = run(demo.postprocess_data(fn, values(update), our_state))
+        changed = set(range(len(outs))) if not isinstance(update, dict) else {outs.index(k) for k in update}
+        changed = {i for i in changed if (update[outs[i]] if isinstance(update, dict) else update[i]) != BARE_SKIP}
+        for i, block in enumerate(outs):
+            if i in changed:
+                assert ours[i] == theirs[i], (i, ours[i], theirs[i])
+                if not isinstance(ours[i], dict):
+                    shown[block._id] = ours[i]
+                elif "value" in ours[i]:
+                    shown[block._id] = ours[i]["value"]
+            else:   # Gradio adds an empty "props" to an HTML's skip; the page reads either as "no change"
+                assert ours[i] == (None if block.stateful else BARE_SKIP)
+                assert theirs[i] in (None, BARE_SKIP, {**BARE_SKIP, "props": BARE_SKIP}), theirs[i]
+        # Only the outputs an update changes through properties are rebuilt, not the other nine.
+        assert set(rebuilt) <= {outs[i]._id for i in changed}
+    # What the session keeps for each output: Gradio's own, except the value it drops from a skipped output's
+    # config when it rebuilds it; here that value stays: what was last sent, which the page still shows.
+    for block in outs:
+        theirs, ours = gradio_state.config_values[block._id], our_state.config_values[block._id]
+        strip = lambda c: {**c, "props": {k: v for k, v in c.get("props", {}).items() if k != "value"}}
+        assert strip(ours) == strip(theirs), block
+        if "value" in ours.get("props", {}) and "value" not in theirs.get("props", {}):
+            assert ours["props"]["value"] == shown.get(block._id, initial[block._id]["props"]["value"])
+    assert our_state[state_._id] == gradio_state[state_._id] == 9

@@ -4,6 +4,7 @@ at "/", run by uvicorn. Gradio's own launch() cannot host the extra WebSocket ro
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any, Callable
 
 from fastapi import FastAPI
@@ -32,9 +33,50 @@ def build_app(demo, hub: PcmHub, host: str = "0.0.0.0", port: int = 7860, **laun
         raise TypeError(f"serve(): mount_gradio_app takes no {sorted(unknown)}")
     kwargs = {k: v for k, v in launch_kwargs.items() if k in accepted}
     kwargs["head"] = (kwargs.get("head") or "") + PLAYER_SCRIPT_TAG
+    if os.environ.get("LAB_GRADIO_SKIPS") != "rebuild":   # "rebuild": Gradio's own way, to measure against
+        skip_without_rebuilding(demo)
     app = FastAPI()
     attach(app, hub)
     return gr.mount_gradio_app(app, demo, path="/", server_name=host, server_port=port, **kwargs)
+
+
+BARE_SKIP = {"__type__": "update"}   # what gr.skip() returns, and what Gradio sends the page for one
+
+
+def skip_without_rebuilding(demo) -> None:
+    """Post-process only the outputs an update changes. Gradio 6.31 handles an output left out of an update (or
+    given gr.skip()) as a property update: it builds a new copy of the component and re-derives its config, JSON
+    schema included, for every such output of every update, and on the server's event loop, which every page's
+    updates and the PCM socket wait on. The Compare handler has 55 outputs and changes one or two per update, so
+    each update cost 25 ms of event loop instead of 1 (docs/DESIGN.md, Serving many pages); 16 pages comparing kept the loop
+    busy and their streams stalled. The copy is identical to the component, so leaving it out changes nothing that
+    is sent or kept (tests/test_pcm.py checks that against Gradio's own result)."""
+    import copy
+
+    full = demo.postprocess_data
+
+    async def postprocess_data(block_fn, predictions, state):
+        outputs = list(block_fn.outputs)
+        if isinstance(predictions, dict) and predictions and all(hasattr(k, "_id") for k in predictions):
+            given = {k._id: v for k, v in predictions.items()}
+            values = [given.get(b._id, BARE_SKIP) for b in outputs]
+        elif isinstance(predictions, (list, tuple)) and len(predictions) == len(outputs):
+            values = list(predictions)
+        else:   # one output, gr.skip() for all, or a shape Gradio itself will judge
+            return await full(block_fn, predictions, state)
+        changed = [i for i, v in enumerate(values) if not (isinstance(v, dict) and v == BARE_SKIP)]
+        if block_fn.batch or len(outputs) < 2 or len(changed) == len(outputs):
+            return await full(block_fn, predictions, state)
+        sent = {}
+        if changed:
+            part = copy.copy(block_fn)
+            part.outputs = [outputs[i] for i in changed]
+            # One output's value goes bare: Gradio wraps a single output's prediction in a list itself.
+            part_values = [values[i] for i in changed] if len(changed) > 1 else values[changed[0]]
+            sent = dict(zip(changed, await full(part, part_values, state)))
+        return [sent[i] if i in sent else None if outputs[i].stateful else dict(BARE_SKIP) for i in range(len(outputs))]
+
+    demo.postprocess_data = postprocess_data
 
 
 def gone_check(demo, request) -> Callable[[], bool]:
