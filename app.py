@@ -291,8 +291,9 @@ def history_view(picked, weights, kind, text_contains):
     newest_first = [{"when": datetime.datetime.fromtimestamp(r.get("time", 0)).strftime("%Y-%m-%d %H:%M:%S"),
                      "source": r.get("source", "cli"), **r} for r in reversed(chosen)]
     table = pd.DataFrame(report.run_table(newest_first, extra=("when", "source", "text")))
-    return (table, drawn(h_chart, exports["figure"]), gr.update(choices=names, value=[n for n in (picked or []) if n in names]),
-            note, exports["csv"], exports["json"], exports["png"])
+    return (table, drawn(h_chart, exports["figure"]),
+            gr.update(choices=names, value=[n for n in (picked or []) if n in names]), note,
+            exports["csv"], exports["json"], exports["png"])
 
 
 def environment_md() -> str:

@@ -48,9 +48,9 @@ def skip_without_rebuilding(demo) -> None:
     given gr.skip()) as a property update: it builds a new copy of the component and re-derives its config, JSON
     schema included, for every such output of every update, and on the server's event loop, which every page's
     updates and the PCM socket wait on. The Compare handler has 55 outputs and changes one or two per update, so
-    each update cost 25 ms of event loop instead of 1 (docs/DESIGN.md, Serving many pages); 16 pages comparing kept the loop
-    busy and their streams stalled. The copy is identical to the component, so leaving it out changes nothing that
-    is sent or kept (tests/test_pcm.py checks that against Gradio's own result)."""
+    each update cost 25 ms of event loop instead of 1 (docs/DESIGN.md, Serving many pages); 16 pages comparing
+    kept the loop busy and their streams stalled. The copy is identical to the component, so leaving it out
+    changes nothing the page is sent (tests/test_pcm.py checks that against Gradio's own result)."""
     import copy
 
     full = demo.postprocess_data
