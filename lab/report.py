@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import textwrap
 from dataclasses import dataclass
 
 from lab import quality
@@ -276,7 +277,7 @@ def sweep_chart(levels: list[dict], title: str = "", path: str | None = None):
     bx.legend(loc="upper left", fontsize=8)
     tx.legend(loc="lower right", fontsize=8)
     notes = sorted({WEIGHTS_NOTE[lvl["weights"]] for lvl in levels if lvl["weights"] in WEIGHTS_NOTE})
-    fig.suptitle("\n".join([t for t in (title, "; ".join(notes)) if t]), fontsize=9)
+    fig.suptitle(_wrapped(fig, [t for t in (title, "; ".join(notes)) if t]), fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -306,8 +307,17 @@ def _bars(ax, rows, key, colour):
         ax.scatter([c[0] for c in cold], [c[1] for c in cold], facecolors="none", edgecolors="#c44e52",
                    label="cold (first run after build)", zorder=3)
     ax.set_ylabel(f.label, fontsize=8)
+    if max(hi + med, default=0) <= 0:   # all zeros (no underruns): autoscale would centre them on a negative axis
+        ax.set_ylim(0, 1)
     ax.set_xticks(x, [label(r["preset"], r["weights"]) for r in rows], rotation=30, ha="right", fontsize=8)
     ax.legend(fontsize=7)
+
+
+def _wrapped(fig, lines: list[str], points: float = 9) -> str:
+    """Title lines folded to the figure's width: a long environment line ran off both edges of a narrow chart.
+    A character of the default sans font averages about 0.55 of its size in width."""
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.55 * points)))
+    return "\n".join(textwrap.fill(line, chars) for line in lines)
 
 
 def _title(fig, rows, title):
@@ -315,7 +325,7 @@ def _title(fig, rows, title):
     texts = {t for r in rows for t in r["texts"]}
     if len(texts) > 1:
         notes.append(f"{len(texts)} different texts: figures of different texts are not comparable")
-    fig.suptitle("\n".join([title] * bool(title) + ["; ".join(notes)] * bool(notes)), fontsize=9)
+    fig.suptitle(_wrapped(fig, [title] * bool(title) + ["; ".join(notes)] * bool(notes)), fontsize=9)
     fig.tight_layout()
 
 
