@@ -120,10 +120,11 @@ def serve(demo, host: str, port: int, hub: PcmHub, **launch_kwargs: Any) -> None
 
 class AppProcess:
     """`python app.py` in a subprocess on a free loopback port, once it serves, with its history, votes and Gradio
-    files in `folder`: what the page's tests, the browser benchmark and the screenshots start."""
+    files in `folder`: what the page's tests, the browser benchmark and the screenshots start. `env`: variables
+    set for this server only, over this process's own."""
 
-    def __init__(self, folder: str, presets_dir: str | None = None, timeout_s: float = 180):
-        import os
+    def __init__(self, folder: str, presets_dir: str | None = None, timeout_s: float = 180,
+                 env: dict[str, str] | None = None):
         import socket
         import subprocess
         import sys
@@ -136,14 +137,15 @@ class AppProcess:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.history, self.votes = os.path.join(folder, "history.jsonl"), os.path.join(folder, "votes.jsonl")
         self.log_path, self.url = os.path.join(folder, "server.log"), f"http://127.0.0.1:{port}/"
-        env = {**os.environ, "PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "HF_HUB_OFFLINE": "1",
-               "GRADIO_ANALYTICS_ENABLED": "False", "LAB_HISTORY": self.history, "LAB_VOTES": self.votes,
-               "GRADIO_TEMP_DIR": os.path.join(folder, "gradio")}
-        env.pop("LAB_PRESETS_DIR", None)
+        variables = {**os.environ, "PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "HF_HUB_OFFLINE": "1",
+                     "GRADIO_ANALYTICS_ENABLED": "False", "LAB_HISTORY": self.history, "LAB_VOTES": self.votes,
+                     "GRADIO_TEMP_DIR": os.path.join(folder, "gradio")}
+        variables.pop("LAB_PRESETS_DIR", None)
         if presets_dir:
-            env["LAB_PRESETS_DIR"] = presets_dir
+            variables["LAB_PRESETS_DIR"] = presets_dir
+        variables.update(env or {})
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "app.py"], cwd=root, env=env, stdout=self._log,
+        self.proc = subprocess.Popen([sys.executable, "app.py"], cwd=root, env=variables, stdout=self._log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while True:

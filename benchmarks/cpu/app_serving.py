@@ -30,12 +30,12 @@ from lab import env  # noqa: E402
 from web.server import AppProcess  # noqa: E402
 
 BATCHED, QUEUED = "csm-tiny-batched", "csm-tiny"
-MODES = {"gradio": "rebuild", "lab": ""}   # LAB_GRADIO_SKIPS for each server
+MODES = {"gradio": {"LAB_GRADIO_SKIPS": "rebuild"}, "lab": {}}   # each server's own variables
 
 
 def one_round(mode: str, clients: int, seed0: int) -> dict:
-    os.environ["LAB_GRADIO_SKIPS"] = MODES[mode]
-    app = AppProcess(tempfile.mkdtemp(prefix="lab-serving-"), presets_dir="tests/presets", timeout_s=300)
+    app = AppProcess(tempfile.mkdtemp(prefix="lab-serving-"), presets_dir="tests/presets", timeout_s=300,
+                     env=MODES[mode])
     try:
         from gradio_client import Client
 
@@ -54,7 +54,6 @@ def one_round(mode: str, clients: int, seed0: int) -> dict:
         return out
     finally:
         app.stop()
-        os.environ.pop("LAB_GRADIO_SKIPS", None)
 
 
 def cli_floor(clients: int, out_dir: str) -> dict:
@@ -110,16 +109,19 @@ def main() -> int:
               "modes": {"gradio": "LAB_GRADIO_SKIPS=rebuild: every output an update leaves out rebuilt (Gradio 6.31)",
                         "lab": "web.server.skip_without_rebuilding: only the outputs an update changes"},
               "rounds": []}
+
+    def save():   # after every round, so that a run cut short keeps what it measured
+        with open(os.path.join(args.out, "app_serving.json"), "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
     for r in range(args.rounds):
         result["rounds"].append({mode: one_round(mode, args.clients, 1000 * (2 * r + i))
                                  for i, mode in enumerate(MODES)})
-        with open(os.path.join(args.out, "app_serving.json"), "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        save()
     t0 = time.time()
     result["cli"] = cli_floor(args.clients, args.out)
     result["cli_s"] = time.time() - t0
-    with open(os.path.join(args.out, "app_serving.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
+    save()
     chart(result, os.path.join(args.out, "app_serving.png"))
     print(f"wrote {args.out}/app_serving.json and app_serving.png")
     return 0
