@@ -552,6 +552,9 @@ def _rows_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, scale, keys,
              out.to(out_ptr.dtype.element_ty), mask=live[:, None])
 
 
+# An operator of its own: inside a step compiled by inductor, dynamo sees one opaque call (the shapes below), not a
+# Triton launch to trace.
+@torch.library.custom_op("lab::rows_attention", mutates_args=())
 def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor,
                    scale: float) -> torch.Tensor:
     """query (rows, heads, n, head_dim), key and value (rows, kv heads, slots, head_dim), allowed (rows, 1, n, slots)
@@ -569,6 +572,12 @@ def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         out.stride(0), out.stride(2), out.stride(1),
         N=n, GROUP=group, HEAD_DIM=head_dim, BQ=block, BS=ROWS_ATTENTION_SLOTS, num_warps=4)
     return out
+
+
+@rows_attention.register_fake
+def _rows_attention_shape(query, key, value, allowed, scale):
+    rows, heads, n, head_dim = query.shape
+    return query.new_empty(rows, n, heads, head_dim)
 
 
 def rows_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):

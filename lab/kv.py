@@ -203,9 +203,12 @@ class RowKV:
         # A free row may stand past the end of a view (its last stream was longer): clamp its write into range.
         # Its output is thrown away; an active row never needs the clamp (the engine checks room at admission).
         at = torch.remainder(self.positions, self.length) if self.ring else self.positions.clamp(max=self.length - 1)
-        index = at[:, None, :, None].expand_as(key)
-        self.keys[layer_idx].scatter_(2, index, key)
-        self.values[layer_idx].scatter_(2, index, value)
+        # An indexed write (index_put_), not scatter_: inductor writes it into the buffer in place, where a scatter
+        # into a graph input is rebuilt out of place (the whole cache read, copied and written back every step).
+        # Indices on dims 0 and 2 put (rows, n) first: the values go in as (rows, n, heads, head_dim).
+        rows = torch.arange(at.shape[0], device=at.device)[:, None]
+        self.keys[layer_idx][rows, :, at] = key.transpose(1, 2)
+        self.values[layer_idx][rows, :, at] = value.transpose(1, 2)
         return self.keys[layer_idx], self.values[layer_idx]
 
     def advance(self, n: int) -> None:

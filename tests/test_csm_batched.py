@@ -132,13 +132,33 @@ def test_a_request_that_does_not_fit_its_row_is_refused_with_the_room_there_is(b
 
 @pytest.mark.parametrize("changes, fix", [
     ({"kernels": "triton", "device": "cuda", "dtype": "bfloat16", "compile": "cuda-graphs"}, "use kernels: torch"),
-    ({"compile": "inductor"}, "use compile: cuda-graphs"),
     ({"prefill": "per-segment"}, "use prefill: batched"),
     ({"max_streams": 0}, "use 1 to 4096"),
 ])
 def test_max_streams_refuses_what_cannot_batch_and_names_the_fix(changes, fix):
     with pytest.raises(LabError, match=fix):
         TINY_CSM.replace(**{"max_streams": 8, **changes})
+
+
+def test_the_step_compiled_by_inductor_streams_the_eager_steps_codes_and_audio(batched):
+    """compile: inductor on the batched step (the model's pieces over symbolic rows and KV length, and the codec's
+    frame): each stream's codes, greedy or sampled with its seed, are the eager step's, alone and beside others at
+    other positions, and its audio matches to float32 rounding."""
+    requests = [Request(TEXT, max_audio_s=0.8), Request(OTHERS[0], max_audio_s=0.8, temperature=1.0, seed=3),
+                Request(OTHERS[2], max_audio_s=0.8, seed=1)]
+    eager = [drain(t) for t in crowd(batched, requests, 2)]
+    engine = engines.build(TINY_CSM.replace(name="csm-tiny-batched-inductor", max_streams=4, compile="inductor"))
+    try:
+        alone = drain(engine.open(requests[0], Timeline()))
+        compiled = [drain(t) for t in crowd(engine, requests, 2)]
+    finally:
+        engine.close()
+    assert "inductor compiled" in " ".join(engine.report.notes)
+    np.testing.assert_array_equal(alone[0], eager[0][0])
+    for (codes, audio), (eager_codes, eager_audio) in zip(compiled, eager):
+        assert len(codes) == 10
+        np.testing.assert_array_equal(codes, eager_codes)
+        np.testing.assert_allclose(audio, eager_audio, atol=1e-4 * np.abs(eager_audio).max())
 
 
 def test_max_streams_is_for_csm_only():

@@ -42,8 +42,9 @@ SMOKE = False   # --smoke: tiny weights on the CPU, to try the script here befor
 
 def load(name: str, **changes):
     if SMOKE:
-        spec = presets.load(name, weights="tiny").replace(device="cpu", dtype="float32", compile="off",
-                                                          kernels="torch", **changes)
+        spec = presets.load(name, weights="tiny")
+        spec = spec.replace(device="cpu", dtype="float32", compile="inductor" if spec.compile in csm.COMPILED else "off",
+                            kernels="torch", attention="sdpa", **changes)
         return spec
     return presets.load(name, weights="random").replace(**changes) if changes else presets.load(name, weights="random")
 
@@ -139,13 +140,13 @@ def bucket_times(engine) -> list[dict]:
 def breakdown(engine) -> list[dict]:
     """Where a batched frame's time goes: the language-model part (backbone + 31 depth steps + picks) and the codec
     decode, each captured alone per bucket of rows (KV length 256), the codec with cuDNN's autotuner off and on.
-    Diagnostic only: it reaches into the engine's step (`_bind`, `frame`, `codec_rows`)."""
+    Diagnostic only: it reaches into the engine's step (`_bind`, `frame`, `decode_rows`)."""
     from lab.engines import torch_common as tc
 
     out = []
     if not engine.use_graphs:
         return out
-    codes = torch.zeros(engine.rows, engine.num_codebooks, 1, dtype=torch.long, device=engine.device)
+    codes = torch.zeros(engine.rows, engine.num_codebooks, dtype=torch.long, device=engine.device)
     for rows in [r for r in (1, 64, 256, 1024) if r <= engine.rows]:
         engine._bind(rows, engine.length_buckets[0])
         lm, _ = tc.capture_graph(lambda: engine.frame(engine.hidden_rows[:rows], None, 0.0, 50), warmup_runs=1,
@@ -153,7 +154,7 @@ def breakdown(engine) -> list[dict]:
         row = {"rows": rows, "lm_ms": statistics.median(replay_ms(lm, 15))}
         for tuned in (False, True):
             torch.backends.cudnn.benchmark = tuned
-            codec, _ = tc.capture_graph(lambda: engine.codec_rows.decode(codes[:rows]), warmup_runs=2,
+            codec, _ = tc.capture_graph(lambda: engine.decode_rows(codes[:rows]), warmup_runs=2,
                                         pool=engine.pool)
             row[f"codec_ms_cudnn_benchmark_{tuned}"] = statistics.median(replay_ms(codec, 15))
             del codec

@@ -68,6 +68,8 @@ class CsmEngine(Engine):
     or replayed from a CUDA graph that holds the whole frame; its layers served by the model's modules or by
     lab/fused.py's Triton kernels (kernels: torch | triton)."""
 
+    compile_options: dict = {}   # torch.compile's, for the pieces of the step (the batched engine's differ)
+
     def __init__(self, spec: VariantSpec, model, processor, static_kv: bool | None = None):
         from lab.kv import GrowingKV, static_kv_for
 
@@ -118,9 +120,9 @@ class CsmEngine(Engine):
             # The pieces are compiled, not the whole frame: each compiles once (positions are device tensors,
             # shapes are fixed), where one whole frame unrolls 31 depth steps into one slow compile. The prefill
             # stays eager: prompts vary in length and each new length would recompile.
-            self.backbone_step = torch.compile(self._backbone_step)
+            self.backbone_step = torch.compile(self._backbone_step, **self.compile_options)
             self.head, self.depth_first, self.depth_step = (
-                torch.compile(f) for f in (self._head, self._depth_first, self._depth_step))
+                torch.compile(f, **self.compile_options) for f in (self._head, self._depth_first, self._depth_step))
         # The attention kernel choice wraps the model's steps only, never the codec or the caller's code.
         self.prefill_step, self.frame = (tc.with_attention(spec, f) for f in (self.prefill_step, self._frame))
         self.use_graphs = self.graphed   # False runs the very same step without replaying graphs (for checks)
