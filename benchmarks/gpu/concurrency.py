@@ -137,6 +137,7 @@ def bucket_times(engine) -> list[dict]:
     return out
 
 
+@torch.no_grad()   # as the engine captures: under autograd a compiled step is traced for a backward it cannot have
 def breakdown(engine) -> list[dict]:
     """Where a batched frame's time goes: the language-model part (backbone + 31 depth steps + picks) and the codec
     decode, each captured alone per bucket of rows (KV length 256), the codec with cuDNN's autotuner off and on.
