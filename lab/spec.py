@@ -226,7 +226,6 @@ def _validate_batched(spec: VariantSpec, where: str) -> None:
     if spec.quantization != "none":
         raise LabError(where, f"max_streams with quantization: {spec.quantization}: the batched step is graphed and "
                               f"bitsandbytes cannot be captured; use quantization: none")
-
     if spec.attention not in ("sdpa", "eager", "triton"):
         raise LabError(where, f"max_streams with attention: {spec.attention}: each stream attends over its own row "
                               f"through a mask, and flash kernels take no mask; use attention: triton (lab/fused.py's "

@@ -43,8 +43,9 @@ SMOKE = False   # --smoke: tiny weights on the CPU, to try the script here befor
 def load(name: str, **changes):
     if SMOKE:
         spec = presets.load(name, weights="tiny")
-        spec = spec.replace(device="cpu", dtype="float32", compile="inductor" if spec.compile in csm.COMPILED else "off",
-                            kernels="torch", attention="sdpa", **changes)
+        compiled = "inductor" if spec.compile in csm.COMPILED else "off"
+        spec = spec.replace(device="cpu", dtype="float32", compile=compiled, kernels="torch", attention="sdpa",
+                            **changes)
         return spec
     return presets.load(name, weights="random").replace(**changes) if changes else presets.load(name, weights="random")
 
