@@ -159,6 +159,7 @@ class RowKV:
         # must live as long as the buffers do, not as long as the view object.
         self.slots = torch.arange(self.length, device=pos.device) if slots is None else slots
         self.positions: torch.Tensor | None = None   # (rows, n) of the tokens in the last prepare()
+        self.row_index: torch.Tensor | None = None   # (rows, 1): 0..rows-1, for the indexed cache writes
 
     @classmethod
     def allocate(cls, config, rows: int, max_positions: int, dtype, device, window: int | None = None,
@@ -188,6 +189,7 @@ class RowKV:
 
     def prepare(self, n: int, device, attn_implementation: str, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         positions = self.positions = self.pos[:, None] + self.slots[:n]             # (rows, n)
+        self.row_index = torch.arange(positions.shape[0], device=positions.device)[:, None]   # once per stack
         query = positions[:, :, None]
         if self.ring:
             # The position each slot holds for this query: the latest p <= query with p % slots == slot.
@@ -206,9 +208,8 @@ class RowKV:
         # An indexed write (index_put_), not scatter_: inductor writes it into the buffer in place, where a scatter
         # into a graph input is rebuilt out of place (the whole cache read, copied and written back every step).
         # Indices on dims 0 and 2 put (rows, n) first: the values go in as (rows, n, heads, head_dim).
-        rows = torch.arange(at.shape[0], device=at.device)[:, None]
-        self.keys[layer_idx][rows, :, at] = key.transpose(1, 2)
-        self.values[layer_idx][rows, :, at] = value.transpose(1, 2)
+        self.keys[layer_idx][self.row_index, :, at] = key.transpose(1, 2)
+        self.values[layer_idx][self.row_index, :, at] = value.transpose(1, 2)
         return self.keys[layer_idx], self.values[layer_idx]
 
     def advance(self, n: int) -> None:

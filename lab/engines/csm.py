@@ -120,9 +120,11 @@ class CsmEngine(Engine):
             # The pieces are compiled, not the whole frame: each compiles once (positions are device tensors,
             # shapes are fixed), where one whole frame unrolls 31 depth steps into one slow compile. The prefill
             # stays eager: prompts vary in length and each new length would recompile.
-            self.backbone_step = torch.compile(self._backbone_step, **self.compile_options)
+            # Each engine compiles its own copy: the one-stream and the batched engine share these methods, and
+            # dynamo's recompile limit is per code object.
+            self.backbone_step = tc.compile_own(self._backbone_step, **self.compile_options)
             self.head, self.depth_first, self.depth_step = (
-                torch.compile(f, **self.compile_options) for f in (self._head, self._depth_first, self._depth_step))
+                tc.compile_own(f, **self.compile_options) for f in (self._head, self._depth_first, self._depth_step))
         # The attention kernel choice wraps the model's steps only, never the codec or the caller's code.
         self.prefill_step, self.frame = (tc.with_attention(spec, f) for f in (self.prefill_step, self._frame))
         self.use_graphs = self.graphed   # False runs the very same step without replaying graphs (for checks)

@@ -136,7 +136,7 @@ class BatchedCsmEngine(CsmEngine):
         # fails to lower the convolutions over the carried state (torch 2.13).
         self.decode_rows = self._decode_rows
         if spec.compile in COMPILED:
-            self.decode_rows = torch.compile(self._decode_rows)
+            self.decode_rows = tc.compile_own(self._decode_rows)
         self.step_graphs: dict[tuple, tuple] = {}      # (rows, length, sampled) -> (graph, (codes, audio))
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
         self.slots: list[Ticket | None] = [None] * self.rows

@@ -286,8 +286,12 @@ def compile_own(fn, **options):
     """torch.compile of `fn` for one engine. Dynamo keeps compiled graphs per code object, so a second engine
     compiling the same function reuses the first one's graphs wherever the guards pass: CPU code that inductor
     generated for another thread count, and one shared recompile limit. A copy of the code object gives each
-    engine its own."""
-    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    engine its own. A bound method (an engine's step piece) is copied and bound to the same engine."""
+    func = getattr(fn, "__func__", fn)
+    own = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                             func.__closure__)
+    if hasattr(fn, "__self__"):
+        own = types.MethodType(own, fn.__self__)
     return torch.compile(own, **options)
 
 
