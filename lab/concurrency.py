@@ -14,8 +14,9 @@ import numpy as np
 import dataclasses
 
 from lab.errors import LabError
-from lab.metrics import Timeline, figures, summarize
+from lab.metrics import PHASES, Timeline, figures, summarize
 from lab.request import Request
+
 
 def requests_for(texts: list[str], streams: int, max_audio_s: float, temperature: float = 0.0) -> list[Request]:
     """One request per stream: the texts in turn, each stream with its own seed, all capped at `max_audio_s`."""
@@ -36,11 +37,16 @@ def summary(timelines: list[Timeline], arrived: list[float], started: float) -> 
     audio seconds produced per wall second summed over streams."""
     per = [figures(t) for t in timelines]
     ttfb_ms = [(t.chunks[0][0] - at) * 1e3 for t, at in zip(timelines, arrived)]
+    # Where a crowd's TTFB goes: "sent" (arrival to the request's own stamp: the caller handing it in), then the
+    # phases of one run's TTFB (a batched engine's "session" is the wait for a slot).
+    phases = {"sent": [(t.stamp("request") - at) * 1e3 for t, at in zip(timelines, arrived)],
+              **{name: [f["phases_ms"][name] for f in per] for name in PHASES}}
     end = max(t.chunks[-1][0] for t in timelines)
     audio_s = sum(f["audio_s"] for f in per)
     return {
         "streams": len(timelines),
         "ttfb_ms": summarize(ttfb_ms),
+        "ttfb_phases_ms": {name: summarize(values) for name, values in phases.items()},
         "steady_rtf": summarize([f["steady_rtf"] for f in per]),
         "rtf": summarize([f["rtf"] for f in per]),
         "underruns": int(sum(f["underruns"] for f in per)),

@@ -517,7 +517,9 @@ def _rows_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, scale, keys,
     """One program per (stream row, kv head): the GROUP query heads that share that kv head, times the step's N
     tokens, as one block of queries, so each key and value is read once for all of them and the scores are a matrix
     product. The row's own mask says which slots each token may attend to; softmax in float32, online over blocks
-    of BS slots."""
+    of BS slots. A block no token of the row may attend is skipped before its keys and values are read: a row's
+    cost follows how far its stream has come, not the length of the view (the batched engine binds the whole
+    buffer, whose far slots are empty for every stream in the first seconds)."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     i = tl.arange(0, BQ)
@@ -533,20 +535,22 @@ def _rows_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, scale, keys,
     for s0 in range(0, keys, BS):
         s = s0 + tl.arange(0, BS)
         inside = s < keys
-        k = tl.load(k_ptr + row * sk_r + kv_head * sk_h + s[:, None] * sk_l + d[None, :], mask=inside[:, None],
-                    other=0.0)
         allowed = tl.load(mask_ptr + row * sm_r + token[:, None] * sm_n + s[None, :],
-                          mask=live[:, None] & inside[None, :], other=0)
-        score = tl.where(allowed != 0, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
-        new_best = tl.maximum(best, tl.max(score, axis=1))
-        base = tl.where(new_best == float("-inf"), 0.0, new_best)   # no slot allowed yet: keep exp() finite
-        p = tl.exp(score - base[:, None])
-        shrink = tl.exp(best - base)
-        v = tl.load(v_ptr + row * sv_r + kv_head * sv_h + s[:, None] * sv_l + d[None, :], mask=inside[:, None],
-                    other=0.0)
-        acc = acc * shrink[:, None] + tl.dot(p.to(v.dtype), v)
-        total = total * shrink + tl.sum(p, axis=1)
-        best = new_best
+                          mask=live[:, None] & inside[None, :], other=0) != 0
+        # Skipping is exact: a block with no allowed slot adds 0 to the sums and leaves the running max alone.
+        if tl.max(allowed.to(tl.int32)) > 0:
+            k = tl.load(k_ptr + row * sk_r + kv_head * sk_h + s[:, None] * sk_l + d[None, :],
+                        mask=inside[:, None], other=0.0)
+            score = tl.where(allowed, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+            new_best = tl.maximum(best, tl.max(score, axis=1))
+            base = tl.where(new_best == float("-inf"), 0.0, new_best)   # no slot allowed yet: keep exp() finite
+            p = tl.exp(score - base[:, None])
+            shrink = tl.exp(best - base)
+            v = tl.load(v_ptr + row * sv_r + kv_head * sv_h + s[:, None] * sv_l + d[None, :],
+                        mask=inside[:, None], other=0.0)
+            acc = acc * shrink[:, None] + tl.dot(p.to(v.dtype), v)
+            total = total * shrink + tl.sum(p, axis=1)
+            best = new_best
     out = acc / tl.where(total == 0.0, 1.0, total)[:, None]   # a row that may attend nowhere (a free slot): zeros
     tl.store(out_ptr + row * so_r + head[:, None] * so_h + token[:, None] * so_n + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=live[:, None])

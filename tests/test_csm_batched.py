@@ -224,15 +224,22 @@ def test_triton_attention_streams_the_sdpa_codes_and_serves_every_stacks_decode_
     assert {shape[2] for shape in served} == {1, 2}  # one token a step; two for the depth's first and the codec
 
 
-@pytest.mark.parametrize("rows,heads,kv_heads,tokens,slots,head_dim", [(3, 8, 2, 1, 40, 32), (2, 4, 4, 2, 70, 16),
-                                                                         (5, 32, 8, 1, 100, 64)])
-def test_rows_attention_matches_a_float64_reference_with_per_row_masks(rows, heads, kv_heads, tokens, slots, head_dim):
+# The kernel skips blocks of 64 slots that no token of a row may attend: 200 slots with a 30-slot window put the
+# allowed slots of most rows past one or two skipped blocks, and leave blocks after them skipped too.
+@pytest.mark.parametrize("rows,heads,kv_heads,tokens,slots,head_dim,window", [
+    (3, 8, 2, 1, 40, 32, None), (2, 4, 4, 2, 70, 16, None), (5, 32, 8, 1, 100, 64, None), (6, 4, 2, 2, 200, 16, 30)])
+def test_rows_attention_matches_a_float64_reference_with_per_row_masks(rows, heads, kv_heads, tokens, slots, head_dim,
+                                                                       window):
     fused = pytest.importorskip("lab.fused", reason="Triton is not installed")
     g = torch.Generator().manual_seed(rows * slots)
     q = torch.randn(rows, heads, tokens, head_dim, generator=g)
     k, v = (torch.randn(rows, kv_heads, slots, head_dim, generator=g) for _ in range(2))
     pos = torch.randint(0, slots - tokens, (rows,), generator=g)
-    allowed = (torch.arange(slots)[None, None] <= pos[:, None, None] + torch.arange(tokens)[None, :, None])[:, None]
+    query = pos[:, None, None] + torch.arange(tokens)[None, :, None]
+    allowed = (torch.arange(slots)[None, None] <= query)
+    if window is not None:
+        allowed &= torch.arange(slots)[None, None] > query - window
+    allowed = allowed[:, None]
     allowed[0] = False   # a free slot's row may attend nowhere: zeros, not NaN
     group = heads // kv_heads
     scores = (q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2)) * head_dim ** -0.5

@@ -36,6 +36,7 @@ TEXTS = [
     "Your table for four is booked at seven thirty, and the kitchen will keep the vegetarian menu ready.",
 ]
 FRAMES = 80
+SWEEP_FILLED = 192   # KV positions a sweep's stream reaches: its prompt (about 110 byte tokens) and 80 frames
 PRESET = "csm-batched-cuda-graphs"
 SMOKE = False   # --smoke: tiny weights on the CPU, to try the script here before spending device time
 
@@ -124,33 +125,77 @@ def replay_ms(graph, runs: int = 20) -> list[float]:
 
 
 def bucket_times(engine) -> list[dict]:
-    """The graphed step alone, per bucket of rows (greedy, the shortest and the longest length bucket): ms per
-    replay over 20. No stream is active, so no state moves on."""
+    """The graphed step alone, per bucket of rows (greedy): ms per replay over 20, with every row's backbone cache
+    (and the codec transformer's ring) filled as far as a sweep's stream gets (a 20-word prompt and 80 frames) and
+    as far as the room allows (60 s of audio in every stream): attention reads what the streams have reached. No
+    stream is active, so no row moves on."""
+    from lab.engines.csm_batched import bucket
+
     out = []
     if not engine.use_graphs:
         return out
+    codec_kv = engine.row_codec.static_kv
     for rows in engine.row_buckets:
-        for length in (engine.length_buckets[0], engine.length_buckets[-1]):
+        for filled in (SWEEP_FILLED, engine.cache_positions - 2):
+            length = bucket(filled + 2, engine.length_buckets)
+            engine.row_kv.pos.fill_(filled)
+            codec_kv.pos.fill_(2 * filled)   # two codec transformer positions a frame; a ring of its window
             times = replay_ms(engine.step_graphs[(rows, length, False)][0])
-            out.append({"rows": rows, "kv_length": length, "ms_per_frame": summarize(times)})
-            log(f"step rows {rows:5d} kv {length:5d}: {statistics.median(times):.2f} ms")
+            out.append({"rows": rows, "kv_filled": filled, "kv_length": length, "ms_per_frame": summarize(times)})
+            log(f"step rows {rows:5d} kv filled {filled:5d} (view {length:5d}): {statistics.median(times):.2f} ms")
+    engine.row_kv.pos.zero_()
     engine.row_codec.reset()
+    return out
+
+
+def prefill_times(engine, batches=(1, 16, 64, 256), positions=(100, 101)) -> list[dict]:
+    """The crowd's prefill (the backbone over right-padded prompts, eager) alone: its first call at a new shape and
+    the best of three after, with SDPA choosing its kernel and with SDPA kept to flash and memory-efficient
+    attention. A first call much slower than the rest is set-up work paid at every new prompt shape. Diagnostic."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lab.kv import GrowingKV
+
+    out = []
+    width = engine.config.hidden_size
+    for label, backends in (("sdpa", None), ("flash+efficient", [SDPBackend.FLASH_ATTENTION,
+                                                                  SDPBackend.EFFICIENT_ATTENTION])):
+        for batch in batches:
+            for n in positions:
+                embeds = torch.randn(batch, n + (label != "sdpa") * 7, width, device=engine.device,
+                                     dtype=engine.hidden_rows.dtype)
+                times = []
+                with sdpa_kernel(backends) if backends else contextlib.nullcontext(), torch.no_grad():
+                    for _ in range(4):
+                        sync()
+                        t0 = time.perf_counter()
+                        engine.prefill_step_rows(embeds, GrowingKV(engine.config.num_hidden_layers))
+                        sync()
+                        times.append((time.perf_counter() - t0) * 1e3)
+                row = {"attention": label, "batch": batch, "positions": embeds.shape[1], "first_ms": times[0],
+                       "best_after_ms": min(times[1:])}
+                out.append(row)
+                log(f"prefill {label:15s} batch {batch:4d} x {embeds.shape[1]:4d}: first {times[0]:.1f} ms, "
+                    f"then {min(times[1:]):.1f} ms")
     return out
 
 
 @torch.no_grad()   # as the engine captures: under autograd a compiled step is traced for a backward it cannot have
 def breakdown(engine) -> list[dict]:
     """Where a batched frame's time goes: the language-model part (backbone + 31 depth steps + picks) and the codec
-    decode, each captured alone per bucket of rows (KV length 256), the codec with cuDNN's autotuner off and on.
+    decode, each captured alone per bucket of rows (caches filled as a sweep's stream fills them), the codec with cuDNN's autotuner off and on.
     Diagnostic only: it reaches into the engine's step (`_bind`, `frame`, `decode_rows`)."""
     from lab.engines import torch_common as tc
 
     out = []
     if not engine.use_graphs:
         return out
+    from lab.engines.csm_batched import bucket
+
     codes = torch.zeros(engine.rows, engine.num_codebooks, dtype=torch.long, device=engine.device)
+    engine.row_kv.pos.fill_(SWEEP_FILLED)
     for rows in [r for r in (1, 64, 256, 1024) if r <= engine.rows]:
-        engine._bind(rows, engine.length_buckets[0])
+        engine._bind(rows, bucket(SWEEP_FILLED + 2, engine.length_buckets))
         lm, _ = tc.capture_graph(lambda: engine.frame(engine.hidden_rows[:rows], None, 0.0, 50), warmup_runs=1,
                                  pool=engine.pool)
         row = {"rows": rows, "lm_ms": statistics.median(replay_ms(lm, 15))}
@@ -175,13 +220,18 @@ KERNEL_KINDS = (("attention", ("fmha", "flash", "attention", "sdpa")),
                 ("convolution", ("conv", "cudnn", "implicit", "winograd", "dgrad")), ("copy", ("memcpy", "memset", "copy")))
 
 
-def profile(engine, rows: int, length: int) -> dict:
-    """Where the batched step's device time goes at `rows` rows, by kernel: torch.profiler over the step run
-    eagerly (a graph replays the same kernels, without the launch gaps between them). Diagnostic only."""
+def profile(engine, rows: int) -> dict:
+    """Where the batched step's device time goes at `rows` rows, every cache filled as far as a sweep's stream gets,
+    by kernel: torch.profiler over the step run eagerly (a graph replays the same kernels, without the launch gaps
+    between them). Diagnostic only."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    from lab.engines.csm_batched import bucket
+
     rows, steps = min(rows, engine.rows), 3
+    length = bucket(SWEEP_FILLED + 2, engine.length_buckets)
+    engine.row_kv.pos.fill_(SWEEP_FILLED)
     cuda = engine.device.type == "cuda"   # --smoke profiles the CPU's operators instead
     spent = "self_device_time_total" if cuda else "self_cpu_time_total"
     engine.use_graphs = False
@@ -282,7 +332,8 @@ def sweep(engine, levels: list[int], rates: list[float], poisson_s: float) -> di
         log(f"together {n:5d}: ttfb p50 {level['ttfb_ms']['median']:.0f} p99 {level['ttfb_ms']['p99']:.0f} ms, "
             f"steady rtf p50 {level['steady_rtf']['median']:.3f} p99 {level['steady_rtf']['p99']:.3f}, "
             f"underruns {level['underruns']} ({level['streams_with_underruns']} streams), "
-            f"{level['ms_per_frame']:.1f} ms/frame, goodput {level['goodput_audio_s_per_s']:.0f} audio s/s")
+            f"{level['ms_per_frame']:.1f} ms/frame, goodput {level['goodput_audio_s_per_s']:.0f} audio s/s; ttfb "
+            f"phases p50 " + " ".join(f"{k} {v['median']:.0f}" for k, v in level["ttfb_phases_ms"].items()))
     for rate in rates:
         n = int(rate * poisson_s)
         level = concurrency.batched(engine, concurrency.requests_for(TEXTS, n, FRAMES / csm.FRAME_RATE_HZ),
@@ -400,7 +451,7 @@ def main() -> int:
     parser.add_argument("--rates", default="50,150,300")
     parser.add_argument("--poisson-s", type=float, default=6.0)
     parser.add_argument("--smoke", action="store_true", help="tiny weights on the CPU: tries the script, measures nothing")
-    parser.add_argument("--skip", default="", help="comma list of parts to leave out: checks,bucket_times,sweep,breakdown,profile,attention,batch1,generate")
+    parser.add_argument("--skip", default="", help="comma list of parts to leave out: checks,bucket_times,sweep,prefill,breakdown,profile,attention,batch1,generate")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
@@ -428,8 +479,9 @@ def main() -> int:
     parts = [("checks", lambda: checks(engine)), ("bucket_times", lambda: bucket_times(engine)),
              ("sweep", lambda: sweep(engine, [n for n in map(int, args.levels.split(",")) if n <= engine.rows],
                                      [float(r) for r in args.rates.split(",")], args.poisson_s)),
+             ("prefill", lambda: prefill_times(engine)),
              ("breakdown", lambda: breakdown(engine)),   # after the sweep: its extra graphs take memory the sweep needs
-             ("profile", lambda: [profile(engine, rows, engine.length_buckets[0]) for rows in (256, 1024)]),
+             ("profile", lambda: [profile(engine, rows) for rows in (256, 1024)]),
              ("attention", lambda: attention_options(engine))]
     def run_parts(named) -> None:
         """Each part in turn; one that fails is recorded and the rest still run (the device time is spent anyway)."""

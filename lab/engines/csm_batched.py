@@ -12,8 +12,9 @@ adds is the scheduler around the step, in one thread of its own:
   right-padded, in one forward), runs one frame for every active slot, and hands each stream its frame. A stream
   that ends (EOS, its cap, a cancel, a consumer that went away) frees its slot for the next frame.
 - On CUDA the step replays from a CUDA graph per bucket: the smallest power of two of rows covering the highest
-  active slot (slots are given lowest first, so active rows stay packed at the front), and the smallest length
-  covering the longest stream, so attention reads only as far as the longest stream has come.
+  active slot (slots are given lowest first, so active rows stay packed at the front), and, with SDPA, the smallest
+  length covering the longest stream, so attention reads only as far as the longest stream has come (the Triton
+  rows attention skips what no stream has reached by itself, over one length).
 - The host handles frame t while the GPU runs frame t+1: each frame's codes and audio are copied into one of two
   pinned buffers, and the host waits only for the older one.
 """
@@ -112,6 +113,11 @@ class BatchedCsmEngine(CsmEngine):
         self.rows_asked = rows or spec.max_streams
         self.rows = self.rows_asked if self.device.type != "cuda" else min(self.rows_asked, self._rows_that_fit())
         self.length_buckets = tuple(b for b in LENGTH_BUCKETS if b < self.cache_positions) + (self.cache_positions,)
+        if spec.attention == "triton":
+            # lab.fused.rows_attention skips the slots no stream has reached, so a shorter view saves it nothing; and
+            # with inductor a view shorter than its buffer measured slower (58.4 against 45.1 ms at 1024 rows,
+            # docs/GPU.md). One length: a third of the graphs to compile and capture.
+            self.length_buckets = (self.cache_positions,)
         self.row_buckets = tuple(1 << i for i in range(self.rows.bit_length()) if 1 << i < self.rows) + (self.rows,)
         width = self.model.backbone_model.embed_tokens.embed_audio_tokens.weight.dtype
         self.row_kv = RowKV.allocate(self.config, self.rows, self.cache_positions, width, self.device)
