@@ -574,7 +574,8 @@ def rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2),
         allowed.stride(0) if allowed.shape[0] > 1 else 0, allowed.stride(2),
         out.stride(0), out.stride(2), out.stride(1),
-        N=n, GROUP=group, HEAD_DIM=head_dim, BQ=block, BS=ROWS_ATTENTION_SLOTS, num_warps=4)
+        N=n, GROUP=group, HEAD_DIM=head_dim, BQ=block,
+        BS=min(ROWS_ATTENTION_SLOTS, max(16, triton.next_power_of_2(slots))), num_warps=4)   # the depth decoder: 32
     return out
 
 

@@ -147,20 +147,26 @@ def _is_resnet(m: nn.Module) -> bool:
     return hasattr(m, "block") and hasattr(m, "shortcut")
 
 
-def depthwise_conv_transpose(conv: nn.ConvTranspose1d, x: torch.Tensor) -> torch.Tensor:
-    """`conv(x)`, where conv is a depthwise transposed convolution whose kernel is a whole number of strides (Mimi's
-    upsampling of the latents: 512 channels, stride 2, kernel 4), as products and shifted sums (overlap-add) in
-    float32, which inductor fuses. cuDNN serves it with a grouped dgrad kernel that took 4.5 ms of a 69 ms batched
-    step at 1024 rows (docs/GPU.md) for one input frame a row. Any other transposed convolution is the conv's own."""
-    channels, kernel, stride = conv.in_channels, conv.kernel_size[0], conv.stride[0]
-    if not (conv.groups == channels == conv.out_channels and kernel % stride == 0 and conv.padding[0] == 0
+def conv_transpose(conv: nn.ConvTranspose1d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` for a transposed convolution whose kernel is a whole number of strides (all of Mimi's decoder's),
+    dense or depthwise, as each input step's taps (one matrix product, or products for depthwise) and their
+    overlap-add. cuDNN served one of these layers with a grouped dgrad kernel that took 4.5 ms of a 42 ms batched
+    step at 1024 rows (docs/GPU.md), for 2 input steps a row. Any other transposed convolution is the conv's own."""
+    cin, cout, kernel, stride = conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0]
+    depthwise = conv.groups == cin == cout
+    if not ((depthwise or conv.groups == 1) and kernel % stride == 0 and conv.padding[0] == 0
             and conv.output_padding[0] == 0 and conv.dilation[0] == 1):
         return conv(x)
     rows, _, steps = x.shape
+    if depthwise:    # (rows, channels, steps, kernel), in float32
+        taps = x.float()[..., None] * conv.weight.float()[None, :, 0, None, :]
+    else:            # weight (cin, cout, kernel): one product over cin for every (cout, tap); the sums in float32
+        taps = (x.transpose(1, 2) @ conv.weight.reshape(cin, cout * kernel)).view(rows, steps, cout, kernel)
+        taps = taps.float().transpose(1, 2)
     overlap = kernel // stride           # input steps that write each output sample
     # Input step i, tap k = j * stride + m writes output sample (i + j) * stride + m.
-    taps = (x.float()[..., None] * conv.weight.float()[None, :, 0, None, :]).view(rows, channels, steps, overlap, stride)
-    y = sum(nn.functional.pad(taps[:, :, :, j].reshape(rows, channels, steps * stride),
+    taps = taps.reshape(rows, cout, steps, overlap, stride)
+    y = sum(nn.functional.pad(taps[:, :, :, j].reshape(rows, cout, steps * stride),
                               (j * stride, (overlap - 1 - j) * stride)) for j in range(overlap))
     if conv.bias is not None:
         y = y + conv.bias.float()[None, :, None]
@@ -244,7 +250,7 @@ class StreamingSeanet:
         return m.conv(x_in)
 
     def _conv_transpose(self, m, x):
-        y = depthwise_conv_transpose(m.conv, x)
+        y = conv_transpose(m.conv, x)
         tail = self.context[id(m)]  # kernel - stride samples that the next input frame also writes to
         prev = self.state.get(id(m))
         if prev is not None:

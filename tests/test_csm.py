@@ -120,21 +120,23 @@ def test_static_codec_state_streams_the_same_audio_as_a_whole_decode(csm_tiny):
         np.testing.assert_allclose(streamed, whole, atol=1e-5, rtol=1e-5)   # float32 rounding, as above
 
 
-@pytest.mark.parametrize("channels,kernel,stride,bias,groups", [(32, 4, 2, False, 32), (8, 6, 3, True, 8),
-                                                                (4, 8, 4, False, 1)])
-def test_depthwise_transposed_conv_as_overlap_add_is_the_convs_own_result(channels, kernel, stride, bias, groups):
-    """Mimi's latent upsampling (depthwise, kernel two strides) written as products and shifted sums; a conv that
-    is not depthwise (the last case) runs as itself."""
-    from lab.streaming import depthwise_conv_transpose
+@pytest.mark.parametrize("cin,cout,kernel,stride,bias,groups", [(32, 32, 4, 2, False, 32), (8, 8, 6, 3, True, 8),
+                                                                 (16, 8, 16, 8, True, 1), (8, 4, 10, 5, False, 1),
+                                                                 (4, 4, 8, 4, False, 2), (4, 4, 7, 4, True, 1)])
+def test_transposed_conv_as_overlap_add_is_the_convs_own_result(cin, cout, kernel, stride, bias, groups):
+    """Mimi's decoder's transposed convs (depthwise for the latents' upsampling, dense in SEANet; kernel a whole
+    number of strides) as taps and their overlap-add. Grouped (but not depthwise) and a kernel of 7 run as the conv
+    itself."""
+    from lab.streaming import conv_transpose
 
-    conv = torch.nn.ConvTranspose1d(channels, channels, kernel, stride, groups=groups, bias=bias)
+    conv = torch.nn.ConvTranspose1d(cin, cout, kernel, stride, groups=groups, bias=bias)
     for steps in (1, 3):
-        x = torch.randn(5, channels, steps, generator=torch.Generator().manual_seed(steps))
+        x = torch.randn(5, cin, steps, generator=torch.Generator().manual_seed(steps))
         with torch.no_grad():
             want = conv(x)
-            got = depthwise_conv_transpose(conv, x)
-        assert got.shape == want.shape == (5, channels, (steps - 1) * stride + kernel)
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+            got = conv_transpose(conv, x)
+        assert got.shape == want.shape == (5, cout, (steps - 1) * stride + kernel)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_per_segment_prefill_matches_batched(csm_tiny):

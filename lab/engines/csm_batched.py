@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -45,10 +46,16 @@ LENGTH_BUCKETS = (256, 512, 1024)
 SAMPLING_TOP_K = 50         # one top-k for every sampled stream in a batch (the per-row temperature varies)
 # Admission is a prefill (eager: a few hundred kernel launches) and a sync, paid by every stream in the batch. While
 # streams run, a trickle of arrivals is gathered for up to ADMIT_EVERY_FRAMES frames, or until ADMIT_BATCH wait, and
-# prefilled together; an idle engine waits only ADMIT_GATHER_S after the first arrival, so a burst shares a prefill.
+# prefilled together, at most ADMIT_MAX_POSITIONS padded prompt positions at a time (about 20 ms on the H200), so a
+# burst delays the running streams' frames a little at a time. An idle engine gathers while arrivals keep coming
+# (each within ADMIT_QUIET_S of the last, for up to ADMIT_GATHER_MAX_S) and prefills the burst at once, before any
+# of it streams: with a chunk schedule that doubles, every frame interval after the first chunk must stay under
+# half a frame of audio, and a neighbour's prefill inside it is an underrun (README "How many").
 ADMIT_EVERY_FRAMES = 4
 ADMIT_BATCH = 8
-ADMIT_GATHER_S = 0.005
+ADMIT_MAX_POSITIONS = 4096
+ADMIT_QUIET_S = 0.005
+ADMIT_GATHER_MAX_S = 0.25
 _MASK31 = 0x7FFFFFFF
 
 
@@ -81,7 +88,13 @@ class Ticket:
     row: int = -1
     launched: int = 0                   # frames launched on the device for it
     frames: int = 0                     # frames the host has taken
-    codes: list = field(default_factory=list)
+    kept: int = 0                       # of them, frames of speech (not the end-of-speech frame)
+    # The stream's codes and audio, frame by frame, in buffers allocated at admission: a chunk is a view of its
+    # frames. Joining each chunk's frames into a new array cost the host 100-370 ms at frames where 1024 streams
+    # were all due a 16-frame chunk (126 MB of fresh memory written; measured on the CPU), and the GPU waits for
+    # the host's next launch meanwhile.
+    codes: np.ndarray | None = None     # (max_frames, codebooks)
+    audio: np.ndarray | None = None     # (max_frames, samples)
     emitter: ChunkEmitter | None = None
     abandoned: bool = False             # its consumer went away (a closed page): free the slot
     done: bool = False
@@ -97,7 +110,7 @@ class Ticket:
 
     @property
     def all_codes(self) -> np.ndarray:
-        return np.stack(self.codes) if self.codes else np.zeros((0, 0), np.int64)
+        return self.codes[: self.kept] if self.codes is not None else np.zeros((0, 0), np.int64)
 
 
 class BatchedCsmEngine(CsmEngine):
@@ -143,6 +156,7 @@ class BatchedCsmEngine(CsmEngine):
         self.decode_rows = self._decode_rows
         if spec.compile in COMPILED:
             self.decode_rows = tc.compile_own(self._decode_rows)
+        self.prefill_rows = tc.with_prompt_attention(spec, self.prefill_step_rows)
         self.step_graphs: dict[tuple, tuple] = {}      # (rows, length, sampled) -> (graph, (codes, audio))
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
         self.slots: list[Ticket | None] = [None] * self.rows
@@ -294,7 +308,7 @@ class BatchedCsmEngine(CsmEngine):
                 while not self.closing and not self.waiting and not any(self.slots) and in_flight is None:
                     self.wake.wait()
                     if self.waiting:   # the first arrival at an idle engine: let a burst gather behind it
-                        self.wake.wait(ADMIT_GATHER_S)
+                        self._gather()
                 if self.closing:
                     return
                 for ticket in [t for t in self.waiting if t.abandoned or (t.cancel is not None and t.cancel.is_set())]:
@@ -303,7 +317,7 @@ class BatchedCsmEngine(CsmEngine):
                 free = [row for row, t in enumerate(self.slots) if t is None]
                 due = (not any(self.slots) or since_admission >= ADMIT_EVERY_FRAMES
                        or len(self.waiting) >= min(ADMIT_BATCH, len(free)))
-                admit = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))] if due else []
+                admit = self._admissible(len(free)) if due else []
                 since_admission = 0 if admit else since_admission + 1
                 for row, ticket in zip(free, admit):
                     ticket.row, self.slots[row] = row, ticket
@@ -325,10 +339,39 @@ class BatchedCsmEngine(CsmEngine):
                     self._finish(ticket, error)
                 in_flight = None
 
+    @property
+    def samples_per_frame(self) -> int:
+        return int(round(self.sample_rate / FRAME_RATE_HZ))
+
+    def _gather(self) -> None:
+        """(Holding `wake`.) Wait until no request has arrived for ADMIT_QUIET_S, or ADMIT_GATHER_MAX_S have passed."""
+        start = last = time.perf_counter()
+        seen = len(self.waiting)
+        while not self.closing:
+            now = time.perf_counter()
+            if len(self.waiting) != seen:
+                seen, last = len(self.waiting), now
+            wait_s = min(last + ADMIT_QUIET_S, start + ADMIT_GATHER_MAX_S) - now
+            if wait_s <= 0:
+                return
+            self.wake.wait(wait_s)
+
+    def _admissible(self, free: int) -> list[Ticket]:
+        """(Holding `wake`.) The waiting requests to admit now, first come first: as many as there are free slots;
+        while streams run, no more than ADMIT_MAX_POSITIONS padded positions (always at least one request)."""
+        running = any(self.slots)
+        admit, longest = [], 0
+        while self.waiting and len(admit) < free:
+            longest_next = max(longest, self.waiting[0].prompt_len)
+            if running and admit and (len(admit) + 1) * longest_next > ADMIT_MAX_POSITIONS:
+                break
+            admit.append(self.waiting.popleft())
+            longest = longest_next
+        return admit
+
     def _host_buffers(self):
-        samples = int(round(self.sample_rate / FRAME_RATE_HZ))
         return (torch.zeros(self.rows, self.num_codebooks, dtype=torch.long, pin_memory=True),
-                torch.zeros(self.rows, samples, pin_memory=True), torch.cuda.Event())
+                torch.zeros(self.rows, self.samples_per_frame, pin_memory=True), torch.cuda.Event())
 
     @torch.no_grad()
     def _admit(self, tickets: list[Ticket]) -> None:
@@ -353,7 +396,7 @@ class BatchedCsmEngine(CsmEngine):
             if t.prompt is not None:
                 embeds[i, : lens[i]] = t.prompt[0]
         fresh = GrowingKV(self.config.num_hidden_layers)
-        out = self.prefill_step_rows(embeds, fresh)
+        out = self.prefill_rows(embeds, fresh)
         rows = torch.tensor([t.row for t in tickets], device=self.device)
         lengths = torch.tensor(lens, device=self.device)
         for layer in range(self.config.num_hidden_layers):
@@ -372,6 +415,8 @@ class BatchedCsmEngine(CsmEngine):
                 self.sync()
             t.timeline.mark("prefill")
             t.emitter = ChunkEmitter(self.spec, t.timeline, self.sample_rate)
+            t.codes = np.empty((t.max_frames, self.num_codebooks), np.int64)
+            t.audio = np.empty((t.max_frames, self.samples_per_frame), np.float32)
             t.timeline.mark("generator")
 
     def prefill_step_rows(self, embeds: torch.Tensor, kv) -> torch.Tensor:
@@ -417,11 +462,14 @@ class BatchedCsmEngine(CsmEngine):
                 t.timeline.mark("first_frame")
             stop = bool(eos[t.row])
             if not stop:
-                t.codes.append(codes[t.row].copy())
-                t.emitter.add(audio[t.row].copy())
+                t.codes[t.kept] = codes[t.row]
+                t.audio[t.kept] = audio[t.row]
+                t.emitter.add(t.kept)            # pending frames are indices into t.audio
+                t.kept += 1
             finished = stop or t.frames >= t.max_frames
             if t.emitter.pending and t.emitter.due(finished):
-                t.out.put(t.emitter.emit(np.concatenate(t.emitter.take())))
+                frames = t.emitter.take()
+                t.out.put(t.emitter.emit(t.audio[frames[0]: frames[-1] + 1].reshape(-1)))
             if finished:
                 self._finish(t)
 

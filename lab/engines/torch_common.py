@@ -50,6 +50,24 @@ def with_attention(spec: VariantSpec, fn):
     return pinned
 
 
+def with_prompt_attention(spec: VariantSpec, fn):
+    """`fn`, a prompt's prefill, run under the spec's attention context; where SDPA would pick its backend on CUDA,
+    it picks among FlashAttention, memory-efficient and math. cuDNN's attention, which SDPA prefers on Hopper,
+    builds an execution plan for every new shape: 70-90 ms on the H200 the first time a prompt length or batch is
+    seen (docs/GPU.md), and almost every prompt is a new length. Decode steps keep SDPA's choice (fixed shapes)."""
+    if spec.device != "cuda" or spec.attention not in ("sdpa", "triton"):
+        return with_attention(spec, fn)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+    def pinned(*args, **kwargs):
+        with sdpa_kernel(backends):
+            return fn(*args, **kwargs)
+
+    return pinned
+
+
 def quantization_config(spec: VariantSpec, skip_modules: list[str]):
     """bitsandbytes' config for transformers' loader; None for the CPU int8 schemes, which quantize_int8 applies to
     a loaded float32 model."""
