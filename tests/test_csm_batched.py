@@ -13,6 +13,7 @@ from lab.manager import ModelManager
 from lab.metrics import Timeline, figures
 from lab.request import Request
 from lab.spec import VariantSpec
+from lab.streaming import ChunkEmitter
 
 from conftest import TINY_CSM
 
@@ -72,6 +73,49 @@ def test_each_streams_audio_equals_its_own_whole_utterance_decode_and_streams_be
         assert len(chunks) >= 3 and chunks[0][0] < ticket.timeline.frames[-1]
     # Not trivially: different texts made different codes, so a row that read another's state would show.
     assert not np.array_equal(outs[0][0], outs[1][0])
+
+
+def test_a_burst_at_an_idle_engine_is_prefilled_at_once(batched, monkeypatch):
+    """Arrivals that keep coming (here 10 ms apart, inside a quiet period of 100 ms) gather into one admission."""
+    from lab.engines import csm_batched
+
+    monkeypatch.setattr(csm_batched, "ADMIT_QUIET_S", 0.1)
+    admissions = []
+    admit = batched._admit
+    monkeypatch.setattr(batched, "_admit", lambda tickets: admissions.append(len(tickets)) or admit(tickets))
+    tickets = []
+    for i, text in enumerate([TEXT, *OTHERS]):
+        tickets.append(batched.open(Request(text, max_audio_s=0.4, seed=i), Timeline()))
+        time.sleep(0.01)
+    for t in tickets:
+        drain(t)
+    assert admissions == [4]
+
+
+def test_admissions_are_capped_only_while_a_stream_is_playing(batched):
+    """While a stream plays, a crowd's prefill joins a few prompts at a time (each admission delays the playing
+    streams' next frame); before anyone plays, every waiting request that has a slot joins at once."""
+    from lab.engines import csm_batched
+
+    per_prompt = csm_batched.ADMIT_MAX_POSITIONS // 3 + 1    # two fit under the cap, three do not
+    with batched.wake:   # the scheduler cannot take these fake tickets meanwhile
+        saved = list(batched.slots), batched.waiting.copy()
+        try:
+            playing = csm_batched.Ticket(Request("x"), Timeline(), None, 1, 1)
+            playing.emitter = ChunkEmitter(batched.spec, playing.timeline, batched.sample_rate)
+            batched.slots[:] = [playing, None, None, None]
+            for index in (1, 0):
+                playing.emitter.index = index           # 1: it has sent its first chunk
+                batched.waiting.clear()
+                batched.waiting.extend(csm_batched.Ticket(Request("y"), Timeline(), None, per_prompt, 1)
+                                       for _ in range(3))
+                admitted = len(batched._admissible(3))
+                assert admitted == (2 if index else 3)
+                assert len(batched.waiting) == 3 - admitted
+        finally:
+            batched.slots[:] = saved[0]
+            batched.waiting.clear()
+            batched.waiting.extend(saved[1])
 
 
 def test_more_requests_than_slots_wait_their_turn_and_each_ends_complete(batched):

@@ -323,17 +323,23 @@ def attention_options(engine, rows_list=(64, 256, 1024)) -> list[dict]:
     return out
 
 
-def sweep(engine, levels: list[int], rates: list[float], poisson_s: float) -> dict:
-    out = {"together": [], "poisson": []}
-    for n in levels:
-        requests = concurrency.requests_for(TEXTS, n, FRAMES / csm.FRAME_RATE_HZ)
-        level = concurrency.batched(engine, requests, [0.0] * n)
-        out["together"].append(level)
-        log(f"together {n:5d}: ttfb p50 {level['ttfb_ms']['median']:.0f} p99 {level['ttfb_ms']['p99']:.0f} ms, "
+def together_level(engine, n: int, label: str) -> dict:
+    level = concurrency.batched(engine, concurrency.requests_for(TEXTS, n, FRAMES / csm.FRAME_RATE_HZ), [0.0] * n)
+    log(f"{label} {n:5d}: ttfb p50 {level['ttfb_ms']['median']:.0f} p99 {level['ttfb_ms']['p99']:.0f} ms, "
             f"steady rtf p50 {level['steady_rtf']['median']:.3f} p99 {level['steady_rtf']['p99']:.3f}, "
             f"underruns {level['underruns']} ({level['streams_with_underruns']} streams), "
             f"{level['ms_per_frame']:.1f} ms/frame, goodput {level['goodput_audio_s_per_s']:.0f} audio s/s; ttfb "
             f"phases p50 " + " ".join(f"{k} {v['median']:.0f}" for k, v in level["ttfb_phases_ms"].items()))
+    return level
+
+
+def sweep(engine, levels: list[int], rates: list[float], poisson_s: float, runs: int = 1) -> dict:
+    """Each level arriving together (`runs` times: the first in "together", which the chart draws, the others in
+    "together_run2", ... for the spread between runs), then each Poisson rate once."""
+    out = {"together": [], "poisson": []}
+    for run in range(runs):
+        key = "together" if run == 0 else f"together_run{run + 1}"
+        out[key] = [together_level(engine, n, key) for n in levels]
     for rate in rates:
         n = int(rate * poisson_s)
         level = concurrency.batched(engine, concurrency.requests_for(TEXTS, n, FRAMES / csm.FRAME_RATE_HZ),
@@ -450,6 +456,7 @@ def main() -> int:
     parser.add_argument("--levels", default="1,2,4,8,16,32,64,128,256,512,1024,2048")
     parser.add_argument("--rates", default="50,150,300")
     parser.add_argument("--poisson-s", type=float, default=6.0)
+    parser.add_argument("--runs", type=int, default=1, help="times each together level runs (the spread between runs)")
     parser.add_argument("--smoke", action="store_true", help="tiny weights on the CPU: tries the script, measures nothing")
     parser.add_argument("--skip", default="", help="comma list of parts to leave out: checks,bucket_times,sweep,prefill,breakdown,profile,attention,batch1,generate")
     args = parser.parse_args()
@@ -478,7 +485,7 @@ def main() -> int:
     save()
     parts = [("checks", lambda: checks(engine)), ("bucket_times", lambda: bucket_times(engine)),
              ("sweep", lambda: sweep(engine, [n for n in map(int, args.levels.split(",")) if n <= engine.rows],
-                                     [float(r) for r in args.rates.split(",")], args.poisson_s)),
+                                     [float(r) for r in args.rates.split(",")], args.poisson_s, args.runs)),
              ("prefill", lambda: prefill_times(engine)),
              ("breakdown", lambda: breakdown(engine)),   # after the sweep: its extra graphs take memory the sweep needs
              ("profile", lambda: [profile(engine, rows) for rows in (256, 1024)]),

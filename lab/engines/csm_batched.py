@@ -46,8 +46,8 @@ LENGTH_BUCKETS = (256, 512, 1024)
 SAMPLING_TOP_K = 50         # one top-k for every sampled stream in a batch (the per-row temperature varies)
 # Admission is a prefill (eager: a few hundred kernel launches) and a sync, paid by every stream in the batch. While
 # streams run, a trickle of arrivals is gathered for up to ADMIT_EVERY_FRAMES frames, or until ADMIT_BATCH wait, and
-# prefilled together, at most ADMIT_MAX_POSITIONS padded prompt positions at a time (about 20 ms on the H200), so a
-# burst delays the running streams' frames a little at a time. An idle engine gathers while arrivals keep coming
+# prefilled together, at most ADMIT_MAX_POSITIONS padded prompt positions at a time (about 35 ms on the H200) while
+# any stream is playing, so a burst delays the playing streams' frames a little at a time. An idle engine gathers while arrivals keep coming
 # (each within ADMIT_QUIET_S of the last, for up to ADMIT_GATHER_MAX_S) and prefills the burst at once, before any
 # of it streams: with a chunk schedule that doubles, every frame interval after the first chunk must stay under
 # half a frame of audio, and a neighbour's prefill inside it is an underrun (README "How many").
@@ -358,12 +358,14 @@ class BatchedCsmEngine(CsmEngine):
 
     def _admissible(self, free: int) -> list[Ticket]:
         """(Holding `wake`.) The waiting requests to admit now, first come first: as many as there are free slots;
-        while streams run, no more than ADMIT_MAX_POSITIONS padded positions (always at least one request)."""
-        running = any(self.slots)
+        while a stream is playing (has sent a chunk), no more than ADMIT_MAX_POSITIONS padded positions (always at
+        least one request). Streams admitted but not yet playing only start later, so the rest of a burst that the
+        gathering split (the arrivals' own threads can hold the interpreter past ADMIT_QUIET_S) joins at once."""
+        playing = any(t is not None and t.emitter is not None and t.emitter.index > 0 for t in self.slots)
         admit, longest = [], 0
         while self.waiting and len(admit) < free:
             longest_next = max(longest, self.waiting[0].prompt_len)
-            if running and admit and (len(admit) + 1) * longest_next > ADMIT_MAX_POSITIONS:
+            if playing and admit and (len(admit) + 1) * longest_next > ADMIT_MAX_POSITIONS:
                 break
             admit.append(self.waiting.popleft())
             longest = longest_next
