@@ -36,6 +36,7 @@ TEXTS = [
     "Your table for four is booked at seven thirty, and the kitchen will keep the vegetarian menu ready.",
 ]
 FRAMES = 80
+TTFB_GOALS_MS = {64: 150, 256: 400}   # issue 15's TTFB p99 goals for streams arriving together, drawn on the chart
 SWEEP_FILLED = 192   # KV positions a sweep's stream reaches: its prompt (about 110 byte tokens) and 80 frames
 PRESET = "csm-batched-cuda-graphs"
 SMOKE = False   # --smoke: tiny weights on the CPU, to try the script here before spending device time
@@ -434,9 +435,17 @@ def chart(result: dict, path: str) -> None:
     bx.plot(n, [lvl["steady_rtf"]["p99"] for lvl in together], "o-", label="steady RTF p99")
     bx.plot(n, [lvl["steady_rtf"]["median"] for lvl in together], "o--", label="steady RTF p50")
     bx.axhline(0.5, color="grey", ls=":", label="goal 0.5")
+    for lvl in together:   # a stall is what a listener notices: say how many streams had one, where any did
+        if lvl["streams_with_underruns"]:
+            bx.annotate(f"{lvl['streams_with_underruns']} stalled", (lvl["streams"], lvl["steady_rtf"]["p99"]),
+                        textcoords="offset points", xytext=(-62, 0), fontsize=7, color="tab:blue")
     bx2 = bx.twinx()
     bx2.plot(n, [lvl["ttfb_ms"]["p99"] for lvl in together], "s-", color="tab:red", label="TTFB p99 (ms)")
+    bx2.plot(list(TTFB_GOALS_MS), list(TTFB_GOALS_MS.values()), "v", color="tab:red", mfc="none", ms=9,
+             label="TTFB p99 goals")
     bx2.set_ylabel("TTFB p99 from arrival, ms")
+    bx.set_ylim(bottom=0)
+    bx2.set_ylim(bottom=0)
     bx.set(xscale="log", xlabel="concurrent streams (arriving together)", ylabel="steady RTF per stream",
            title="Per stream under load")
     bx.legend(loc="upper left", fontsize=8)
