@@ -46,11 +46,11 @@ LENGTH_BUCKETS = (256, 512, 1024)
 SAMPLING_TOP_K = 50         # one top-k for every sampled stream in a batch (the per-row temperature varies)
 # Admission is a prefill (eager: a few hundred kernel launches) and a sync, paid by every stream in the batch. While
 # streams run, a trickle of arrivals is gathered for up to ADMIT_EVERY_FRAMES frames, or until ADMIT_BATCH wait, and
-# prefilled together, at most ADMIT_MAX_POSITIONS padded prompt positions at a time (about 35 ms on the H200) while
-# any stream is playing, so a burst delays the playing streams' frames a little at a time. An idle engine gathers while arrivals keep coming
-# (each within ADMIT_QUIET_S of the last, for up to ADMIT_GATHER_MAX_S) and prefills the burst at once, before any
-# of it streams: with a chunk schedule that doubles, every frame interval after the first chunk must stay under
-# half a frame of audio, and a neighbour's prefill inside it is an underrun (README "How many").
+# prefilled together; while any stream is playing, at most ADMIT_MAX_POSITIONS padded prompt positions at a time
+# (about 35 ms on the H200), so a crowd delays the playing streams' frames a little at a time. An idle engine
+# gathers while arrivals keep coming (each within ADMIT_QUIET_S of the last, up to ADMIT_GATHER_MAX_S) and prefills
+# the burst at once, before any of it plays: while chunks double, every frame interval of a playing stream must stay
+# under half a frame of audio, and a neighbour's prefill inside one is a stall (docs/GPU.md, 1024 streams).
 ADMIT_EVERY_FRAMES = 4
 ADMIT_BATCH = 8
 ADMIT_MAX_POSITIONS = 4096
