@@ -76,20 +76,24 @@ def test_each_streams_audio_equals_its_own_whole_utterance_decode_and_streams_be
 
 
 def test_a_burst_at_an_idle_engine_is_prefilled_at_once(batched, monkeypatch):
-    """Arrivals that keep coming (here 10 ms apart, inside a quiet period of 100 ms) gather into one admission."""
+    """Arrivals that keep coming (here 10 ms apart, inside a quiet period of 100 ms) gather into one admission, also
+    when they come just as the streams before them end."""
     from lab.engines import csm_batched
 
     monkeypatch.setattr(csm_batched, "ADMIT_QUIET_S", 0.1)
     admissions = []
     admit = batched._admit
     monkeypatch.setattr(batched, "_admit", lambda tickets: admissions.append(len(tickets)) or admit(tickets))
-    tickets = []
-    for i, text in enumerate([TEXT, *OTHERS]):
-        tickets.append(batched.open(Request(text, max_audio_s=0.4, seed=i), Timeline()))
-        time.sleep(0.01)
-    for t in tickets:
-        drain(t)
-    assert admissions == [4]
+    take = batched._take   # the host's share of a frame, slowed: the next burst begins while the last is handled
+    monkeypatch.setattr(batched, "_take", lambda *frame: (take(*frame), time.sleep(0.015)))
+    for burst in range(2):   # the second comes as the first ends, while its last frame is still in flight
+        tickets = []
+        for i, text in enumerate([TEXT, *OTHERS]):
+            tickets.append(batched.open(Request(text, max_audio_s=0.4, seed=i), Timeline()))
+            time.sleep(0.01)
+        for t in tickets:
+            drain(t)
+    assert admissions == [4, 4]
 
 
 def test_admissions_are_capped_only_while_a_stream_is_playing(batched):

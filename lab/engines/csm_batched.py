@@ -307,8 +307,11 @@ class BatchedCsmEngine(CsmEngine):
             with self.wake:
                 while not self.closing and not self.waiting and not any(self.slots) and in_flight is None:
                     self.wake.wait()
-                    if self.waiting:   # the first arrival at an idle engine: let a burst gather behind it
-                        self._gather()
+                # Arrivals and no stream in a slot: let a burst gather behind the first. Not only at an idle engine:
+                # a burst that comes while the last frame of the streams before it is still in flight was split in
+                # two (measured: 202 and 310 of 512 arriving together, and stalls for the first ones).
+                if self.waiting and not any(self.slots):
+                    self._gather()
                 if self.closing:
                     return
                 for ticket in [t for t in self.waiting if t.abandoned or (t.cancel is not None and t.cancel.is_set())]:
