@@ -184,7 +184,8 @@ def prefill_times(engine, batches=(1, 16, 64, 256), positions=(100, 101)) -> lis
 @torch.no_grad()   # as the engine captures: under autograd a compiled step is traced for a backward it cannot have
 def breakdown(engine) -> list[dict]:
     """Where a batched frame's time goes: the language-model part (backbone + 31 depth steps + picks) and the codec
-    decode, each captured alone per bucket of rows (caches filled as a sweep's stream fills them), the codec with cuDNN's autotuner off and on.
+    decode, each captured alone per bucket of rows (caches filled as a sweep's stream fills them), the codec with
+    cuDNN's autotuner off and on.
     Diagnostic only: it reaches into the engine's step (`_bind`, `frame`, `decode_rows`)."""
     from lab.engines import torch_common as tc
 
@@ -467,7 +468,8 @@ def main() -> int:
     parser.add_argument("--poisson-s", type=float, default=6.0)
     parser.add_argument("--runs", type=int, default=1, help="times each together level runs (the spread between runs)")
     parser.add_argument("--smoke", action="store_true", help="tiny weights on the CPU: tries the script, measures nothing")
-    parser.add_argument("--skip", default="", help="comma list of parts to leave out: checks,bucket_times,sweep,prefill,breakdown,profile,attention,batch1,generate")
+    parser.add_argument("--skip", default="", help="comma list of parts to leave out: checks, bucket_times, sweep, "
+                                                   "prefill, breakdown, profile, attention, batch1, generate")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))

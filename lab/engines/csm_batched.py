@@ -309,7 +309,7 @@ class BatchedCsmEngine(CsmEngine):
                     self.wake.wait()
                 # Arrivals and no stream in a slot: let a burst gather behind the first. Not only at an idle engine:
                 # a burst that comes while the last frame of the streams before it is still in flight was split in
-                # two (measured: 202 and 310 of 512 arriving together, and stalls for the first ones).
+                # two (202 and 310 of 512 arriving together, on the CPU; stalls for the first ones on the H200).
                 if self.waiting and not any(self.slots):
                     self._gather()
                 if self.closing:
@@ -362,8 +362,8 @@ class BatchedCsmEngine(CsmEngine):
     def _admissible(self, free: int) -> list[Ticket]:
         """(Holding `wake`.) The waiting requests to admit now, first come first: as many as there are free slots;
         while a stream is playing (has sent a chunk), no more than ADMIT_MAX_POSITIONS padded positions (always at
-        least one request). Streams admitted but not yet playing only start later, so the rest of a burst that the
-        gathering split (the arrivals' own threads can hold the interpreter past ADMIT_QUIET_S) joins at once."""
+        least one request). Streams admitted but not yet playing only start later, so the rest of a burst that came
+        with a pause in it joins at once."""
         playing = any(t is not None and t.emitter is not None and t.emitter.index > 0 for t in self.slots)
         admit, longest = [], 0
         while self.waiting and len(admit) < free:
