@@ -1,7 +1,7 @@
 """`python -m lab.bench`: the command line over lab.session's run loop; writes JSON, CSV, a chart and WAVs.
 
     python -m lab.bench --presets hibari pocket-tts-cpu --text "Hello there." --runs 5 --out results/
-    python -m lab.bench --presets csm-batched-cuda-graphs --weights random --streams 1,16,256 --max-seconds 6.4
+    python -m lab.bench --presets csm-batched-inductor-cuda-graphs --weights random --streams 1,16,256 --max-seconds 6.4
 
 With --streams, a concurrency sweep instead (lab.concurrency): that many streams at once into a batching preset
 (max_streams > 1), or one after another through any other, per-stream TTFB, steady RTF, underruns and goodput.
