@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from lab import concurrency, env, presets  # noqa: E402
 from lab.engines import csm  # noqa: E402
+from lab.engines.csm_batched import bucket  # noqa: E402
 from lab.metrics import Timeline, figures, summarize  # noqa: E402
 from lab.request import Request  # noqa: E402
 
@@ -130,8 +131,6 @@ def bucket_times(engine) -> list[dict]:
     (and the codec transformer's ring) filled as far as a sweep's stream gets (a 20-word prompt and 80 frames) and
     as far as the room allows (60 s of audio in every stream): attention reads what the streams have reached. No
     stream is active, so no row moves on."""
-    from lab.engines.csm_batched import bucket
-
     out = []
     if not engine.use_graphs:
         return out
@@ -192,8 +191,6 @@ def breakdown(engine) -> list[dict]:
     out = []
     if not engine.use_graphs:
         return out
-    from lab.engines.csm_batched import bucket
-
     codes = torch.zeros(engine.rows, engine.num_codebooks, dtype=torch.long, device=engine.device)
     engine.row_kv.pos.fill_(SWEEP_FILLED)
     for rows in [r for r in (1, 64, 256, 1024) if r <= engine.rows]:
@@ -228,8 +225,6 @@ def profile(engine, rows: int) -> dict:
     between them). Diagnostic only."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
-
-    from lab.engines.csm_batched import bucket
 
     rows, steps = min(rows, engine.rows), 3
     length = bucket(SWEEP_FILLED + 2, engine.length_buckets)

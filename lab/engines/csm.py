@@ -126,8 +126,8 @@ class CsmEngine(Engine):
             self.head, self.depth_first, self.depth_step = (
                 tc.compile_own(f, **self.compile_options) for f in (self._head, self._depth_first, self._depth_step))
         # The attention kernel choice wraps the model's steps only, never the codec or the caller's code.
-        self.prefill_step, self.frame = tc.with_prompt_attention(spec, self.prefill_step), tc.with_attention(
-            spec, self._frame)
+        self.prefill_step = tc.with_attention(spec, self.prefill_step, prompt=True)
+        self.frame = tc.with_attention(spec, self._frame)
         self.use_graphs = self.graphed   # False runs the very same step without replaying graphs (for checks)
         self.frame_graphs: dict[tuple, tuple] = {}     # sampling settings -> (graph, its codes output)
         self.decode_graphs: dict[int, tuple] = {}      # frames per chunk -> (graph, codes input, audio output)

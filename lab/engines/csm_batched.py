@@ -125,12 +125,11 @@ class BatchedCsmEngine(CsmEngine):
         self.cache_positions = min(self.config.max_position_embeddings, BATCHED_POSITIONS)
         self.rows_asked = rows or spec.max_streams
         self.rows = self.rows_asked if self.device.type != "cuda" else min(self.rows_asked, self._rows_that_fit())
-        self.length_buckets = tuple(b for b in LENGTH_BUCKETS if b < self.cache_positions) + (self.cache_positions,)
-        if spec.attention == "triton":
-            # lab.fused.rows_attention skips the slots no stream has reached, so a shorter view saves it nothing; and
-            # with inductor a view shorter than its buffer measured slower (58.4 against 45.1 ms at 1024 rows,
-            # docs/GPU.md). One length: a third of the graphs to compile and capture.
-            self.length_buckets = (self.cache_positions,)
+        # lab.fused.rows_attention (attention: triton) skips the slots no stream has reached, so a shorter view saves
+        # it nothing; and with inductor a view shorter than its buffer measured slower (58.4 against 45.1 ms at 1024
+        # rows, docs/GPU.md). One length there: a third of the graphs to compile and capture.
+        self.length_buckets = (self.cache_positions,) if spec.attention == "triton" else tuple(
+            b for b in LENGTH_BUCKETS if b < self.cache_positions) + (self.cache_positions,)
         self.row_buckets = tuple(1 << i for i in range(self.rows.bit_length()) if 1 << i < self.rows) + (self.rows,)
         width = self.model.backbone_model.embed_tokens.embed_audio_tokens.weight.dtype
         self.row_kv = RowKV.allocate(self.config, self.rows, self.cache_positions, width, self.device)
@@ -156,7 +155,7 @@ class BatchedCsmEngine(CsmEngine):
         self.decode_rows = self._decode_rows
         if spec.compile in COMPILED:
             self.decode_rows = tc.compile_own(self._decode_rows)
-        self.prefill_rows = tc.with_prompt_attention(spec, self.prefill_step_rows)
+        self.prefill_rows = tc.with_attention(spec, self.prefill_step_rows, prompt=True)
         self.step_graphs: dict[tuple, tuple] = {}      # (rows, length, sampled) -> (graph, (codes, audio))
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
         self.slots: list[Ticket | None] = [None] * self.rows

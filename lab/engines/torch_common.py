@@ -29,40 +29,39 @@ def attn_implementation(spec: VariantSpec) -> str:
     return "sdpa" if spec.attention in ("sdpa-flash", "triton") else spec.attention
 
 
-def attention_context(spec: VariantSpec):
-    """PyTorch's own FlashAttention-2 kernel for `sdpa-flash`; otherwise SDPA picks its backend."""
-    if spec.attention != "sdpa-flash":
+def _pinned_backends(spec: VariantSpec, prompt: bool) -> list | None:
+    """SDPA's backends for this spec's steps (None: SDPA picks). `sdpa-flash` pins PyTorch's own FlashAttention-2
+    kernel. A prompt on CUDA (`prompt`) keeps SDPA to FlashAttention, memory-efficient and math: cuDNN's attention,
+    which SDPA prefers on Hopper, builds an execution plan for every new shape, 70-90 ms on the H200 the first time
+    a prompt length or batch is seen (docs/GPU.md), and almost every prompt is a new length. Decode steps keep
+    SDPA's choice (fixed shapes)."""
+    from torch.nn.attention import SDPBackend
+
+    if spec.attention == "sdpa-flash":
+        return [SDPBackend.FLASH_ATTENTION]
+    if prompt and spec.device == "cuda" and spec.attention in ("sdpa", "triton"):
+        return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return None
+
+
+def attention_context(spec: VariantSpec, prompt: bool = False):
+    """The context a step of this spec runs under: SDPA's backends pinned where `_pinned_backends` says, else none."""
+    backends = _pinned_backends(spec, prompt)
+    if backends is None:
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
-    return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+    return sdpa_kernel(backends)
 
 
-def with_attention(spec: VariantSpec, fn):
-    """`fn` run under the spec's attention context: a no-op wrapper unless the backend is pinned."""
-    if spec.attention != "sdpa-flash":
+def with_attention(spec: VariantSpec, fn, prompt: bool = False):
+    """`fn` run under the spec's attention context (`prompt`: `fn` is a prompt's prefill): a no-op wrapper unless
+    SDPA's backends are pinned."""
+    if _pinned_backends(spec, prompt) is None:
         return fn
 
     def pinned(*args, **kwargs):
-        with attention_context(spec):
-            return fn(*args, **kwargs)
-
-    return pinned
-
-
-def with_prompt_attention(spec: VariantSpec, fn):
-    """`fn`, a prompt's prefill, run under the spec's attention context; where SDPA would pick its backend on CUDA,
-    it picks among FlashAttention, memory-efficient and math. cuDNN's attention, which SDPA prefers on Hopper,
-    builds an execution plan for every new shape: 70-90 ms on the H200 the first time a prompt length or batch is
-    seen (docs/GPU.md), and almost every prompt is a new length. Decode steps keep SDPA's choice (fixed shapes)."""
-    if spec.device != "cuda" or spec.attention not in ("sdpa", "triton"):
-        return with_attention(spec, fn)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-    def pinned(*args, **kwargs):
-        with sdpa_kernel(backends):
+        with attention_context(spec, prompt):
             return fn(*args, **kwargs)
 
     return pinned
