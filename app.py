@@ -61,7 +61,14 @@ EXAMPLES = ["The quick brown fox jumps over the lazy dog. It runs back home befo
             "Hello! Thanks for calling. How can I help you today?",
             "Streaming speech starts playing before the whole sentence is generated, so the first chunk matters "
             "most."]
+# A chart's label on its own line: Gradio floats it over the image's top left, where it covered the chart's title.
+CHART_CSS = '.chart label[data-testid="block-label"].float { position: static; margin: var(--block-label-margin); }'
 C: dict = {}   # component by name, filled by the layout below; handlers speak in names
+
+
+def chart(label: str, elem_id: str, visible: bool = False) -> gr.Plot:
+    """A chart slot: a matplotlib figure sent as PNG, hidden until the first one arrives (History's shows at once)."""
+    return gr.Plot(label=label, elem_id=elem_id, elem_classes=["chart"], format="png", visible=visible)
 
 
 def drawn(plot: gr.Plot, fig):
@@ -404,11 +411,10 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
                                                 elem_id=f"player-{i}", interactive=False, visible=False))
                     C["live"].append(gr.Markdown(elem_id=f"live-{i}"))
                     C["quality"].append(gr.Markdown(elem_id=f"quality-{i}"))
-        C["chart_main"] = gr.Plot(label="TTFB, RTF (warm median, bars = spread, hollow = cold) and TTFB phases",
-                                  elem_id="chart-main", format="png", visible=False)
-        C["chart_heard"] = gr.Plot(label="Heard in the browser: model TTFB → first audible → sent → received → heard",
-                                   elem_id="chart-heard", format="png", visible=False)
-        C["chart_stalls"] = gr.Plot(label="Underruns and stall", elem_id="chart-stalls", format="png", visible=False)
+        C["chart_main"] = chart("TTFB, RTF (warm median, bars = spread, hollow = cold) and TTFB phases", "chart-main")
+        C["chart_heard"] = chart("Heard in the browser: model TTFB → first audible → sent → received → heard",
+                                 "chart-heard")
+        C["chart_stalls"] = chart("Underruns and stall", "chart-stalls")
         C["summary"] = gr.Dataframe(label="Per preset: warm median, spread, tails, cold apart", elem_id="summary",
                                     interactive=False, visible=False)
         C["parity"] = gr.Dataframe(label="Variant parity: ΔWER and ΔMOS against each family's reference (its first "
@@ -494,7 +500,7 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
         m_text = gr.Textbox(SWEEP_TEXT, label="text each stream says", elem_id="m-text")
         m_go = gr.Button("Sweep", variant="primary", interactive=bool(batching), elem_id="m-go")
         m_status = gr.Markdown(elem_id="m-status")
-        m_chart = gr.Plot(label="Goodput and per-stream figures", elem_id="m-chart", format="png", visible=False)
+        m_chart = chart("Goodput and per-stream figures", "m-chart")
         m_table = gr.Dataframe(interactive=False, elem_id="m-table", visible=False)   # shown with the first level
         m_go.click(how_many, [m_preset, m_streams, m_seconds, m_text, m_random], [m_status, m_table, m_chart],
                    concurrency_limit=1, api_name="how_many")
@@ -509,7 +515,7 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
             h_text = gr.Textbox(label="text contains")
         h_refresh = gr.Button("Refresh", elem_id="h-refresh")
         h_note = gr.Markdown()
-        h_chart = gr.Plot(label="Filtered runs", elem_id="h-chart", format="png")
+        h_chart = chart("Filtered runs", "h-chart", visible=True)
         h_table = gr.Dataframe(interactive=False, elem_id="h-table")
         with gr.Row():
             h_csv = gr.DownloadButton("Download CSV", elem_id="h-csv")
@@ -535,4 +541,4 @@ if __name__ == "__main__":
                  host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                  port=int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860), hub=HUB,
                  # Refuse big uploads before they are decoded; lab.request.validate_user_audio caps length and size.
-                 max_file_size=f"{MAX_USER_AUDIO_BYTES // 2**20}mb")
+                 max_file_size=f"{MAX_USER_AUDIO_BYTES // 2**20}mb", css=CHART_CSS)
