@@ -151,7 +151,8 @@ def bucket_times(engine) -> list[dict]:
 def prefill_times(engine, batches=(1, 16, 64, 256), positions=(100, 101)) -> list[dict]:
     """The crowd's prefill (the backbone over right-padded prompts, eager) alone: its first call at a new shape and
     the best of three after, with SDPA choosing its kernel and with SDPA kept to flash and memory-efficient
-    attention. A first call much slower than the rest is set-up work paid at every new prompt shape. Diagnostic."""
+    attention, on the engine's unwrapped `_prefill_rows` so that each context here is the only one. A first call much
+    slower than the rest is set-up work paid at every new prompt shape. Diagnostic."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from lab.kv import GrowingKV
@@ -169,7 +170,7 @@ def prefill_times(engine, batches=(1, 16, 64, 256), positions=(100, 101)) -> lis
                     for _ in range(4):
                         sync()
                         t0 = time.perf_counter()
-                        engine.prefill_step_rows(embeds, GrowingKV(engine.config.num_hidden_layers))
+                        engine._prefill_rows(embeds, GrowingKV(engine.config.num_hidden_layers))
                         sync()
                         times.append((time.perf_counter() - t0) * 1e3)
                 row = {"attention": label, "batch": batch, "positions": embeds.shape[1], "first_ms": times[0],

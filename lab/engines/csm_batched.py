@@ -155,7 +155,7 @@ class BatchedCsmEngine(CsmEngine):
         self.decode_rows = self._decode_rows
         if spec.compile in COMPILED:
             self.decode_rows = tc.compile_own(self._decode_rows)
-        self.prefill_rows = tc.with_attention(spec, self.prefill_step_rows, prompt=True)
+        self.prefill_rows = tc.with_attention(spec, self._prefill_rows, prompt=True)
         self.step_graphs: dict[tuple, tuple] = {}      # (rows, length, sampled) -> (graph, (codes, audio))
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
         self.slots: list[Ticket | None] = [None] * self.rows
@@ -423,8 +423,9 @@ class BatchedCsmEngine(CsmEngine):
             t.audio = np.empty((t.max_frames, self.samples_per_frame), np.float32)
             t.timeline.mark("generator")
 
-    def prefill_step_rows(self, embeds: torch.Tensor, kv) -> torch.Tensor:
-        """The backbone over (arrivals, positions, width), normed: every position's state."""
+    def _prefill_rows(self, embeds: torch.Tensor, kv) -> torch.Tensor:
+        """The backbone over (arrivals, positions, width), normed: every position's state. The engine calls it as
+        `prefill_rows`, under the prompts' attention context (tc.with_attention, prompt=True)."""
         return self.kernels.run_layers(self.model.backbone_model, embeds, kv)
 
     def _launch(self, buffers):

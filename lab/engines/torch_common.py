@@ -32,7 +32,7 @@ def attn_implementation(spec: VariantSpec) -> str:
 def _pinned_backends(spec: VariantSpec, prompt: bool) -> list | None:
     """SDPA's backends for this spec's steps (None: SDPA picks). `sdpa-flash` pins PyTorch's own FlashAttention-2
     kernel. A prompt on CUDA (`prompt`) keeps SDPA to FlashAttention, memory-efficient and math: cuDNN's attention,
-    which SDPA prefers on Hopper, builds an execution plan for every new shape, 70-90 ms on the H200 the first time
+    which SDPA prefers on Hopper, builds an execution plan for every new shape, 91-102 ms on the H200 the first time
     a prompt length or batch is seen (docs/GPU.md), and almost every prompt is a new length. Decode steps keep
     SDPA's choice (fixed shapes)."""
     from torch.nn.attention import SDPBackend
