@@ -12,6 +12,7 @@ import datetime
 import html
 import os
 import tempfile
+import threading
 
 import gradio as gr
 import pandas as pd
@@ -20,10 +21,13 @@ from lab import ab, availability, concurrency, env, history, presets, quality, r
 from lab.errors import LabError
 from lab.manager import ModelManager
 from lab.request import MAX_USER_AUDIO_BYTES, read_audio_file, validate_inputs, validate_user_audio
+from lab.serving.background import Background
+from lab.serving.comparisons import Comparisons
+from lab.serving.line import Cancel, ModelLine, Sessions
+from lab.streaming import pcm16
 from web import listen, server
 from web.pcm import PcmHub
-from lab.streaming import pcm16
-from web.view import SLOT_FIELDS, CompareView, ModelLine, Sessions, status_html
+from web.view import SLOT_FIELDS, CompareView, status_html
 
 PRESETS_DIR = os.environ.get("LAB_PRESETS_DIR", presets.PRESETS_DIR)
 HISTORY_PATH = os.environ.get("LAB_HISTORY", os.path.join("runs", "history.jsonl"))
@@ -47,7 +51,12 @@ MANAGER = ModelManager(memory_budget_bytes=int(MEMORY_BUDGET_GB * 2**30))
 LINE = ModelLine(MAX_WAITING)
 CATALOG = availability.Catalog(PRESETS_DIR)
 SESSIONS = Sessions()
-HUB = PcmHub()   # the PCM path to each page (WebSocket /lab/pcm), and the pages' reports back
+HUB = PcmHub()   # the PCM path to each page (WebSocket /lab/pcm), the pages' reports back, and their clicks
+# Comparisons by the id the page gives a click: started over the socket, followed by the page's Gradio event.
+COMPARISONS = Comparisons()
+# How long a page's Gradio event waits for its click's start to arrive over the socket before starting the
+# comparison itself (the start is sent first, on a socket that is already open: it normally arrives first).
+CLICK_WAIT_S = 1.0
 # Scores each run of real speech (WER, MOS estimate, runaway) after the comparison, never beside a timed run.
 QUALITY = quality.Worker()
 LATEST: dict[str, CompareView] = {}   # each page's newest comparison: an older one stops filling in its quality
@@ -57,6 +66,7 @@ FAMILY_ORDER = [f for f, statuses in CATALOG.grouped(True).items() if any(s.avai
 TRANSPORTS = [("PCM over a WebSocket (low latency)", "pcm"), ("Gradio streaming audio (HLS, AAC)", "gradio")]
 ERROR_AT = {"text": "text_error", "seed": "numbers_error", "max_audio_s": "numbers_error",
             "runs per preset": "numbers_error", "user_audio": "audio_error", "queue": "overall"}   # else: presets
+DEFAULT_MAX_AUDIO_S = 8
 EXAMPLES = ["The quick brown fox jumps over the lazy dog. It runs back home before the rain. Then it sleeps.",
             "Hello! Thanks for calling. How can I help you today?",
             "Streaming speech starts playing before the whole sentence is generated, so the first chunk matters "
@@ -97,7 +107,8 @@ def ui(values: dict) -> dict:
 
 
 def ticked(order: list[str], groups) -> list[str]:
-    """The ticked presets in the order they were ticked (the page's state), then any the state does not know."""
+    """The ticked presets in the order they were ticked (the page's hidden order field), then any it does not
+    know."""
     names = [n for g in groups for n in (g or [])]
     return sorted(names, key=lambda n: order.index(n) if n in order else len(order) + names.index(n))
 
@@ -142,35 +153,122 @@ def refused(e: LabError) -> dict:
             "overall": status_html(0, 0, f"not run: fix {e.where}", "error")}
 
 
+# The inputs of Compare and Play by name, in the order their Gradio events list them after the listener: the page
+# sends the same values over its socket on the click (RESET_PLAYERS below), so both starts plan from one dict.
+COMPARE_INPUTS = ("order", "text", "seed", "max_audio_s", "runs", "random_weights", "user_audio", "transport",
+                  *(f"presets {family}" for family in FAMILY_ORDER))
+AB_INPUTS = ("first", "second", "text", "seed", "random_weights", "mode")
+
+
+def start_compare(comparison, inputs: dict) -> None:
+    """A comparison from the form's values (in its planning thread): the plan, a place in the line, and the run
+    loop started, with each heard run going to the comparison's page as it is generated."""
+    groups = [inputs.get(f"presets {family}") or [] for family in FAMILY_ORDER]
+    names = ticked(str(inputs.get("order") or "").split("\n"), groups)
+    specs, shared, runs = plan(names, inputs.get("text"), inputs.get("seed"), inputs.get("max_audio_s"),
+                               inputs.get("runs"), bool(inputs.get("random_weights")), inputs.get("user_audio"))
+    transport = "gradio" if inputs.get("transport") == "gradio" else "pcm"
+    place = LINE.turn(history.estimate_s(history.read(HISTORY, tail=True), [s.name for s in specs], runs),
+                      comparison.cancel)
+    events = session.run_presets(MANAGER, specs, shared, runs, comparison.cancel, HISTORY, "app", place, QUALITY)
+    hook = listen.Listener(HUB, comparison.listener, transport, cancel=comparison.cancel, gone=comparison.client_gone,
+                           comparison=comparison)
+    comparison.plan = (specs, shared, runs, transport, place)
+    comparison.run = Background(events, hook.on_event, comparison.cancel)
+
+
+def start_ab(comparison, inputs: dict) -> None:
+    """A blind pair (in its planning thread): which plays as A is drawn here, once; then as start_compare."""
+    mode = inputs.get("mode") if inputs.get("mode") in ab.MODES else "streamed"
+    req, _ = validate_inputs(inputs.get("text"), inputs.get("seed"), 10.0, 1)
+    a, b = ab.blind_order(inputs.get("first"), inputs.get("second"))
+    specs = [CATALOG.runnable_spec(n, bool(inputs.get("random_weights"))) for n in (a, b)]
+    place = LINE.turn(history.estimate_s(history.read(HISTORY, tail=True), [s.name for s in specs], 1),
+                      comparison.cancel)
+    events = session.run_presets(MANAGER, specs, req, 1, comparison.cancel, HISTORY, "ab", place)
+    trial = {"a": a, "b": b, "text": req.text, "seed": req.seed, "mode": mode,
+             "weights": {s.name: s.weights for s in specs}}
+    comparison.plan = (specs, req, trial)
+    comparison.run = Background(events, listen.ab_hook(HUB, comparison.listener, mode, comparison), comparison.cancel)
+
+
+STARTS = {"compare": (start_compare, COMPARE_INPUTS), "ab": (start_ab, AB_INPUTS)}
+
+
+def on_command(listener: str, message: dict) -> None:
+    """A page's command over its socket (on the server's event loop: it returns at once). A click's start plans
+    and runs in a thread of its own; Stop ends this page's comparisons at their next frame."""
+    if message.get("type") == "stop":
+        for comparison in COMPARISONS.of_listener(listener):
+            comparison.cancel.set()
+        return
+    start = STARTS.get(message.get("kind"))
+    comparison_id = str(message.get("id") or "")[:64]
+    inputs = message.get("inputs")
+    if start is None or not comparison_id or not isinstance(inputs, dict):
+        return
+    t_click_s = message.get("t_click_s")
+    t_click_s = float(t_click_s) if isinstance(t_click_s, (int, float)) else None
+    COMPARISONS.begin(comparison_id, listener, lambda c: start[0](c, inputs), "click", t_click_s)
+
+
+HUB.on_command = on_command
+
+
+def joined(kind: str, request: gr.Request | None, listener_field: str, values: tuple):
+    """The comparison this Gradio event belongs to: the one its click started over the socket, or, for a client
+    that has none (an API client, a page whose socket is down), one started here from the event's own values.
+    `listener_field` is "listener:comparison id:socket" from the page (RESET_PLAYERS), or empty."""
+    listener, comparison_id, via = (str(listener_field or "") + "::").split(":")[:3]
+    comparison = COMPARISONS.get(comparison_id, CLICK_WAIT_S if via == "socket" and HUB.connected(listener) else 0)
+    if comparison is None:
+        start, names = STARTS[kind]
+        inputs = dict(zip(names, values))
+        comparison = COMPARISONS.begin(comparison_id, listener, lambda c: start(c, inputs), "event")
+    comparison.gone = server.gone_check(demo, request)
+    return comparison
+
+
 def compare(request: gr.Request, listener, order, text, seed, max_audio_s, runs, random_weights, user_audio, transport,
             *groups):
-    """Runs the ticked presets one after another, each streaming its first warm run to its player. (`request`
-    comes first: Gradio injects it only among positional parameters, before the *groups.)"""
+    """Follows the comparison the click started (or starts it), and shows its presets' figures as they run, each
+    streaming its first warm run to its player. (`request` comes first: Gradio injects it only among positional
+    parameters, before the *groups.)"""
     key = request.session_hash if request is not None else "api"
     supersede(key)   # the page's previous comparison stops filling in its quality: these tables replace it
-    cancel = SESSIONS.open(key)
+    comparison = joined("compare", request, listener,
+                        (order, text, seed, max_audio_s, runs, random_weights, user_audio, transport, *groups))
+    SESSIONS.open(key, comparison.cancel)
     try:
-        specs, shared, runs = plan(ticked(order, groups), text, seed, max_audio_s, runs, random_weights, user_audio)
-        place = LINE.turn(history.estimate_s(history.read(HISTORY, tail=True), [s.name for s in specs], runs), cancel)
-    except LabError as e:
-        SESSIONS.close(key, cancel)
-        yield ui(refused(e))
-        return
-    server.forget_streams(demo, request.session_hash if request is not None else None)
-    view = CompareView(specs, runs, shared.user_audio is not None, transport,
-                       report.environment_title(env.environment()), place)
-    LATEST[key] = view
-    # An earlier Stop's note goes with the comparison it stopped.
-    yield ui({**errors_cleared(shared.text_notes), **view.start(), **slots_for(specs, transport), "stop_note": ""})
-    events = session.run_presets(MANAGER, specs, shared, runs, cancel, HISTORY, "app", place, QUALITY)
-    hook = listen.Listener(HUB, listener, transport, cancel=cancel, gone=server.gone_check(demo, request)).on_event
-    try:
-        for values in view.updates(session.in_background(events, on_event=hook, cancel=cancel)):
+        if comparison.wait_planned() is not None:
+            yield ui(refused(comparison.error))
+            return
+        specs, shared, runs, transport, place = comparison.plan
+        server.forget_streams(demo, request.session_hash if request is not None else None)
+        view = CompareView(specs, runs, shared.user_audio is not None, transport,
+                           report.environment_title(env.environment()), place)
+        LATEST[key] = view
+        # An earlier Stop's note goes with the comparison it stopped.
+        yield ui({**errors_cleared(shared.text_notes), **view.start(), **slots_for(specs, transport), "stop_note": ""})
+        for values in view.updates(comparison.run.follow()):
             yield ui(values)
     finally:
-        SESSIONS.close(key, cancel)
+        SESSIONS.close(key, comparison.cancel)
         env.trim_heap()
-    yield ui(view.finish(cancel.is_set()))
+    yield ui(view.finish(comparison.cancel.is_set()))
+
+
+def prewarm() -> None:
+    """Builds the first click's presets as the server starts and runs each one's first run, the cold one, recorded
+    once (source "build"): a visitor's first click then finds them warm, and its heard run is the first run after
+    the click. It waits in the line like any comparison, so a click that comes meanwhile waits for it."""
+    specs = [CATALOG.runnable_spec(n, DEFAULT_RANDOM) for n in DEFAULT_PRESETS]
+    request, _ = validate_inputs(EXAMPLES[0], 0, DEFAULT_MAX_AUDIO_S, 1)
+    cancel = Cancel()
+    for event in session.run_presets(MANAGER, specs, request, 0, cancel, HISTORY, "build", LINE.turn(None, cancel),
+                                     QUALITY):
+        if isinstance(event, session.Failed):
+            print(f"prewarm: {event.message}", flush=True)
 
 
 # What fill_quality changes, besides each slot's C["quality"].
@@ -216,11 +314,13 @@ def on_unload(request: gr.Request) -> None:
 
 
 def on_pick(order, *groups):
-    """Keeps the tick order (slots follow it), and shows the audio upload when a ticked preset takes a turn."""
+    """Keeps the tick order (slots follow it), and shows the audio upload when a ticked preset takes a turn. The
+    order is a hidden field's text, one name a line, so that the page holds it and can send it with a click."""
     names = [n for g in groups for n in (g or [])]
-    order = [n for n in order if n in names] + [n for n in names if n not in order]
+    before = str(order or "").split("\n")
+    kept = [n for n in before if n in names] + [n for n in names if n not in before]
     takes = any(CATALOG.specs[n].takes_user_audio for n in names if n in CATALOG.specs)
-    return order, gr.update(visible=takes)
+    return "\n".join(kept), gr.update(visible=takes)
 
 
 def preset_choices(family: str) -> list[str]:
@@ -234,25 +334,19 @@ def ab_play(listener, first, second, text, seed, random_weights, mode, request: 
     """Both presets say the same text with the same seed; which plays as A is random; the names stay on the server
     (gr.State) until the vote. `mode`: "streamed" (each side at its real start delay) or "prebuffered"."""
     hidden = gr.update(interactive=False)
-    try:
-        req, _ = validate_inputs(text, seed, 10.0, 1)
-        a, b = ab.blind_order(first, second)
-        specs = [CATALOG.runnable_spec(n, random_weights) for n in (a, b)]
-    except LabError as e:
-        return None, None, f"⚠️ {html.escape(str(e))}", None, hidden, hidden, hidden
     key = request.session_hash if request is not None else "api"
-    cancel = SESSIONS.open(key)
+    comparison = joined("ab", request, listener, (first, second, text, seed, random_weights, mode))
+    SESSIONS.open(key, comparison.cancel)
     try:
-        place = LINE.turn(history.estimate_s(history.read(HISTORY, tail=True), [s.name for s in specs], 1), cancel)
-        audio, not_saved = listen.ab_pair(HUB, MANAGER, specs, req, mode, listener, cancel, HISTORY, place,
-                                          server.gone_check(demo, request))
+        if comparison.wait_planned() is not None:
+            raise comparison.error
+        specs, req, trial = comparison.plan
+        audio, not_saved = listen.ab_pair(comparison.run.follow(), trial["mode"])
     except LabError as e:
         return None, None, f"⚠️ {html.escape(str(e))}", None, hidden, hidden, hidden
     finally:
-        SESSIONS.close(key, cancel)
+        SESSIONS.close(key, comparison.cancel)
         env.trim_heap()
-    trial = {"a": a, "b": b, "text": req.text, "seed": req.seed, "mode": mode,
-             "weights": {s.name: s.weights for s in specs}}
     notes = [report.WEIGHTS_NOTE.get(s.weights, "") for s in specs]
     msg = "Listen to both, then vote. The names are shown after your vote."
     if req.text_notes:
@@ -316,11 +410,16 @@ def environment_md() -> str:
 
 
 # -- the page ----------------------------------------------------------------------------------------------------
-# Before a compare or a blind pair: every player back to 0, and the page's listener id as the first input.
-RESET_PLAYERS = """(...args) => {
-  document.querySelectorAll('audio').forEach(a => { a.pause(); a.currentTime = 0; });
-  if (window.labAudio) { window.labAudio.reset(); args[0] = window.labAudio.listenerId; }
-  return args; }"""
+# Before a compare or a blind pair: every player back to 0, and the click's start sent over the page's socket with
+# the event's own values by name; the listener field becomes "listener:comparison id:socket" (web/player.js).
+def click_js(kind: str, names: tuple[str, ...]) -> str:
+    return f"""(...args) => {{
+  document.querySelectorAll('audio').forEach(a => {{ a.pause(); a.currentTime = 0; }});
+  if (window.labAudio) {{ window.labAudio.reset(); args[0] = window.labAudio.start({kind!r}, {list(names)!r}, args.slice(1)); }}
+  return args; }}"""
+
+
+STOP_JS = "() => { if (window.labAudio) window.labAudio.stop(); return []; }"
 
 SWEEP_TEXT = "Streaming speech should start at once and keep pace with the listener, even on a busy machine tonight."
 
@@ -365,7 +464,7 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
                                                min_width=200, info=f"{', '.join(batching)}: many listeners at once, "
                                                f"no waiting in line; the others serve one comparison at a time"
                                                if batching else None))
-        order = gr.State(list(DEFAULT_PRESETS))
+        order = gr.Textbox("\n".join(DEFAULT_PRESETS), visible=False, elem_id="order")
         C["unavailable"] = gr.HTML(weights_notice(DEFAULT_RANDOM))
         C["presets_error"] = gr.Markdown(elem_id="presets-error")
         random_weights = gr.Checkbox(DEFAULT_RANDOM, label="random weights (latency only: the audio is noise)",
@@ -377,7 +476,8 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
         with gr.Row():
             # No rounding by the component (precision None): lab.request refuses 1.5 or "12abc" with its own words.
             seed = gr.Number(0, label="Seed", precision=None, info="0 to 4294967295", elem_id="seed")
-            max_audio_s = gr.Number(8, label="Cap on audio length (s)", info="(0, 120]", elem_id="max-audio-s")
+            max_audio_s = gr.Number(DEFAULT_MAX_AUDIO_S, label="Cap on audio length (s)", info="(0, 120]",
+                                    elem_id="max-audio-s")
             runs = gr.Number(2, label="Warm runs per preset", precision=None,
                              info="1 to 20; a cold run comes first, the first warm run is the one you hear",
                              elem_id="runs")
@@ -386,7 +486,7 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
             transport = gr.Radio(TRANSPORTS, value="pcm", label="Audio to the browser", elem_id="transport")
             # Read by web/player.js at each run's start; the server needs no copy of it.
             gr.Number(60, label="Jitter buffer (ms, PCM)", precision=0, elem_id="jitter-ms", interactive=True,
-                      info="audio held before playing starts, to absorb late chunks")
+                      info="audio held before playing starts, to absorb late chunks; a first chunk that long plays at once")
         user_audio = gr.Audio(label="Your spoken turn (for models that take speech input)", type="filepath",
                               sources=["upload", "microphone"], visible=False)
         C["audio_error"] = gr.Markdown(elem_id="audio-error")
@@ -431,7 +531,7 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
 
     compare_outputs = [c for name, v in C.items() if name != "unavailable" for c in (v if isinstance(v, list) else [v])]
     go.click(compare, [listener, order, text, seed, max_audio_s, runs, random_weights, user_audio,
-                                       transport, *groups], compare_outputs, js=RESET_PLAYERS,
+                                       transport, *groups], compare_outputs, js=click_js("compare", COMPARE_INPUTS),
                              # every click starts at once and waits in LINE, which shows its place; no spinner: an
                              # animation re-drawn every frame costs the 2-core machine the model runs on
                              concurrency_limit=None, show_progress="hidden", api_name="compare").then(
@@ -439,7 +539,7 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
         show_progress="hidden", api_name="quality")
     # Stop sets the comparison's cancel flag: generation ends at its next frame, and the comparison's own handler
     # then says what stopped and keeps what finished (Gradio's `cancels` would cut it off before it could say so).
-    stop_btn.click(stop, None, C["stop_note"], api_name="stop", queue=False)
+    stop_btn.click(stop, None, C["stop_note"], api_name="stop", queue=False, js=STOP_JS)
     random_weights.change(weights_notice, random_weights, C["unavailable"], api_visibility="private")
     for g in groups:
         g.change(on_pick, [order, *groups], [order, user_audio], api_visibility="private")
@@ -477,7 +577,7 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
         ab_tally = gr.Dataframe(tally_table, label="Tally per pair: share of decided votes for the first preset, "
                                 "binomial 95% interval (Wilson)", interactive=False, elem_id="ab-tally")
         ab_go.click(ab_play, [listener, ab_first, ab_second, ab_text, ab_seed, ab_random, ab_mode],
-                    [player_a, player_b, ab_msg, trial, vote_a, vote_same, vote_b], js=RESET_PLAYERS,
+                    [player_a, player_b, ab_msg, trial, vote_a, vote_same, vote_b], js=click_js("ab", AB_INPUTS),
                     concurrency_limit=None, api_name="ab_play", show_progress_on=[ab_msg])
         for button, choice in ((vote_a, "A"), (vote_b, "B"), (vote_same, "same")):
             button.click(lambda t, c=choice: ab_vote(c, t), [trial], [ab_msg, trial, ab_tally, vote_a, vote_same,
@@ -536,6 +636,8 @@ demo.state_session_capacity = int(os.environ.get("LAB_MAX_SESSIONS", "256"))
 
 
 if __name__ == "__main__":
+    if os.environ.get("LAB_PREWARM", "1") != "0":
+        threading.Thread(target=prewarm, daemon=True, name="prewarm").start()
     # Gradio's own queue is bounded too (events other than compare and A/B, which wait in LINE).
     server.serve(demo.queue(default_concurrency_limit=4, max_size=4 * MAX_WAITING),
                  host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),

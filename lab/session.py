@@ -27,24 +27,9 @@ from lab.engines import AudioChunk, BuildReport
 from lab.errors import Cancelled, LabError
 from lab.metrics import Timeline, figures
 from lab.request import Request
+from lab.serving.background import Background
+from lab.serving.line import Cancel
 from lab.spec import VariantSpec
-
-
-class Cancel:
-    """A cancel flag that remembers when it was raised, so a cancelled run's record shows which frames came
-    after it."""
-
-    def __init__(self):
-        self.event = threading.Event()
-        self.at: float | None = None
-
-    def set(self) -> None:
-        if not self.event.is_set():
-            self.at = time.perf_counter()
-            self.event.set()
-
-    def is_set(self) -> bool:
-        return self.event.is_set()
 
 
 # -- events: `slot` is the preset's place in the list it was given ----------------------------------------------
@@ -130,7 +115,13 @@ class NotSaved:
     message: str        # names the file (as a visitor may see it) and the fix
 
 
-Event = Started | Stage | Built | RunStarted | Chunk | RunDone | Failed | Stopped | PresetDone | NotSaved
+@dataclass(frozen=True)
+class Finished:
+    """The loop's last event, once it has let go of the line: nothing more runs for this comparison."""
+    stopped: bool       # a cancel ended it
+
+
+Event = Started | Stage | Built | RunStarted | Chunk | RunDone | Failed | Stopped | PresetDone | NotSaved | Finished
 
 
 def error_text(e: BaseException) -> str:
@@ -257,6 +248,7 @@ def run_presets(manager, specs: list[VariantSpec], request: Request, runs: int, 
             yield PresetDone(slot, spec.name)
             if stopped:
                 break
+    yield Finished(cancel.is_set())
 
 
 class _Keeper:
@@ -327,47 +319,8 @@ def _chunk_events(slot, preset, run, cold, heard, timeline, steps):
 
 def in_background(events: Iterator[Event], on_event: Callable[[Event], None] | None = None, tick_s: float = 0.1,
                   cancel: Cancel | None = None) -> Iterator[Event | None]:
-    """Runs the loop in its own thread, so that whatever the caller does with an event never pauses generation,
-    and yields its events; None when a `tick_s` went by with nothing new (a page refreshes its clocks then).
-
-    The caller's thread looks for events every `tick_s` and takes all that came, instead of waking for each one:
-    every wake-up takes the GIL from the loop's thread, and per chunk that slowed the runs measurably.
-    `on_event` runs in the loop's thread before the event is handed over: for work that must happen at once
-    (sending a chunk to a browser) or before the loop goes on (waiting for the browser's report). Closing this
-    generator (a closed page) sets `cancel`, and returns once the loop has stopped, at its next frame."""
-    handed: queue.Queue = queue.Queue()
-    failure: list = []
-
-    def work():
-        try:
-            for event in events:
-                if on_event:
-                    on_event(event)
-                handed.put(event)
-        except BaseException as e:   # raised again in the caller's thread
-            failure.append(e)
-        finally:
-            handed.put(StopIteration)
-
-    worker = threading.Thread(target=work, daemon=True, name="run loop")
-    worker.start()
-    try:
-        while True:
-            time.sleep(tick_s)
-            batch = []
-            while not handed.empty():
-                batch.append(handed.get_nowait())
-            if not batch:
-                yield None
-            for event in batch:
-                if event is StopIteration:
-                    if failure:
-                        raise failure[0]
-                    return
-                yield event
-    finally:
-        if worker.is_alive() and cancel is not None:
-            cancel.set()
-            # The loop stops at its next frame: wait for it, so that nothing is left generating behind a closed
-            # page (and no thread is still inside torch when the process exits, which aborts it).
-            worker.join(timeout=30)
+    """Runs the loop in its own thread (lab.serving.background), so that whatever the caller does with an event
+    never pauses generation, and yields its events; None when a `tick_s` went by with nothing new. `on_event` runs
+    in the loop's thread before the event is handed over. Closing this generator (a closed page) sets `cancel`,
+    and returns once the loop has stopped, at its next frame."""
+    return Background(events, on_event, cancel).follow(tick_s)

@@ -65,8 +65,9 @@ def browser():
 
 def compare_args(text=TWO_SENTENCES, seed=0, max_audio_s=2, runs=1, random_weights=False, transport="gradio",
                  csm=(), pocket=(), hibari=()):
-    # (listener, text, seed, cap, runs, random weights, spoken turn, transport, then each family's ticks)
-    return ("", text, seed, max_audio_s, runs, random_weights, None, transport, list(csm), list(pocket), list(hibari))
+    # (listener, tick order, text, seed, cap, runs, random weights, spoken turn, transport, then each family's ticks)
+    return ("", "", text, seed, max_audio_s, runs, random_weights, None, transport, list(csm), list(pocket),
+            list(hibari))
 
 
 class Outputs:
@@ -140,7 +141,7 @@ def test_two_users_on_a_batching_preset_run_at_once_while_a_one_at_a_time_preset
     from gradio_client import Client
 
     def windows(preset, seeds):
-        recs = [r for r in history_records(server) if r["preset"] == preset and r["seed"] in seeds]
+        recs = [r for r in history_records(server) if r.get("preset") == preset and r["seed"] in seeds]
         return sorted((r["time"] - r["wall_s"], r["time"]) for r in recs)   # (request, end) of each run
 
     for preset, seeds, overlap in (("csm-tiny-batched", (71, 72), True), ("csm-tiny", (81, 82), False)):
@@ -255,6 +256,11 @@ def assert_heard_after_received_after_model(server, since_s: float, names):
             assert r.get(key) is not None, f"{name}: {key} missing"
         assert r["heard_ttfb_ms"] >= r["received_ms"] >= r["ttfb_ms"] - r["clock_uncertainty_ms"], name
         assert r["browser_complete"] and r["transport"] == "pcm"
+        # Measured from the click: the click started the comparison over the page's socket, and the page reported
+        # when the heard run's first audible sample played, on its own clock.
+        assert r["started_by"] == "click" and r["comparison_id"], name
+        assert r["click_to_request_ms"] is not None and r["click_to_request_ms"] >= -r["clock_uncertainty_ms"], name
+        assert r["click_to_heard_ms"] >= r["click_to_received_ms"] > 0, name
 
 
 def test_browser_first_click_plays_two_real_voices_over_pcm_and_done_comes_after_the_audio(browser, server):

@@ -19,7 +19,7 @@ from lab.request import Request
 from lab.spec import VariantSpec
 from test_app import ROOT, Outputs, compare_args, history_records, table, wait_for_cancelled_record
 from web.server import AppProcess
-from web.view import ModelLine
+from lab.serving.line import ModelLine
 
 TEST_PRESETS = os.path.join(ROOT, "tests", "presets")
 CLIENTS = 16
@@ -369,7 +369,7 @@ def test_odd_page_inputs_are_refused_by_name(client, outputs, tmp_path):
 
     # An upload that is not audio (a text file renamed .wav), whoever it was meant for.
     args = list(compare_args(csm=["csm-tiny"]))
-    args[6] = handle_file(not_audio(tmp_path))
+    args[7] = handle_file(not_audio(tmp_path))
     job = client.submit(*args, api_name="/compare")
     job.result(timeout=60)
     assert "not audio: notes.wav (expected WAV/FLAC/MP3/OGG)" in Outputs(job, outputs["compare"]).last("audio-error")

@@ -24,7 +24,8 @@ def test_events_come_in_order_with_a_cold_run_then_the_heard_warm_one(tmp_path):
     events = list(session.run_presets(ModelManager(), [TINY_POCKET], REQUEST, runs=2, history_path=path,
                                       source="test"))
     kinds = names(events)
-    assert kinds[0] == "Started" and kinds[-1] == "PresetDone" and kinds.index("Built") < kinds.index("RunStarted")
+    assert kinds[0] == "Started" and kinds[-2:] == ["PresetDone", "Finished"]
+    assert kinds.index("Built") < kinds.index("RunStarted") and not events[-1].stopped
     assert "Stage" in kinds[:kinds.index("Built")]
     started = [e for e in events if isinstance(e, session.RunStarted)]
     assert [(e.run, e.cold, e.heard) for e in started] == [(0, True, False), (1, False, True), (2, False, False)]
@@ -70,7 +71,7 @@ def test_in_background_hands_over_events_and_a_hook_can_add_to_the_record_before
 
     events = session.run_presets(ModelManager(), [TINY_POCKET], REQUEST, 1, history_path=path)
     got = [e for e in session.in_background(events, on_event=hook, tick_s=0.05) if e is not None]
-    assert names(got)[-1] == "PresetDone" and set(hook_thread) == {"run loop"}
+    assert names(got)[-2:] == ["PresetDone", "Finished"] and set(hook_thread) == {"run loop"}
     heard = [r for r in history.read(path) if r["heard"]]
     assert len(heard) == 1 and heard[0]["heard_ttfb_ms"] == pytest.approx(123.0)
 
@@ -90,7 +91,7 @@ def test_closing_the_background_generator_cancels_the_loop():
 
 def test_the_model_line_is_first_come_first_served_and_estimates_from_measured_runs():
     from lab.history import estimate_s
-    from web.view import ModelLine
+    from lab.serving.line import ModelLine
 
     records = [{"preset": "a", "cold": False, "rtf": 0.5, "audio_s": 2.0}, {"preset": "a", "cold": True, "rtf": 9,
                                                                            "audio_s": 2.0}]

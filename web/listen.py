@@ -1,10 +1,12 @@
-"""The listener's side of a run: each preset's heard run (its first warm run, `RunStarted.heard`) goes to the page as it is generated,
-and the page's own measurements come back into that run's record.
+"""The listener's side of a run: each preset's heard run (its first warm run, `RunStarted.heard`) goes to the page
+as it is generated, and the page's own measurements come back into that run's record, from the click that
+started the comparison (docs/METRICS.md, "click → heard").
 
-`Listener.on_event` runs in the run loop's thread (lab.session.in_background), so a chunk is on the socket the
+`Listener.on_event` runs in the run loop's thread (lab.serving.background), so a chunk is on the socket the
 moment it is ready, and the loop waits for the browser where waiting is right: before a heard run starts, until the
 previous one has finished playing (one voice at a time, each starting as it would in production), and after a
-heard run, until the page has received all of it and reported what it played.
+heard run, until the page has received all of it and reported what it played. Nothing waits before the first
+heard run: the click started the comparison over the socket, so no page re-render stands between it and the voice.
 """
 from __future__ import annotations
 
@@ -18,9 +20,6 @@ from web.pcm import PcmHub
 
 REPORT_WAIT_S = 8.0     # past the audio's first audible second; a page that never reports does not hold the loop
 PLAYED_SLACK_S = 5.0    # past the previous clip's length, before the next heard run starts anyway
-# Before a comparison's first heard run: the page is still drawing what the click changed, and a chunk that came
-# then waited for it (about 200 ms for a warm hibari, measured): the page's own start-up is not the model's.
-SETTLE_S = 0.5
 
 
 def browser_figures(report: dict, late_start_ms: float) -> dict:
@@ -33,7 +32,20 @@ def browser_figures(report: dict, late_start_ms: float) -> dict:
             "browser_underruns": report.get("underruns"), "browser_gap_s": report.get("gap_s"),
             "browser_complete": report.get("complete"), "transport": report.get("transport"),
             "clock_uncertainty_ms": report.get("clock_uncertainty_ms"),
-            "output_latency_ms": report.get("output_latency_ms"), "jitter_buffer_ms": report.get("jitter_buffer_ms")}
+            "output_latency_ms": report.get("output_latency_ms"), "jitter_buffer_ms": report.get("jitter_buffer_ms"),
+            # From the click, on the page's own clock: no clock relation between page and server enters them.
+            "click_to_received_ms": report.get("click_to_received_ms"),
+            "click_to_heard_ms": report.get("click_to_heard_ms")}
+
+
+def click_figures(comparison, request_s: float | None) -> dict:
+    """The click's side of a heard run: which comparison, how it started, and from the click (on the server's
+    clock, which the page's ping-pong relates to its own) to the run's request stamp."""
+    if comparison is None:
+        return {}
+    t_click_s = comparison.t_click_s
+    return {"comparison_id": comparison.id, "started_by": comparison.started_by,
+            "click_to_request_ms": None if t_click_s is None or request_s is None else (request_s - t_click_s) * 1e3}
 
 
 class Listener:
@@ -41,9 +53,10 @@ class Listener:
 
     def __init__(self, hub: PcmHub, listener: str, transport: str, slot_offset: int = 0,
                  labels: list[str] | None = None, cancel: session.Cancel | None = None,
-                 gone: Callable[[], bool] | None = None):
+                 gone: Callable[[], bool] | None = None, comparison=None):
         self.hub, self.listener, self.transport = hub, listener or "", transport
         self.slot_offset, self.labels, self.cancel, self.gone = slot_offset, labels, cancel, gone
+        self.comparison = comparison    # lab.serving.comparisons.Comparison: its id and the click
         self.run_id: str | None = None
         self.previous: tuple[str, float] | None = None   # (run id, audio seconds) of the last heard run
         # A page heard over PCM whose socket then closes has gone (or lost its audio): a dropped connection is a
@@ -56,7 +69,10 @@ class Listener:
             if self.was_connected and self.cancel is not None:
                 self.cancel.set()
             return   # an API client, or a page whose socket is gone: the loop runs as the CLI's does
-        if isinstance(e, session.RunStarted) and e.heard:
+        if isinstance(e, session.Finished):   # a client of the socket alone learns here that nothing more comes
+            self.hub.publish_text(self.listener, {"type": "done", "comparison_id": getattr(self.comparison, "id", ""),
+                                                  "stopped": e.stopped})
+        elif isinstance(e, session.RunStarted) and e.heard:
             self._start(e)
         elif self.run_id is None:
             return
@@ -78,13 +94,12 @@ class Listener:
         if self.previous is not None:
             run_id, audio_s = self.previous
             self.hub.wait_played(run_id, audio_s + PLAYED_SLACK_S)
-        else:
-            time.sleep(SETTLE_S)
         self.run_id, self.chunks, self.samples = uuid.uuid4().hex, 0, 0
         self.announced_s, self.request_s = time.perf_counter(), None
         label = self.labels[e.slot] if self.labels else e.preset
+        # The comparison's id lets the page measure this run from the click it remembers under that id.
         self.hub.start_run(self.listener, self.run_id, e.slot + self.slot_offset, 0, self.announced_s, label=label,
-                           transport=self.transport)
+                           transport=self.transport, comparison_id=getattr(self.comparison, "id", ""))
 
     def _chunk(self, e: session.Chunk) -> None:
         if self.request_s is None:
@@ -99,23 +114,28 @@ class Listener:
         first_audible_s = e.record.get("first_audible_s") or 0.0
         self.hub.end_run(self.listener, self.run_id, self.chunks, self.samples, first_audible_s=first_audible_s)
         report = self.hub.wait_report(self.run_id, REPORT_WAIT_S + first_audible_s)
-        if report is not None:   # the loop appends the record to the history once this returns
+        # The loop appends the record to the history once this returns.
+        e.record.update(click_figures(self.comparison, self.request_s))
+        if report is not None:
             e.record.update(browser_figures(report, ((self.request_s or self.announced_s) - self.announced_s) * 1e3))
         self.previous, self.run_id = (self.run_id, e.record["audio_s"]), None
 
 
-def ab_pair(hub: PcmHub, manager, specs, request, mode: str, listener: str, cancel, history_path, lock,
-            gone: Callable[[], bool] | None = None):
-    """A blind pair's audio, A then B, as [(sample rate, samples)]: each side's heard run, and a warning (or
-    None) when the history could not be written. "streamed" plays each side to the page as it is generated
-    (slots 6 and 7, labelled A and B only); "prebuffered" returns both loudness matched."""
+def ab_hook(hub: PcmHub, listener: str, mode: str, comparison) -> Callable:
+    """The run loop's hook for a blind pair: "streamed" plays each side to the page as it is generated (slots 6 and
+    7, labelled A and B only); "prebuffered" plays nothing while it is made, and only watches for a client that
+    went away."""
     hook = Listener(hub, listener, "pcm" if mode == "streamed" else "none", slot_offset=6, labels=["A", "B"],
-                    cancel=cancel, gone=gone)
-    hook = hook.on_event if mode == "streamed" else hook.stop_if_gone
+                    cancel=comparison.cancel, gone=comparison.client_gone, comparison=comparison)
+    return hook.on_event if mode == "streamed" else hook.stop_if_gone
+
+
+def ab_pair(events, mode: str):
+    """A blind pair's audio from its run loop's events, A then B, as [(sample rate, samples)]: each side's heard
+    run ("prebuffered": loudness matched), and a warning (or None) when the history could not be written."""
     heard: dict[int, tuple[int, object]] = {}
     warning = None
-    events = session.run_presets(manager, specs, request, 1, cancel, history_path, "ab", lock)
-    for e in session.in_background(events, on_event=hook, cancel=cancel):
+    for e in events:
         if isinstance(e, session.RunDone) and e.heard:
             heard[e.slot] = (e.record["sample_rate"], e.audio)
         elif isinstance(e, session.Failed):

@@ -12,7 +12,11 @@ Wire format (one WebSocket per page, /lab/pcm?listener=<id>):
   binary uint32 LE header length N | N bytes UTF-8 JSON header | int16 LE mono PCM
          header: {run_id, slot, index, sample_rate, t_ready_s, t_sent_s, audible_at}
   text   {"type":"end", run_id, slot, chunks, samples, ...}
+  text   {"type":"done", comparison_id, stopped}            a comparison this page started has ended
   text   {"type":"pong", t_client_ms, t_server_s}     (answer to the page's {"type":"ping", t_client_ms})
+From the page, besides ping, "report" and "played": commands, handed to `PcmHub.on_command(listener, message)`:
+  text   {"type":"start", id, kind, inputs, t_click_ms, t_click_s}   a click on Compare or Play: its run starts now
+  text   {"type":"stop"}                                             Stop: this page's comparisons end
 All server stamps are time.perf_counter() seconds.
 
 No Gradio import here: web/server.py mounts the Gradio app next to these routes.
@@ -27,7 +31,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
@@ -118,6 +122,9 @@ class PcmHub:
         self._played = _Kept(threading.Condition())
         self.dropped = 0  # messages published for listeners that were not connected
         self.pings = 0
+        # A page's commands (a click's start, Stop): called on the server's event loop, so it must hand the work
+        # to a thread and return at once.
+        self.on_command: Callable[[str, dict], None] | None = None
 
     # -- publishing (worker thread) -------------------------------------------------------------------------
     def start_run(self, listener: str, run_id: Any, slot: int, sample_rate: int, t_request_s: float,
@@ -153,6 +160,10 @@ class PcmHub:
         slot, or first_audible_s for transport "gradio"."""
         message = {"type": "end", "run_id": run_id, "slot": self._run_meta(run_id)[0], "chunks": int(chunks),
                    "samples": int(samples), **extra}
+        return self._publish(listener, ("text", message, None))
+
+    def publish_text(self, listener: str, message: dict) -> bool:
+        """Any other text message to the page (JSON-safe), in order with the runs' messages."""
         return self._publish(listener, ("text", message, None))
 
     # -- waiting for the page (worker thread) ----------------------------------------------------------------
@@ -206,9 +217,12 @@ class PcmHub:
             if self._connections.get(listener) is connection:
                 del self._connections[listener]
 
-    def _on_page_message(self, message: dict) -> None:
+    def _on_page_message(self, listener: str, message: dict) -> None:
         kind = message.get("type")
-        if kind == "report" and "run_id" in message:
+        if kind in ("start", "stop") and self.on_command is not None:
+            message["t_received_s"] = time.perf_counter()
+            self.on_command(listener, message)
+        elif kind == "report" and "run_id" in message:
             message["t_received_s"] = time.perf_counter()
             self._reports.put(message["run_id"], message)
         elif kind == "played" and "run_id" in message:
@@ -271,7 +285,7 @@ async def _serve_socket(websocket: WebSocket, hub: PcmHub) -> None:
                     await websocket.send_text(json.dumps(pong))
                 hub.pings += 1
             else:
-                hub._on_page_message(message)
+                hub._on_page_message(listener, message)
     except (WebSocketDisconnect, RuntimeError, OSError):
         pass
     finally:

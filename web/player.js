@@ -1,10 +1,12 @@
 // Speech Latency Lab: low-latency PCM player and in-browser latency measurement.
 //
-// One WebSocket per page (/lab/pcm?listener=<random id>) carries runs' PCM from the server (web/pcm.py). Chunks
-// are scheduled back to back with Web Audio behind a small jitter buffer; the page reports per run when the
-// first chunk arrived and when the first audible sample was played, both in ms from the server's request stamp
-// (the page's clock is related to the server's by ping/pong). Runs with transport "gradio" are measured on
-// Gradio's own streaming <audio> element (#player-N audio) instead.
+// One WebSocket per page (/lab/pcm?listener=<random id>) carries runs' PCM from the server (web/pcm.py), and the
+// page's clicks to it: a click on Compare or Play sends its start at once (lab.start), so the run does not wait
+// for Gradio's event. Chunks are scheduled back to back with Web Audio behind a small jitter buffer; the page
+// reports per run when the first chunk arrived and when the first audible sample was played, in ms from the
+// server's request stamp (the page's clock is related to the server's by ping/pong) and from the click (the
+// page's own clock). Runs with transport "gradio" are measured on Gradio's own streaming <audio> element
+// (#player-N audio) instead.
 //
 // Plain script, no build step, no libraries. Exposes window.labAudio.
 (function () {
@@ -36,6 +38,8 @@
   var lab = {
     listenerId: randomId(),
     jitterMs: DEFAULT_JITTER_MS,
+    lastClick: null, // {id: the button's, t_ms: the click event's own time stamp}
+    clicks: {}, // comparison id -> the click that started it (performance.now() ms)
     reports: {}, // run_id -> report sent
     played: {}, // run_id -> true once its audio ended
     clock: { offsetMs: null, uncertaintyMs: null, samples: [] },
@@ -244,7 +248,7 @@
     run.chunks.push(samples);
     run.receivedSamples += samples.length;
 
-    var startS = scheduleStart(run, c);
+    var startS = scheduleStart(run, c, samples.length / rate);
     var buffer = c.createBuffer(1, samples.length, rate);
     buffer.getChannelData(0).set(samples);
     var src = c.createBufferSource();
@@ -265,17 +269,19 @@
     maybeReport(slot, run);
   }
 
-  // Where the next chunk starts: right after the previous one, or, when the schedule ran dry (a browser
-  // underrun), behind a fresh jitter buffer; the silence in between is counted.
-  function scheduleStart(run, c) {
+  // Where the next chunk starts: right after the previous one, or, at the start and when the schedule ran dry (a
+  // browser underrun), once the jitter buffer holds its length of audio. A chunk that holds that much already
+  // plays at once (one render quantum ahead, so that it is not scheduled in the past): waiting would only add
+  // latency, since the chunk itself is the cushion. The silence of an underrun is counted.
+  function scheduleStart(run, c, chunkS) {
     var nowS = c.currentTime;
-    if (run.nextStartCtxS === null) return nowS + run.jitterS;
     var quantumS = RENDER_QUANTUM_FRAMES / c.sampleRate;
+    var bufferedS = nowS + quantumS + Math.max(0, run.jitterS - chunkS);
+    if (run.nextStartCtxS === null) return bufferedS;
     if (run.nextStartCtxS > nowS + quantumS) return run.nextStartCtxS;
-    var startS = nowS + run.jitterS;
     run.underruns += 1;
-    run.gapS += startS - run.nextStartCtxS;
-    return startS;
+    run.gapS += bufferedS - run.nextStartCtxS;
+    return bufferedS;
   }
 
   // Arrival bookkeeping: first/last arrival, and jitter as the largest lateness against the audio's own pace.
@@ -333,6 +339,8 @@
       received_ms: sinceRequestMs(run, run.firstChunkPerfMs),
       received_last_ms: sinceRequestMs(run, run.lastChunkPerfMs),
       heard_ms: sinceRequestMs(run, heardPerfMs),
+      click_to_received_ms: sinceClickMs(run, run.firstChunkPerfMs),
+      click_to_heard_ms: sinceClickMs(run, heardPerfMs),
       audible: run.audible,
       underruns: run.underruns, gap_s: run.gapS, complete: run.complete,
       chunks: run.chunks.length, samples: run.receivedSamples,
@@ -495,6 +503,8 @@
       received_ms: sinceRequestMs(run, run.firstChunkPerfMs),
       received_last_ms: null,
       heard_ms: sinceRequestMs(run, heardPerfMs),
+      click_to_received_ms: sinceClickMs(run, run.firstChunkPerfMs),
+      click_to_heard_ms: sinceClickMs(run, heardPerfMs),
       audible: run.end.first_audible_s !== undefined,
       underruns: run.underruns, gap_s: run.gapS, complete: true,
       start_position_s: g.firstPlayingMediaS,
@@ -627,6 +637,40 @@
       if (audio) hookAudio(slot, audio);
       if (slot.run || slot.ui || document.getElementById("pcm-slot-" + slot.index)) renderSlot(slot);
     });
+  }
+
+  // -- clicks: a Compare or Play click starts its comparison over the socket ---------------------------------
+  var CLICK_BUTTONS = "#compare-btn, #ab-play";
+  var CLICK_MAX_AGE_MS = 2000; // a start without a click this recent (a script, a key) is stamped when it is sent
+  document.addEventListener("click", function (event) {
+    var button = event.target && event.target.closest ? event.target.closest(CLICK_BUTTONS) : null;
+    if (button) lab.lastClick = { id: button.id, t_ms: event.timeStamp };
+  }, true);
+
+  // Sends the click's start with the event's values by name (inputs as Gradio will send them), and returns what
+  // the Gradio event carries in the listener field: "listener:comparison id:socket" ("listener:id:" when it could
+  // not be sent, e.g. with a recording to upload: the server then starts it from the event).
+  lab.start = function (kind, names, values) {
+    var id = randomId();
+    var now = performance.now();
+    var clickMs = lab.lastClick && now - lab.lastClick.t_ms < CLICK_MAX_AGE_MS ? lab.lastClick.t_ms : now;
+    lab.lastClick = null;
+    lab.clicks[id] = clickMs;
+    var inputs = {};
+    names.forEach(function (name, i) { inputs[name] = values[i] === undefined ? null : values[i]; });
+    var serverMs = toServerMs(clickMs);
+    var sent = !inputs.user_audio && sendJson({
+      type: "start", kind: kind, id: id, inputs: inputs, t_click_ms: clickMs,
+      t_click_s: serverMs === null ? null : serverMs / 1000,
+    });
+    note(kind + " " + id + (sent ? " started over the socket" : " left to the page's event"));
+    return lab.listenerId + ":" + id + ":" + (sent ? "socket" : "");
+  };
+  lab.stop = function () { sendJson({ type: "stop" }); };
+
+  function sinceClickMs(run, perfMs) {
+    var clickMs = lab.clicks[run.msg.comparison_id];
+    return clickMs === undefined || perfMs === null ? null : perfMs - clickMs;
   }
 
   // -- public API ------------------------------------------------------------------------------------------

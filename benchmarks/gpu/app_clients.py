@@ -42,7 +42,7 @@ RANDOM_WEIGHTS = True   # --tiny: the tests' tiny presets on the CPU, to try the
 def compare_args(client, presets: list[str], seed: int, runs: int) -> list:
     """/compare's arguments by their labels, so the script does not depend on which families have a column here."""
     values = {"text": TEXT, "seed": seed, "max_audio_s": FRAMES / 12.5, "runs": runs, "random_weights": RANDOM_WEIGHTS,
-              "user_audio": None, "transport": "pcm", "listener": ""}
+              "user_audio": None, "transport": "pcm", "listener": "", "order": ""}
     args = []
     for p in client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/compare"]["parameters"]:
         label = p.get("label") or ""

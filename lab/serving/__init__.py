@@ -1,0 +1,3 @@
+"""Serving: what stands between a front end (the page, an API client) and the run loop, with no torch and no
+Gradio. The model's line (one comparison on a one-at-a-time model at a time), each client's cancels, and the
+comparisons a click started, whose events a page's later Gradio event follows from the start."""
