@@ -168,8 +168,7 @@ def start_compare(comparison, inputs: dict) -> None:
     specs, shared, runs = plan(names, inputs.get("text"), inputs.get("seed"), inputs.get("max_audio_s"),
                                inputs.get("runs"), bool(inputs.get("random_weights")), inputs.get("user_audio"))
     transport = "gradio" if inputs.get("transport") == "gradio" else "pcm"
-    place = LINE.turn(history.estimate_s(history.read(HISTORY, tail=True), [s.name for s in specs], runs),
-                      comparison.cancel)
+    place = LINE.turn(HISTORY.estimate_s([s.name for s in specs], runs), comparison.cancel)
     events = session.run_presets(MANAGER, specs, shared, runs, comparison.cancel, HISTORY, "app", place, QUALITY)
     hook = listen.Listener(HUB, comparison.listener, transport, cancel=comparison.cancel, gone=comparison.client_gone,
                            comparison=comparison)
@@ -183,8 +182,7 @@ def start_ab(comparison, inputs: dict) -> None:
     req, _ = validate_inputs(inputs.get("text"), inputs.get("seed"), 10.0, 1)
     a, b = ab.blind_order(inputs.get("first"), inputs.get("second"))
     specs = [CATALOG.runnable_spec(n, bool(inputs.get("random_weights"))) for n in (a, b)]
-    place = LINE.turn(history.estimate_s(history.read(HISTORY, tail=True), [s.name for s in specs], 1),
-                      comparison.cancel)
+    place = LINE.turn(HISTORY.estimate_s([s.name for s in specs], 1), comparison.cancel)
     events = session.run_presets(MANAGER, specs, req, 1, comparison.cancel, HISTORY, "ab", place)
     trial = {"a": a, "b": b, "text": req.text, "seed": req.seed, "mode": mode,
              "weights": {s.name: s.weights for s in specs}}

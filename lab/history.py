@@ -22,6 +22,7 @@ from lab.errors import LabError
 
 _lock = threading.Lock()
 KEPT_IN_MEMORY = 1000   # records a Journal holds when its file is unusable (the oldest are dropped)
+ESTIMATE_RUNS = 20      # a preset's latest warm runs that estimate how long its next comparison takes
 TAIL_BYTES = 4 * 2**20  # what read(..., tail=True) reads: enough for estimates, not the whole of a long history
 
 
@@ -57,8 +58,33 @@ class Journal:
         self.path, self.env_var = path, env_var
         self.problem: NotWritten | None = check(path, env_var)
         self.memory: deque[dict] = deque(maxlen=KEPT_IN_MEMORY)
+        # Each preset's latest warm wall times, read from the file once and kept up to date by append: an estimate
+        # per click that parsed the file's tail instead took the GIL from every stream for the whole parse.
+        self._walls: dict[str, deque[float]] | None = None
+        self._walls_lock = threading.Lock()
+
+    def estimate_s(self, presets: list[str], runs: int) -> float | None:
+        """`estimate_s` over this history, from its kept wall times."""
+        with self._walls_lock:
+            if self._walls is None:
+                self._walls = {}
+                for record in self.read(tail=True):
+                    self._note(record)
+            walls = [list(self._walls.get(p, ())) for p in presets]
+        if not all(walls):
+            return None
+        return sum(statistics.median(w) * (runs + 1) for w in walls)
+
+    def _note(self, record: dict) -> None:
+        if (record.get("preset") and not record.get("cold") and not record.get("cancelled") and "rtf" in record
+                and "audio_s" in record):
+            self._walls.setdefault(record["preset"], deque(maxlen=ESTIMATE_RUNS)).append(
+                record["rtf"] * record["audio_s"])
 
     def append(self, record: dict) -> None:
+        with self._walls_lock:
+            if self._walls is not None:
+                self._note(record)
         if self.problem is None:
             try:
                 return _append_file(self.path, record, self.env_var)
@@ -189,12 +215,12 @@ def export(records: list[dict], folder: str, title: str) -> dict:
 
 def estimate_s(records: list[dict], presets: list[str], runs: int) -> float | None:
     """How long a comparison of these presets should take, from this history: each preset's median wall time
-    over its last 20 finished warm runs (RTF × audio seconds), times its runs; None when a preset never ran here
-    (its build, if it is not built yet, is not counted)."""
+    over its last ESTIMATE_RUNS finished warm runs (RTF × audio seconds), times its runs; None when a preset never
+    ran here (its build, if it is not built yet, is not counted)."""
     total = 0.0
     for preset in presets:
         walls = [r["rtf"] * r["audio_s"] for r in records if r.get("preset") == preset and not r.get("cold")
-                 and not r.get("cancelled") and "rtf" in r][-20:]
+                 and not r.get("cancelled") and "rtf" in r][-ESTIMATE_RUNS:]
         if not walls:
             return None
         total += statistics.median(walls) * (runs + 1)

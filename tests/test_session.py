@@ -89,6 +89,16 @@ def test_closing_the_background_generator_cancels_the_loop():
     assert not any(t.name == "run loop" and t.is_alive() for t in threading.enumerate())   # it stopped, too
 
 
+def test_a_journal_estimates_as_its_records_do_and_keeps_up_with_new_runs(tmp_path):
+    journal = history.Journal(str(tmp_path / "history.jsonl"))
+    journal.append({"preset": "a", "cold": False, "rtf": 0.5, "audio_s": 2.0})
+    assert journal.estimate_s(["a"], runs=2) == pytest.approx(history.estimate_s(journal.read(), ["a"], 2)) == 3.0
+    journal.append({"preset": "a", "cold": False, "rtf": 1.5, "audio_s": 2.0})    # after it read the file once
+    journal.append({"preset": "b", "cold": True, "rtf": 1.0, "audio_s": 2.0})
+    assert journal.estimate_s(["a"], runs=0) == pytest.approx(history.estimate_s(journal.read(), ["a"], 0)) == 2.0
+    assert journal.estimate_s(["a", "b"], runs=1) is None       # b has only a cold run
+
+
 def test_the_model_line_is_first_come_first_served_and_estimates_from_measured_runs():
     from lab.history import estimate_s
     from lab.serving.line import ModelLine

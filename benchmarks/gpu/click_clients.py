@@ -158,11 +158,13 @@ def level(server: Server, outs: list[dict], cpu_s: float, wall_s: float) -> dict
             "steady_rtf": record.get("steady_rtf"), "server_underruns": record.get("underruns"),
             "client_underruns": underruns(arrivals)[0] if arrivals else None,
             "client_stall_s": underruns(arrivals)[1] if arrivals else None,
-            "audio_s": sum(a for _, a in arrivals), "error": out.get("error")})
+            "audio_s": sum(a for _, a in arrivals), "phases_ms": record.get("phases_ms"), "error": out.get("error")})
     return {"clients": len(outs), "per_client": rows,
             "click_to_first_chunk_ms": summarize([r["click_to_first_chunk_ms"] for r in rows]),
             "click_to_request_ms": summarize([r["click_to_request_ms"] for r in rows]),
             "ttfb_ms": summarize([r["ttfb_ms"] for r in rows]),
+            "ttfb_phases_ms": {p: summarize([(r["phases_ms"] or {}).get(p) for r in rows])
+                               for p in ("session", "prefill", "generator", "first_frame", "first_decode")},
             "steady_rtf": summarize([r["steady_rtf"] for r in rows]),
             "clients_with_underruns": sum(bool(r["client_underruns"]) for r in rows),
             "missing": sum(r["click_to_first_chunk_ms"] is None for r in rows),
@@ -230,7 +232,8 @@ def main() -> int:
             c, q = row["click_to_first_chunk_ms"], row["click_to_request_ms"]
             log(f"{clients} clients: click -> first chunk p50 {c['median']:.0f} p99 {c['p99']:.0f} ms; click -> "
                 f"request p50 {q['median'] or 0:.0f} p99 {q['p99'] or 0:.0f} ms; TTFB p99 {row['ttfb_ms']['p99'] or 0:.0f}"
-                f" ms; steady RTF p99 {row['steady_rtf']['p99'] or 0:.3f}; clients with underruns "
+                f" ms (phases p99: " + ", ".join(f"{k} {v['p99'] or 0:.0f}" for k, v in row["ttfb_phases_ms"].items())
+                + f"); steady RTF p99 {row['steady_rtf']['p99'] or 0:.3f}; clients with underruns "
                 f"{row['clients_with_underruns']}; missing {row['missing']}; client CPU {row['client_cpu_s']:.2f} s "
                 f"in {row['client_wall_s']:.1f} s")
         if args.gradio_clients:
