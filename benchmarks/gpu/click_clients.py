@@ -3,6 +3,7 @@
     LAB_COMMIT=<sha> python benchmarks/gpu/click_clients.py --out DIR [--preset csm-batched-cuda-graphs]
         [--clients 32,64] [--gradio-clients 32]
     python benchmarks/gpu/click_clients.py --tiny --out /tmp/clicks      # the tests' tiny presets, on the CPU
+    python benchmarks/gpu/click_clients.py --chart DIR/click_clients.json  # redraw DIR/click_clients.png
 
 `python app.py` is started on a free loopback port. Each client opens the page's WebSocket (/lab/pcm), sends the
 start message a click sends (web/player.js `lab.start`: the Compare form's values by name), reads the PCM chunks
@@ -37,6 +38,7 @@ sys.path.insert(0, ROOT)
 from lab import env  # noqa: E402
 from lab.metrics import summarize, underruns  # noqa: E402
 
+GRADIO_SEED = 900_000   # the Gradio clients' seeds start here, apart from every socket level's (1000 per level)
 TEXT = "Streaming speech should start at once and keep pace with the listener, even on a busy machine tonight."
 
 
@@ -179,11 +181,11 @@ def gradio_clients(server: Server, preset: str, family: str, clients: int, rando
     made = [Client(server.url, verbose=False, download_files=False) for _ in range(clients)]
     params = made[0].view_api(return_format="dict", print_info=False)["named_endpoints"]["/compare"]["parameters"]
     for i, client in enumerate(made):
-        inputs = {**compare_inputs(preset, family, 5000 + i, 6.4, random_weights), "listener": ""}
+        inputs = {**compare_inputs(preset, family, GRADIO_SEED + i, 6.4, random_weights), "listener": ""}
         args = [inputs.get(p["parameter_name"], inputs.get(p.get("label") or "", []))
                 if not (p.get("label") or "").endswith(" presets") else
                 ([preset] if p["label"] == f"{family} presets" else []) for p in params]
-        submitted[5000 + i] = time.time()
+        submitted[GRADIO_SEED + i] = time.time()
         jobs.append(client.submit(*args, api_name="/compare"))
     for job in jobs:
         job.result(timeout=600)
@@ -195,15 +197,56 @@ def gradio_clients(server: Server, preset: str, family: str, clients: int, rando
     return {"clients": clients, "submit_to_first_chunk_ms": summarize(rows), "missing": clients - len(rows)}
 
 
+GOALS_MS = {32: 400, 64: 600}   # issue 24: click -> first chunk received, p99
+
+
+def chart(results: dict, path: str) -> None:
+    """Each level's clients, click -> first chunk and click -> request (dots, one per client), with the goals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = results["levels"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(levels) + 2), 4.2))
+    for i, lvl in enumerate(levels):
+        for key, colour, dx in (("click_to_first_chunk_ms", "#4c72b0", 0.12), ("click_to_request_ms", "#dd8452", -0.12)):
+            ys = [r[key] for r in lvl["per_client"] if r[key] is not None]
+            ax.scatter([i + dx] * len(ys), ys, s=8, color=colour, alpha=0.6,
+                       label={"click_to_first_chunk_ms": "click → first chunk received",
+                              "click_to_request_ms": "click → request (server)"}[key] if i == 0 else None)
+        goal = GOALS_MS.get(lvl["clients"])
+        if goal:
+            ax.hlines(goal, i - 0.3, i + 0.3, color="#c44e52", ls="--", lw=1, label="goal, p99" if i == 0 else None)
+    ax.set_xticks(range(len(levels)), [f"{lvl['clients']} clients\n(level {i + 1})" for i, lvl in enumerate(levels)],
+                  fontsize=8)
+    ax.set_ylabel("ms from the click", fontsize=8)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    env_ = results["env"]
+    ax.set_title(f"{results['preset']} ({results['weights']} weights: latency only), clicks together over the page's "
+                 f"socket\n{env_['device']} · torch {env_['torch']} · commit {env_['commit']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True)
+    p.add_argument("--chart", metavar="JSON", help="only draw DIR/click_clients.png from a results file")
+    p.add_argument("--out")
     p.add_argument("--preset", default="csm-batched-cuda-graphs")
     p.add_argument("--clients", default="32,64")
     p.add_argument("--gradio-clients", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=6.4)
     p.add_argument("--tiny", action="store_true", help="the tests' presets (csm-tiny-batched), on the CPU")
     args = p.parse_args()
+    if args.chart:
+        with open(args.chart) as f:
+            chart(json.load(f), os.path.join(os.path.dirname(args.chart), "click_clients.png"))
+        return 0
+    if not args.out:
+        p.error("--out DIR is needed")
     os.makedirs(args.out, exist_ok=True)
     presets_dir = os.path.join(ROOT, "tests", "presets") if args.tiny else None
     preset = "csm-tiny-batched" if args.tiny else args.preset
@@ -246,6 +289,8 @@ def main() -> int:
         server.stop()
         with open(os.path.join(args.out, "click_clients.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
+        if results["levels"]:
+            chart(results, os.path.join(args.out, "click_clients.png"))
         log(f"wrote {args.out}/click_clients.json")
     return 0
 
