@@ -89,16 +89,17 @@ class Catalog:
 
         On a GPU: the CSM presets, eager-loop sdpa against the fastest one that exists (Triton kernels in a CUDA
         graph, else torch's in one, else inductor). On a CPU: two real voices that differ audibly, hibari
-        speaking sentence by sentence against hibari speaking the whole text at once: the listener hears one
-        start sooner. The switch is on only when a picked preset needs it, so the first click does something real
+        with its padded start trimmed against hibari as it comes (0.3 s of silence first): the listener hears one
+        start sooner (else hibari sentence by sentence against hibari speaking the whole text at once). The switch is on only when a picked preset needs it, so the first click does something real
         with no cache and no hub, and stays on real weights where they are there."""
         runnable = {n for n, s in self.statuses[True].items() if s.available}
         pick: list[str] = []
         if cuda:
             fast = ("csm-triton-cuda-graphs", "csm-cuda-graphs", "csm-sdpa-inductor")
             pick = [n for n in ["csm-sdpa", next((n for n in fast if n in runnable), "")] if n in runnable]
-        if len(pick) < 2:
-            pick = [n for n in ("hibari", "hibari-whole") if n in runnable]
+        for pair in (("hibari-trim", "hibari"), ("hibari", "hibari-whole")):
+            if len(pick) < 2:
+                pick = [n for n in pair if n in runnable]
         if len(pick) < 2:   # a presets folder without those (tests use their own): the first ones that run
             pick = (pick + sorted(n for n in runnable if n not in pick))[:2]
         as_is = {n for n, s in self.statuses[False].items() if s.available}

@@ -331,6 +331,24 @@ def test_browser_closing_the_tab_mid_stream_stops_generation(browser, server):
     assert_stopped_in_time(wait_for_cancelled_record(server, started), 60)
 
 
+def test_browser_blind_pair_as_it_streams_starts_on_the_click_and_is_measured_from_it(browser, server):
+    page = open_page(browser, server)
+    page.get_by_role("tab", name="Blind A/B").click()
+    page.wait_for_selector("#ab-play")
+    since = time.time()
+    page.click("#ab-play")
+    page.wait_for_selector("#ab-msg:has-text('Listen to both')", timeout=120_000)
+    heard = [r for r in history_records(server) if r.get("heard") and r.get("source") == "ab" and r["time"] > since]
+    assert len(heard) == 2, heard
+    for r in heard:   # each side started by the click over the socket, and heard as it streamed (slots 6 and 7)
+        assert r["started_by"] == "click" and r["click_to_request_ms"] is not None
+        assert r["click_to_heard_ms"] >= r["click_to_received_ms"] > 0 and r["transport"] == "pcm"
+    sides = page.evaluate("() => [6, 7].map(i => window.labAudio.state(i))")
+    assert [s["label"] for s in sides] == ["A", "B"] and all(s["received_s"] > 0.5 for s in sides), sides
+    assert "hibari" not in page.inner_text("#pcm-slot-6") + page.inner_text("#pcm-slot-7")   # still blind
+    page.close()
+
+
 def test_browser_shows_each_error_at_its_field(browser, server):
     page = open_page(browser, server)
     pick(page, "hibari")
