@@ -1,15 +1,17 @@
 """The quality guardrail over every hibari variant (presets/hibari*.yaml) on the corpus (tests/data: 20 Harvard
 sentences, 8 texts with numbers, dates, prices and abbreviations), and the guardrail's own cost on this machine.
 
-    python benchmarks/cpu/quality/run.py [OUT]     # default: benchmarks/cpu/quality/<commit>
+    python benchmarks/cpu/quality/run.py [OUT] [--presets hibari hibari-trim]
+                                              # OUT: default benchmarks/cpu/quality/<commit>; presets: every hibari*
 
 Each text is one comparison (lab.session.run_presets: a cold run and one warm run of every variant, then the
 guardrail scores each run, as the page does). Writes results.json (env with the guardrail's models, every run with
 its figures and transcript, the voice's phonemes for each text, the cost), results.csv, quality.png and a
-README.md of tables.
+README.md of tables. Parity is against the first preset named (sorted by name without --presets: `hibari`).
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -41,8 +43,8 @@ def corpus_wer(runs: list[dict]) -> float:
     return sum(r["wer"] * n for r, n in zip(runs, words)) / sum(words)
 
 
-def main(out: str) -> dict:
-    names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "presets", "hibari*.yaml")))
+def main(out: str, names: list[str] | None = None) -> dict:
+    names = names or sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "presets", "hibari*.yaml")))
     specs = [presets.load(n) for n in names]
     texts = {"harvard": corpus("harvard.txt"), "numbers": corpus("numbers.txt")}
     started_load = load_average()
@@ -74,7 +76,8 @@ def main(out: str) -> dict:
             summary[f"{preset} / {category}"] = {
                 "texts": len(mine), "corpus_wer": corpus_wer(mine),
                 **{k: summarize([r[k] for r in mine]) for k in ("wer", "cer", "mos", "first_speech_ms",
-                                                                  "leading_silence_s", "trailing_silence_s")},
+                                                                  "leading_silence_s", "trailing_silence_s",
+                                                                  "ttfb_ms", "first_audible_ms", "first_audible_s")},
                 "problems": sorted({r["quality"] for r in mine if r["quality"] != "ok"}),
                 "seconds_per_word": summarize([r["audio_s"] / len(quality.normalize(r["text"]).split())
                                                for r in mine])}
@@ -129,10 +132,12 @@ def chart(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     keys = list(results["summary"])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
     for ax, (field, label, scale) in zip(axes, (("wer", "WER % (per text: median, bars = min–max)", 100),
                                                 ("mos", "DNSMOS overall (MOS estimate)", 1),
-                                                ("first_speech_ms", "first speech ms (VAD onset)", 1))):
+                                                ("first_speech_ms", "first speech ms (VAD onset's chunk ready)", 1),
+                                                ("leading_silence_s", "leading silence s (VAD onset in the stream)",
+                                                 1))):
         s = [results["summary"][k][field] for k in keys]
         med = [x["median"] * scale for x in s]
         ax.bar(range(len(keys)), med, yerr=[[m - x["lo"] * scale for m, x in zip(med, s)],
@@ -141,29 +146,33 @@ def chart(results: dict, path: str) -> None:
         ax.set_xticks(range(len(keys)), keys, rotation=25, ha="right", fontsize=8)
         ax.set_ylabel(label, fontsize=8)
     e = results["env"]
-    fig.suptitle(f"quality guardrail on hibari variants · {e['device']} · {e['quality_asr']} · commit {e['commit']}",
-                 fontsize=8)
+    fig.suptitle(f"quality guardrail on {', '.join(results['presets'])} · {e['device']} · {e['quality_asr']} · "
+                 f"commit {e['commit']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def markdown(results: dict) -> str:
     e, c = results["env"], results["cost"]
-    lines = [f"# Quality guardrail on the hibari variants, commit `{e['commit']}`", "",
+    lines = [f"# Quality guardrail on {', '.join(results['presets'])}, commit `{e['commit']}`", "",
              f"{e['device']}, {e.get('cpu_count')} cores, torch {e['torch']}, onnxruntime {e.get('onnxruntime')}, "
              f"hibari-tts {e.get('hibari_tts')}. Load average {e['load_average_start']} at the start, "
              f"{e['load_average_end']} at the end (the machine was shared with other work).", "",
              f"- ASR: {e['quality_asr']}", f"- MOS: {e['quality_mos']}", f"- VAD: {e['quality_vad']}",
              f"- normalizer: {e['quality_normalizer']}", "",
-             "Warm runs, one per text (hibari is deterministic for a seed: the cold run's audio is the same).", "",
+             "Warm runs, one per text (hibari is deterministic for a seed: the cold run's audio is the same). First "
+             "speech ms: request to the chunk holding the VAD onset; leading s: where that onset sits in the stream. "
+             "First audible s: where the first sample at -50 dBFS sits in the stream.", "",
              "| variant / texts | n | corpus WER | CER median | MOS est. median (min–max) | first speech ms median "
-             "(min–max) | leading s | trailing s | s per word | problems |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "(min–max) | leading s | trailing s | s per word | TTFB ms median | first audible s median | problems |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, s in results["summary"].items():
         lines.append(f"| {key} | {s['texts']} | {s['corpus_wer'] * 100:.1f} % | {s['cer']['median'] * 100:.1f} % | "
                      f"{s['mos']['median']:.2f} ({s['mos']['lo']:.2f}–{s['mos']['hi']:.2f}) | "
                      f"{s['first_speech_ms']['median']:.0f} ({s['first_speech_ms']['lo']:.0f}–"
                      f"{s['first_speech_ms']['hi']:.0f}) | {s['leading_silence_s']['median']:.2f} | "
                      f"{s['trailing_silence_s']['median']:.2f} | {s['seconds_per_word']['median']:.2f} | "
+                     f"{s['ttfb_ms']['median']:.0f} | {s['first_audible_s']['median']:.2f} | "
                      f"{'; '.join(s['problems']) or 'none'} |")
     lines += ["", "Parity against the family's reference (the first preset): ", ""]
     for p in results["parity"]:
@@ -194,8 +203,12 @@ def markdown(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "benchmarks", "cpu", "quality",
-                                                             env.git_commit())
-    r = main(out)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", nargs="?", default=os.path.join(ROOT, "benchmarks", "cpu", "quality", env.git_commit()))
+    parser.add_argument("--presets", nargs="+", help="presets/ names; the first is the reference (default: every "
+                                                     "hibari*.yaml, sorted)")
+    args = parser.parse_args()
+    out = args.out
+    r = main(out, args.presets)
     print(markdown(r))
     print(f"wrote {out}")
