@@ -1,13 +1,15 @@
 """The quality guardrail over every hibari variant (presets/hibari*.yaml) on the corpus (tests/data: 20 Harvard
 sentences, 8 texts with numbers, dates, prices and abbreviations), and the guardrail's own cost on this machine.
 
-    python benchmarks/cpu/quality/run.py [OUT] [--presets hibari hibari-trim]
+    python benchmarks/cpu/quality/run.py [OUT] [--presets hibari hibari-trim] [--no-next-run]
                                               # OUT: default benchmarks/cpu/quality/<commit>; presets: every hibari*
 
 Each text is one comparison (lab.session.run_presets: a cold run and one warm run of every variant, then the
 guardrail scores each run, as the page does). Writes results.json (env with the guardrail's models, every run with
 its figures and transcript, the voice's phonemes for each text, the cost), results.csv, quality.png and a
 README.md of tables. Parity is against the first preset named (sorted by name without --presets: `hibari`).
+--no-next-run leaves out the timing of the next comparison (the guardrail's cost to the page, which depends on the
+guardrail and not on the presets compared).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def corpus_wer(runs: list[dict]) -> float:
     return sum(r["wer"] * n for r, n in zip(runs, words)) / sum(words)
 
 
-def main(out: str, names: list[str] | None = None) -> dict:
+def main(out: str, names: list[str] | None = None, next_comparison: bool = True) -> dict:
     names = names or sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "presets", "hibari*.yaml")))
     specs = [presets.load(n) for n in names]
     texts = {"harvard": corpus("harvard.txt"), "numbers": corpus("numbers.txt")}
@@ -52,8 +54,11 @@ def main(out: str, names: list[str] | None = None) -> dict:
     quality.models()
     models_load_s = time.perf_counter() - t
     manager, worker, runs = ModelManager(), quality.Worker(), []
+    done, total = 0, sum(map(len, texts.values()))
     for category, lines in texts.items():
         for text in lines:
+            done += 1
+            print(f"{done}/{total} {category}: {text}", file=sys.stderr, flush=True)
             for e in session.run_presets(manager, specs, Request(text, max_audio_s=20.0), 1, quality=worker):
                 if isinstance(e, session.RunDone):
                     e.record["category"] = category
@@ -65,7 +70,7 @@ def main(out: str, names: list[str] | None = None) -> dict:
     readings = {text: {"phonemes": " | ".join(tts.phonemize(text)),
                        "transcript": next(r["transcript"] for r in runs if r["text"] == text)}
                 for text in texts["numbers"]}
-    next_runs = next_run(manager, worker, specs[0], texts["harvard"][0])
+    next_runs = next_run(manager, worker, specs[0], texts["harvard"][0]) if next_comparison else None
     cost = [r["quality_s"] for r in runs]
     per_audio = [r["quality_s"] / r["audio_s"] for r in runs]
     summary = {}
@@ -184,16 +189,21 @@ def markdown(results: dict) -> str:
               f"{c['quality_s']['median']:.2f} s ({c['quality_s']['lo']:.2f}–{c['quality_s']['hi']:.2f}), "
               f"{c['quality_s_per_audio_s']['median']:.2f} s per second of audio; loading the three models "
               f"{c['models_load_s']:.1f} s once. Parts (median): ASR {c['asr_s']['median']:.2f} s, DNSMOS "
-              f"{c['mos_s']['median']:.2f} s, VAD {c['vad_s']['median']:.2f} s.", "",
-              "The next comparison, started 0.5 s after the previous one's runs, while the worker was scoring them "
-              "(pending) or after it had scored them all (idle), hibari, 3 runs each, 5 comparisons per case:", "",
-              "| case | waited to start s, median (min–max) | TTFB ms, median (min–max) | RTF, median (min–max) |",
-              "|---|---|---|---|"]
-    for case, s in c["next_run"].items():
-        lines.append(f"| {case} | {s['start_wait_s']['median']:.2f} ({s['start_wait_s']['lo']:.2f}–"
-                     f"{s['start_wait_s']['hi']:.2f}) | {s['ttfb_ms']['median']:.1f} ({s['ttfb_ms']['lo']:.1f}–"
-                     f"{s['ttfb_ms']['hi']:.1f}) | {s['rtf']['median']:.4f} ({s['rtf']['lo']:.4f}–"
-                     f"{s['rtf']['hi']:.4f}) |")
+              f"{c['mos_s']['median']:.2f} s, VAD {c['vad_s']['median']:.2f} s.", ""]
+    if c["next_run"] is None:
+        lines += ["The next comparison's timing (scores pending against idle) was left out of this run "
+                  "(--no-next-run).", ""]
+    else:
+        lines += ["The next comparison, started 0.5 s after the previous one's runs, while the worker was scoring "
+                  "them (pending) or after it had scored them all (idle), hibari, 3 runs each, 5 comparisons per "
+                  "case:", "",
+                  "| case | waited to start s, median (min–max) | TTFB ms, median (min–max) | RTF, median (min–max) |",
+                  "|---|---|---|---|"]
+        for case, s in c["next_run"].items():
+            lines.append(f"| {case} | {s['start_wait_s']['median']:.2f} ({s['start_wait_s']['lo']:.2f}–"
+                         f"{s['start_wait_s']['hi']:.2f}) | {s['ttfb_ms']['median']:.1f} ({s['ttfb_ms']['lo']:.1f}–"
+                         f"{s['ttfb_ms']['hi']:.1f}) | {s['rtf']['median']:.4f} ({s['rtf']['lo']:.4f}–"
+                         f"{s['rtf']['hi']:.4f}) |")
     lines += ["", "## How the voice reads numbers, dates, prices, abbreviations",
               "", "| text | hibari's phonemes (misaki G2P) | what Whisper tiny.en heard | WER |", "|---|---|---|---|"]
     for text, r in results["readings"].items():
@@ -207,8 +217,9 @@ if __name__ == "__main__":
     parser.add_argument("out", nargs="?", default=os.path.join(ROOT, "benchmarks", "cpu", "quality", env.git_commit()))
     parser.add_argument("--presets", nargs="+", help="presets/ names; the first is the reference (default: every "
                                                      "hibari*.yaml, sorted)")
+    parser.add_argument("--no-next-run", action="store_true", help="leave out the next comparison's timing")
     args = parser.parse_args()
     out = args.out
-    r = main(out, args.presets)
+    r = main(out, args.presets, not args.no_next_run)
     print(markdown(r))
     print(f"wrote {out}")
