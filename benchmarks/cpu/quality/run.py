@@ -157,6 +157,49 @@ def chart(results: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def heard_floor_ms(run: dict) -> float | None:
+    """The earliest any player could play the run's first audible sample (docs/METRICS.md, heard floor): the silence
+    before it is played first."""
+    if run.get("first_audible_ms") is None:
+        return None
+    return max(run["first_audible_ms"], run["ttfb_ms"] + run["first_audible_s"] * 1e3)
+
+
+def against_reference(results: dict) -> list[str]:
+    """What a listener waits for, each preset against the first, and the texts whose transcript differs from the
+    reference's (warm runs): a variant that cut speech would lose its first words here."""
+    runs = {(r["preset"], r["text"]): r for r in results["runs"] if r["run"] == 1}
+    reference, *others = results["presets"]
+    lines = ["", "## What a listener waits for, against " + reference, "",
+             "Warm runs, median (min–max) over the texts. Heard floor: max(first audible ms, TTFB + first audible s), "
+             "the earliest any player could play the first audible sample.", "",
+             "| variant | TTFB ms | first audible s | heard floor ms | VAD onset s (leading) |",
+             "|---|---|---|---|---|"]
+    for preset in results["presets"]:
+        mine = [r for (p, _), r in runs.items() if p == preset]
+        cells = []
+        for value, fmt in ((lambda r: r["ttfb_ms"], ".0f"), (lambda r: r["first_audible_s"], ".2f"),
+                           (heard_floor_ms, ".0f"), (lambda r: r["first_speech_s"], ".3f")):
+            s = summarize([value(r) for r in mine])
+            cells.append(f"{s['median']:{fmt}} ({s['lo']:{fmt}}–{s['hi']:{fmt}})")
+        lines.append(f"| {preset} | {' | '.join(cells)} |")
+    def first_word_heard(preset, texts):
+        return sum(quality.normalize(runs[(preset, t)]["transcript"]).split()[:1] == quality.normalize(t).split()[:1]
+                   for t in texts)
+
+    for preset in others:
+        texts = [t for (p, t) in runs if p == preset and (reference, t) in runs]
+        lines += ["", f"The text's first word is the first word heard in {first_word_heard(preset, texts)} of "
+                  f"{len(texts)} texts for {preset}, {first_word_heard(reference, texts)} for {reference}. "
+                  f"Transcripts of {preset} that differ from {reference}'s (normalized):", ""]
+        differ = [t for t in texts if quality.normalize(runs[(preset, t)]["transcript"])
+                  != quality.normalize(runs[(reference, t)]["transcript"])]
+        lines += [f"- {t}: {reference} heard \"{runs[(reference, t)]['transcript']}\" (WER "
+                  f"{runs[(reference, t)]['wer'] * 100:.0f} %), {preset} \"{runs[(preset, t)]['transcript']}\" (WER "
+                  f"{runs[(preset, t)]['wer'] * 100:.0f} %)" for t in differ] or ["- none"]
+    return lines
+
+
 def markdown(results: dict) -> str:
     e, c = results["env"], results["cost"]
     lines = [f"# Quality guardrail on {', '.join(results['presets'])}, commit `{e['commit']}`", "",
@@ -185,6 +228,8 @@ def markdown(results: dict) -> str:
                      f"{p['d_wer']['median'] * 100:+.1f} points ({p['d_wer']['lo'] * 100:+.1f} to "
                      f"{p['d_wer']['hi'] * 100:+.1f}), ΔMOS {p['d_mos']['median']:+.2f} ({p['d_mos']['lo']:+.2f} to "
                      f"{p['d_mos']['hi']:+.2f}); badge: {p['badge'] or 'none'}")
+    if len(results["presets"]) > 1:
+        lines += against_reference(results)
     lines += ["", f"Guardrail cost per run (ASR + DNSMOS + VAD, {c['runs']} runs): median "
               f"{c['quality_s']['median']:.2f} s ({c['quality_s']['lo']:.2f}–{c['quality_s']['hi']:.2f}), "
               f"{c['quality_s_per_audio_s']['median']:.2f} s per second of audio; loading the three models "
