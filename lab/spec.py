@@ -38,6 +38,7 @@ CHOICES = {
     "prefill": ("batched", "per-segment"),
     "init_tts": ("build", "request"),
     "streaming": ("per-sentence", "whole"),
+    "leading_silence": ("keep", "trim"),
     "decode": ("inline", "thread"),
 }
 
@@ -63,6 +64,9 @@ class VariantSpec:
     revision: str = ""              # the hub commit (40 hex digits) that weights and remote code are pinned to
     init_tts: str = "build"         # minicpm_o: init_tts() at build, or in the first request's session phase
     streaming: str = "per-sentence"  # hibari: a chunk per sentence, or the whole text synthesized before the first
+    # hibari: the voice's padded start as it comes (keep), or cut to its first audible sample less a short margin
+    # (trim, lab.engines.hibari.LEAD_MARGIN_S): the silence a listener waits through is a latency of its own.
+    leading_silence: str = "keep"
     # CPU threads of the model's kernels (torch intra-op, or ONNX Runtime's for hibari): a count, or "auto", one per
     # core less one (lab.engines.torch_common.AUTO_THREADS).
     threads: str = "auto"
@@ -257,6 +261,9 @@ def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
     if spec.streaming != "per-sentence" and spec.family != "hibari":
         raise LabError(where, f"streaming: {spec.family} streams in frame chunks (first_chunk_frames, chunk_growth, "
                               f"max_chunk_frames); streaming: {spec.streaming} is for hibari; remove the field")
+    if spec.leading_silence != "keep" and spec.family != "hibari":
+        raise LabError(where, f"leading_silence: {spec.leading_silence} is implemented for hibari only (it pads its "
+                              f"start); remove the field")
     if spec.max_streams != 1:
         _validate_batched(spec, where)
     if spec.attention == "triton" and spec.max_streams == 1:

@@ -32,6 +32,11 @@ def hibari_engine():
     return engines.build(VariantSpec(family="hibari", name="hibari"))
 
 
+@pytest.fixture(scope="session")
+def hibari_trim_engine():
+    return engines.build(VariantSpec(family="hibari", name="hibari-trim", leading_silence="trim"))
+
+
 # Browser tests drive Debian's chromium through Playwright (`playwright install` cannot download here).
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -1,6 +1,7 @@
 import os
 
 import numpy as np
+import pytest
 
 from lab.metrics import Timeline, figures
 from lab.request import Request
@@ -71,3 +72,35 @@ def test_hibari_threads_axis_sizes_onnx_runtimes_pool_and_speaks_the_same(hibari
     error = np.linalg.norm(audio - reference) / np.linalg.norm(reference)
     print(f"1 thread against 2: relative error {error:.2e}")
     assert error < 0.05
+
+
+def test_hibari_trim_starts_at_the_voice_and_is_the_untrimmed_stream_from_the_cut_on(hibari_engine,
+                                                                                      hibari_trim_engine):
+    from lab import session
+    from lab.engines.hibari import LEAD_MARGIN_S
+    from lab.metrics import audible_index
+
+    text = "First sentence here. Second one follows."
+    record, padded = session.run_once(hibari_engine, hibari_engine.spec, Request(text, seed=4))
+    trimmed_record, trimmed = session.run_once(hibari_trim_engine, hibari_trim_engine.spec, Request(text, seed=4))
+    first = list(hibari_engine.stream(Request(text, seed=4), Timeline()))[0].samples
+    cut = len(padded) - len(trimmed)
+    assert cut == audible_index(first, 24000) - round(LEAD_MARGIN_S * 24000)
+    assert cut > 0.2 * 24000                                   # most of the voice's ~0.3 s padded start is gone
+    np.testing.assert_array_equal(trimmed, padded[cut:])       # the same samples from the cut on, to the last one
+    assert trimmed_record["chunks"] == record["chunks"] == 2   # only the first chunk is shorter
+    # A listener hears the voice LEAD_MARGIN_S into the stream instead of about 0.3 s in.
+    assert trimmed_record["first_audible_s"] == pytest.approx(LEAD_MARGIN_S)
+    assert record["first_audible_s"] - trimmed_record["first_audible_s"] == pytest.approx(cut / 24000)
+
+
+def test_hibari_trim_keeps_a_first_chunk_with_nothing_audible_whole(hibari_engine, hibari_trim_engine):
+    from lab.engines.hibari import lead_cut
+
+    # Capped inside the padded start: the only chunk is silence, and it is not cut to nothing.
+    padded = list(hibari_engine.stream(Request("Quiet start.", max_audio_s=0.2), Timeline()))
+    trimmed = list(hibari_trim_engine.stream(Request("Quiet start.", max_audio_s=0.2), Timeline()))
+    assert len(trimmed) == 1 and len(trimmed[0].samples) == len(padded[0].samples) == int(0.2 * 24000)
+    # A voice that is audible within the margin of the first sample: nothing is cut before sample 0.
+    loud_at_once = np.concatenate([np.zeros(240, np.float32), np.full(2400, 0.1, np.float32)])
+    assert lead_cut(loud_at_once, 24000) == 0

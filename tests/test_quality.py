@@ -100,6 +100,24 @@ def test_runaway_is_caught_on_a_hand_built_long_run(models, spoken):
     assert capped["runaway"] and "hit the 5 s cap still speaking" in capped["quality"]
 
 
+def test_trimming_hibaris_leading_silence_cuts_nothing_the_guardrail_hears(hibari_trim_engine, spoken, scores):
+    """leading_silence: trim against the untrimmed voice, the same five sentences: the same WER, the first word
+    still heard, and the VAD's onset where the untrimmed one is, less the cut, with silence still before it."""
+    pairs = []
+    for (text, padded, _), untrimmed in zip(spoken, scores):
+        timeline = Timeline()
+        audio = np.concatenate([c.samples for c in hibari_trim_engine.stream(Request(text), timeline)])
+        trimmed = quality.assess(audio, 24000, text, 10.0, timeline.to_dict()["chunks"])
+        cut_s = (len(padded) - len(audio)) / 24000
+        assert trimmed["quality"] == "ok" and trimmed["wer"] == untrimmed["wer"], (text, trimmed["transcript"])
+        assert quality.normalize(trimmed["transcript"]).split()[0] == quality.normalize(text).split()[0]
+        assert 0 < trimmed["first_speech_s"] < untrimmed["first_speech_s"]
+        # Silero VAD decides per 32 ms frame at 16 kHz, so the same onset can move by up to a frame.
+        assert trimmed["first_speech_s"] == pytest.approx(untrimmed["first_speech_s"] - cut_s, abs=0.032)
+        pairs += [record("hibari", text, untrimmed), record("hibari-trim", text, trimmed)]
+    (row,) = quality.parity(pairs)
+    assert row["badge"] == "" and row["d_wer"]["median"] == 0
+
 def test_random_and_tiny_weights_show_n_a_and_real_speech_is_scored_off_the_timed_path(tmp_path, models):
     path = str(tmp_path / "history.jsonl")
     specs = [VariantSpec(family="pocket_tts", name="pocket-random", weights="random"),

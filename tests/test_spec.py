@@ -97,6 +97,16 @@ def test_streaming_whole_is_hibari_only():
     assert "streaming: 'all' is not one of per-sentence|whole" in refused({"family": "hibari", "streaming": "all"})
 
 
+def test_leading_silence_trim_is_hibari_only_and_keep_is_the_default():
+    assert VariantSpec(family="hibari").leading_silence == "keep"
+    assert from_dict({"family": "hibari", "leading_silence": "trim"}).leading_silence == "trim"
+    assert from_dict({"family": "hibari", "leading_silence": "trim"}).key != from_dict({"family": "hibari"}).key
+    for family in ("csm", "pocket_tts"):
+        assert ("leading_silence: trim is implemented for hibari only (it pads its start); remove the field"
+                in refused({"family": family, "leading_silence": "trim"}))
+    assert "leading_silence: 'cut' is not one of keep|trim" in refused({"family": "hibari", "leading_silence": "cut"})
+
+
 @pytest.mark.parametrize("scheme,fix", [("int8-dynamic", "quantization: bnb-int8 on CUDA"),
                                         ("int8-torchao", "quantization: bnb-int8 (or bnb-nf4) on CUDA")])
 def test_cpu_int8_on_cuda_is_refused_with_the_fix(scheme, fix):

@@ -7,6 +7,10 @@ comparison because its audio is real speech on any machine.
 `streaming: whole` runs the very same steps but holds every sentence back until the last one is synthesized, as a
 non-streaming TTS would: one chunk, and a TTFB that grows with the text. Against `per-sentence` it is the same
 voice starting later, which a listener hears.
+
+`leading_silence: trim` cuts the silence the voice pads its start with (about 0.3 s) from the stream's first chunk:
+it starts LEAD_MARGIN_S before the first audible sample (lab.metrics.audible_index, the lab's own "first audible").
+The rest of the stream, and the first chunk from the cut on, are the untrimmed samples.
 """
 from __future__ import annotations
 
@@ -18,9 +22,22 @@ import numpy as np
 
 from lab.engines import AudioChunk, BuildReport, Engine, StageClock
 from lab.errors import Cancelled, LabError, MissingPackageError
-from lab.metrics import Timeline
+from lab.metrics import Timeline, audible_index
 from lab.request import Request
 from lab.spec import VariantSpec
+
+# Kept before the first audible sample by leading_silence: trim: a soft onset (a fricative, a breath) rises through
+# -60 to -50 dBFS in the windows before the first one that reaches -50, so this keeps the consonant whole while being
+# too short to hear as a wait. Four whole 10 ms windows (lab.metrics.AUDIBLE_WINDOW_S): the trimmed stream's windows
+# line up with the untrimmed one's, so its first audible sample sits exactly this far in.
+LEAD_MARGIN_S = 0.04
+
+
+def lead_cut(samples: np.ndarray, sample_rate: int) -> int:
+    """Where leading_silence: trim starts the stream's first chunk: LEAD_MARGIN_S before its first audible sample,
+    never before sample 0; 0 (keep it whole) when nothing in it is audible."""
+    at = audible_index(samples, sample_rate)
+    return max(0, at - round(LEAD_MARGIN_S * sample_rate)) if at >= 0 else 0
 
 
 class HibariEngine(Engine):
@@ -66,6 +83,8 @@ class HibariEngine(Engine):
             if chunk_index == 0:
                 timeline.mark("first_decode")
             samples, held = np.concatenate(held), []
+            if chunk_index == 0 and self.spec.leading_silence == "trim":
+                samples = samples[lead_cut(samples, self.sample_rate):]
             timeline.chunk(len(samples) / self.sample_rate)
             yield AudioChunk(samples, self.sample_rate, chunk_index)
             chunk_index += 1
