@@ -319,7 +319,8 @@ def serve(parent_pid: int) -> None:
 
 def _die_with(parent_pid: int) -> None:
     """The kernel ends this process with its parent (Linux). A paused scorer never reads the end of its stdin, so
-    without this it would outlive a server that was killed while a run held it."""
+    without this it would outlive a server that was killed while a run held it. The kernel's "parent" is the thread
+    that started it: the Worker's feeding thread, which lives as long as its scorer."""
     try:
         import ctypes
 
@@ -506,7 +507,10 @@ class Worker:
             self._child = None
         code = self._end(child, wait_s=5.0)   # a pipe ends as its process does: let it finish ending
         if code < 0:
-            return f"the scorer process was killed by {signal.Signals(-code).name}"
+            try:
+                return f"the scorer process was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"the scorer process was killed by signal {-code}"
         return f"the scorer process ended (exit status {code})"
 
     @staticmethod
