@@ -113,6 +113,7 @@ def bench(specs: list[VariantSpec], request: Request, runs: int, out_dir: str, m
     bar.close()
     if worker:
         worker.join()
+        worker.close()   # its scorer process, with the models it loaded
     report.write_results(out_dir, results)
     return results
 

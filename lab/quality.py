@@ -12,8 +12,9 @@ For a run whose audio is real speech (pretrained weights; hibari always), `asses
 - `quality`: "ok", or what is wrong, one problem after another; for noise (random or tiny weights) "n/a (...)",
   and none of the figures above, never a number.
 
-It runs off the timed path: `Worker` scores runs in its own thread, only while no run loop holds it (`hold`), so a
-score never shares the CPU with a timed run. `parity` compares each variant with its family's reference.
+It runs off the timed path: `Worker` scores runs in a process of its own at the lowest priority, paused while a run
+loop holds it (`hold`), so a score never shares the CPU with a timed run and never delays one's start. `parity`
+compares each variant with its family's reference. `python -m lab.quality` is that process (`serve`).
 """
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ import functools
 import importlib.metadata
 import importlib.util
 import os
+import pickle
 import queue
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -32,7 +37,7 @@ from lab.errors import MissingPackageError
 from lab.metrics import summarize
 
 ASR_RATE = 16000            # Whisper, DNSMOS and Silero VAD all take 16 kHz
-THREADS = 2                 # the guardrail runs alone (Worker.hold): it may take the 2 cores a run would use
+THREADS = 2                 # the guardrail is paused while a run holds it (Worker.hold): it may take the 2 cores
 # A run "hit the cap" when its audio reaches the cap within this; "without an end of speech" when the VAD still
 # hears speech closer than END_OF_SPEECH_S to the last sample.
 CAP_SLACK_S = 0.05
@@ -229,18 +234,24 @@ def runaway(audio_s: float, max_audio_s: float | None, trailing_silence_s: float
 def assess(audio: np.ndarray, sample_rate: int, text: str, max_audio_s: float | None = None,
            chunks: list | None = None) -> dict:
     """The guardrail's figures for one run of real speech (the record keys, see the module doc)."""
-    started = time.perf_counter()
+    return _assess(audio, sample_rate, text, max_audio_s, chunks)[0]
+
+
+def _assess(audio, sample_rate, text, max_audio_s, chunks) -> tuple[dict, dict]:
+    """`assess`, and the (start, end) time.monotonic() stamps of each cost figure: the clock every process of the
+    machine shares, so that the Worker can take out the time its scorer spent paused."""
+    started = time.monotonic()
     m = models()
     audio16 = to_16k(audio, sample_rate)
     audio_s = len(audio) / sample_rate
     with m.lock:
-        t = [time.perf_counter()]
+        t = [time.monotonic()]
         transcript = m.transcribe(audio16)
-        t.append(time.perf_counter())
+        t.append(time.monotonic())
         mos = m.dnsmos(audio16)
-        t.append(time.perf_counter())
+        t.append(time.monotonic())
         speech = m.speech(audio16)
-        t.append(time.perf_counter())
+        t.append(time.monotonic())
     wer, cer = error_rates(text, transcript)
     onset_s = speech[0][0] if speech else None
     leading = onset_s if speech else audio_s
@@ -255,49 +266,141 @@ def assess(audio: np.ndarray, sample_rate: int, text: str, max_audio_s: float | 
         problems.append(f"WER {wer:.0%} is over {WER_MAX:.0%}: not the text")
     if speech and trailing > TRAILING_SILENCE_MAX_S:
         problems.append(f"{trailing:.1f} s of silence at the end: the speech stopped early")
+    # the cost, part by part: resampling and the text's normalization are the rest of quality_s
+    spans = {"quality_s": (started, time.monotonic()), "asr_s": (t[0], t[1]), "mos_s": (t[1], t[2]),
+             "vad_s": (t[2], t[3])}
     return {"wer": wer, "cer": cer, "mos": mos["ovr"], "mos_sig": mos["sig"], "mos_bak": mos["bak"],
             "transcript": transcript, "first_speech_s": onset_s,
             "first_speech_ms": first_speech_ms(chunks, onset_s) if chunks and onset_s is not None else None,
             "leading_silence_s": leading, "trailing_silence_s": trailing, "runaway": ran_away is not None,
-            "quality": "; ".join(problems) or "ok", "quality_s": time.perf_counter() - started,
-            # the cost, part by part: resampling and the text's normalization are the rest of quality_s
-            "asr_s": t[1] - t[0], "mos_s": t[2] - t[1], "vad_s": t[3] - t[2]}
+            "quality": "; ".join(problems) or "ok", **{k: end - start for k, (start, end) in spans.items()}}, spans
 
 
 def assess_run(record: dict, audio: np.ndarray) -> dict:
     """`assess` for a run record: the text it was asked to say (or, for a model that answers, what it said)."""
+    return _assess_run(record, audio)[0]
+
+
+def _assess_run(record, audio):
     text = record.get("reply_text") or record["text"]
-    return assess(audio, record["sample_rate"], text, record.get("max_audio_s"),
-                  record.get("timeline", {}).get("chunks"))
+    return _assess(audio, record["sample_rate"], text, record.get("max_audio_s"),
+                   record.get("timeline", {}).get("chunks"))
+
+
+def job_of(record: dict) -> dict:
+    """What `assess_run` reads of a record: all of it that goes to the scorer process, besides the audio."""
+    return {"text": record["text"], "reply_text": record.get("reply_text"), "sample_rate": record["sample_rate"],
+            "max_audio_s": record.get("max_audio_s"),
+            "timeline": {"chunks": record.get("timeline", {}).get("chunks")}}
 
 
 # -- off the timed path ----------------------------------------------------------------------------------------
+def serve(parent_pid: int) -> None:
+    """The scorer process that `Worker` starts (`python -m lab.quality PARENT_PID`): reads jobs (`job_of` a record,
+    its audio) from stdin, one at a time, and writes back each one's figures and cost stamps, until stdin closes
+    (its parent ended). It runs at the lowest priority, and loads the models at its first job, once."""
+    _die_with(parent_pid)
+    os.nice(19)
+    results = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)   # what a library prints goes to stderr, never into the results
+    jobs = sys.stdin.buffer
+    while True:
+        try:
+            record, audio = pickle.load(jobs)
+        except EOFError:
+            return
+        try:
+            answer = _assess_run(record, audio)
+        except Exception as e:   # the job's problem, not the process's: it goes on to the next
+            answer = {"quality": f"not scored: {type(e).__name__}: {e}"}, {}
+        results.write(pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))
+        results.flush()
+
+
+def _die_with(parent_pid: int) -> None:
+    """The kernel ends this process with its parent (Linux). A paused scorer never reads the end of its stdin, so
+    without this it would outlive a server that was killed while a run held it. The kernel's "parent" is the thread
+    that started it: the Worker's feeding thread, which lives as long as its scorer."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:   # the parent ended before that took hold
+        sys.exit(0)
+
+
+@functools.cache
+def _tgkill():
+    import ctypes
+
+    return getattr(ctypes.CDLL(None), "tgkill", None)   # glibc 2.30 and later
+
+
+def _to_each_thread(pid: int, sig: int) -> None:
+    """`sig` to each thread of a process (Linux), not only to the process. The kernel hands a signal sent to a
+    process to its main thread; at the lowest priority, on busy cores, that thread may wait long for a core while
+    the others go on scoring. A thread that is on a core takes its own at once, and a SIGSTOP stops them all."""
+    tgkill = _tgkill()
+    if tgkill is None:
+        return
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            tgkill(pid, int(tid), int(sig))   # a thread that ended meanwhile: ESRCH, nothing to stop
+
+
 class Worker:
-    """Scores run records in its own thread, one at a time, and only while no run loop holds it: a run loop
-    (lab.session.run_presets) holds it from start to end, and waits at its start for a score in progress (a few
-    seconds on 2 cores). So a score never shares the CPU with a timed run, and a page's next comparison waits at most
-    for one. The record gets its figures in place once scored (`quality` stays PENDING until then)."""
+    """Scores run records, one at a time, in a process of its own (`serve`, started at the first job, and again
+    after one dies) at the lowest priority. A run loop (lab.session.run_presets) holds it from start to end; while
+    anything holds it, that process is paused (SIGSTOP), mid-score or idle, and it goes on where it was when the last
+    holder lets go (SIGCONT). So a score never shares the CPU with a timed run, and `hold` never waits for one: it
+    only sends a signal. A thread here feeds the jobs and puts each one's figures on its record in place (`quality`
+    stays PENDING until then), its time paused taken out of its cost. A scorer that dies (a crash, the OOM killer)
+    costs its job only: "not scored: ..."; the next job starts a fresh one."""
 
     def __init__(self):
         self._jobs: queue.Queue = queue.Queue()
         self._cond = threading.Condition()
         self._holders = 0
-        self._busy = False
         self._pending = 0
         self._thread: threading.Thread | None = None
+        self._child: subprocess.Popen | None = None
+        self._paused_at: float | None = None            # time.monotonic() of the pause in force
+        self._pauses: list[tuple[float, float]] = []    # (paused, resumed) since the job in progress was sent
+
+    @property
+    def pid(self) -> int | None:
+        """The scorer process's id, while there is one."""
+        child = self._child
+        return child.pid if child else None
 
     @contextlib.contextmanager
     def hold(self):
         with self._cond:
             self._holders += 1
-            while self._busy:
-                self._cond.wait()
+            if self._holders == 1:
+                self._paused_at = time.monotonic()
+                self._signal(signal.SIGSTOP)
         try:
             yield
         finally:
             with self._cond:
                 self._holders -= 1
+                if not self._holders:
+                    self._signal(signal.SIGCONT)
+                    self._pauses.append((self._paused_at, time.monotonic()))
+                    self._paused_at = None
                 self._cond.notify_all()
+
+    def _signal(self, sig) -> None:
+        """To the scorer, if there is one. Under self._cond, which keeps the feeding thread from reaping it
+        meanwhile (so its pid is still its own)."""
+        if self._child is None:
+            return
+        if sig == signal.SIGSTOP:
+            _to_each_thread(self._child.pid, sig)
+        self._child.send_signal(sig)
 
     def prepare(self, record: dict) -> bool:
         """Marks a fresh record: n/a for noise, else pending. True when it is to be scored."""
@@ -325,23 +428,34 @@ class Worker:
                 self._cond.wait(left)
         return True
 
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Once the records submitted so far are scored, ends the scorer process and the feeding thread. A later
+        `submit` starts both again."""
+        with self._cond:
+            thread = self._thread
+        if thread is not None:
+            self._jobs.put(None)
+            thread.join(timeout_s)
+
     def _work(self):
         from lab import history
 
         while True:
-            record, audio, history_path = self._jobs.get()
-            with self._cond:
+            job = self._jobs.get()
+            if job is None:
+                with self._cond:
+                    child, self._child, self._thread = self._child, None, None
+                    if self._pending:   # submitted after `close`: a thread of their own
+                        self._thread = threading.Thread(target=self._work, daemon=True, name="quality")
+                        self._thread.start()
+                if child is not None:
+                    self._end(child)
+                return
+            record, audio, history_path = job
+            with self._cond:   # a job goes to the scorer only while nothing holds it
                 while self._holders:
                     self._cond.wait()
-                self._busy = True
-            try:
-                figures = assess_run(record, audio)
-            except Exception as e:   # the guardrail must never take a page or a CLI run down with it
-                figures = {"quality": f"not scored: {type(e).__name__}: {e}"}
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+            figures = self._score(record, audio)
             record.update(figures)
             if history_path:
                 try:
@@ -352,6 +466,65 @@ class Worker:
             with self._cond:
                 self._pending -= 1
                 self._cond.notify_all()
+
+    def _score(self, record: dict, audio: np.ndarray) -> dict:
+        """One job through the scorer process: its figures, with the time the scorer spent paused taken out of
+        each cost figure (`_assess`'s stamps)."""
+        try:
+            job = pickle.dumps((job_of(record), audio), protocol=pickle.HIGHEST_PROTOCOL)
+            child = self._child or self._start()
+        except Exception as e:   # the guardrail must never take a page or a CLI run down with it
+            return {"quality": f"not scored: {type(e).__name__}: {e}"}
+        with self._cond:
+            self._pauses = []
+        try:
+            child.stdin.write(job)
+            child.stdin.flush()
+            figures, spans = pickle.load(child.stdout)
+        except (OSError, EOFError, pickle.UnpicklingError):
+            return {"quality": f"not scored: {self._died(child)}"}
+        with self._cond:
+            pauses = self._pauses + ([(self._paused_at, time.monotonic())] if self._paused_at is not None else [])
+        for key, (start, end) in spans.items():
+            figures[key] = end - start - sum(max(0.0, min(end, b) - max(start, a)) for a, b in pauses)
+        return figures
+
+    def _start(self) -> subprocess.Popen:
+        """A fresh scorer process, paused at once if a holder came meanwhile."""
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+        child = subprocess.Popen([sys.executable, "-m", "lab.quality", str(os.getpid())], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, env=env)
+        with self._cond:
+            self._child = child
+            if self._holders:
+                self._signal(signal.SIGSTOP)
+        return child
+
+    def _died(self, child: subprocess.Popen) -> str:
+        """The scorer's pipe broke: it is let go (the next job starts a fresh one), and how it ended."""
+        with self._cond:
+            self._child = None
+        code = self._end(child, wait_s=5.0)   # a pipe ends as its process does: let it finish ending
+        if code < 0:
+            try:
+                return f"the scorer process was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"the scorer process was killed by signal {-code}"
+        return f"the scorer process ended (exit status {code})"
+
+    @staticmethod
+    def _end(child: subprocess.Popen, wait_s: float = 0.0) -> int:
+        """Closes a scorer's pipes, kills it unless it has ended within `wait_s` (it keeps nothing worth a clean
+        exit), and returns its exit status."""
+        for pipe in (child.stdin, child.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()
+        try:
+            return child.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            return child.wait()
 
 
 def merged(records: list[dict]) -> list[dict]:
@@ -444,3 +617,7 @@ def summary_line(records: list[dict], badge: str = "") -> str:
         line = (f"WER **{med['wer'] * 100:.1f} %** · MOS est. **{med['mos']:.2f}** · first speech "
                 f"{med['first_speech_ms'] or 0:.0f} ms · {line}")
     return line
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))

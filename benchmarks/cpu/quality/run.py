@@ -108,8 +108,8 @@ def main(out: str, names: list[str] | None = None, next_comparison: bool = True)
 def next_run(manager, worker, spec, text: str, trials: int = 5) -> dict:
     """Does the guardrail slow the next comparison? A comparison (3 runs) starts half a second after another one's
     runs ended, either once the worker has scored them all (idle) or while it is scoring them (pending: a person
-    clicking again). Its start waits for the score in progress (Worker.hold); its runs' TTFB and RTF should not
-    move."""
+    clicking again). Worker.hold pauses the scorer: its start should not wait for the score in progress, and its
+    runs' TTFB and RTF should not move."""
     out = {"idle": [], "pending": []}
     for trial in range(2 * trials):
         case = ("idle", "pending")[trial % 2]
