@@ -57,6 +57,9 @@ COMPARISONS = Comparisons()
 # How long a page's Gradio event waits for its click's start to arrive over the socket before starting the
 # comparison itself (the start is sent first, on a socket that is already open: it normally arrives first).
 CLICK_WAIT_S = 1.0
+# The page's first redraw of a comparison (every slot, table and chart) waits until the click's first voice is on
+# the socket, at most this long: a redraw in the browser's main thread while the first chunk arrives holds it there.
+PAGE_HOLD_MAX_S = 2.0
 # Scores each run of real speech (WER, MOS estimate, runaway) after the comparison, never beside a timed run.
 QUALITY = quality.Worker()
 LATEST: dict[str, CompareView] = {}   # each page's newest comparison: an older one stops filling in its quality
@@ -242,6 +245,8 @@ def compare(request: gr.Request, listener, order, text, seed, max_audio_s, runs,
             yield ui(refused(comparison.error))
             return
         specs, shared, runs, transport, place = comparison.plan
+        if place.waiting()[0] == 0:   # not behind others in the line: its voice comes first, then the page's redraw
+            comparison.voice_sent.wait(PAGE_HOLD_MAX_S)
         server.forget_streams(demo, request.session_hash if request is not None else None)
         view = CompareView(specs, runs, shared.user_audio is not None, transport,
                            report.environment_title(env.environment()), place)

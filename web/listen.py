@@ -64,6 +64,11 @@ class Listener:
         self.was_connected = transport == "pcm" and bool(self.listener) and hub.connected(self.listener)
 
     def on_event(self, e) -> None:
+        self._handle(e)
+        if self.comparison is not None and not self.comparison.voice_sent.is_set() and self._voice_on_its_way(e):
+            self.comparison.voice_sent.set()
+
+    def _handle(self, e) -> None:
         self.stop_if_gone(e)
         if not self.listener or not self.hub.connected(self.listener):
             if self.was_connected and self.cancel is not None:
@@ -83,6 +88,14 @@ class Listener:
         elif isinstance(e, (session.Stopped, session.Failed)):
             self.hub.end_run(self.listener, self.run_id, self.chunks, self.samples)
             self.run_id = None
+
+    def _voice_on_its_way(self, e) -> bool:
+        """Whether the page may redraw now: the first heard chunk went onto its socket (this event comes after the
+        hook sent it), the page has something else to show first (a build), or no voice will go over the socket."""
+        if self.transport != "pcm" or not self.listener or not self.hub.connected(self.listener):
+            return True
+        return isinstance(e, (session.Stage, session.Failed, session.Stopped, session.Finished)) or (
+            isinstance(e, session.Chunk) and e.heard)
 
     def stop_if_gone(self, e) -> None:
         """A client that went away (Gradio's queue let go of its job) stops the loop at its next frame; alone, the

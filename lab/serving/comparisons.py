@@ -34,6 +34,9 @@ class Comparison:
         self.planned_at: float | None = None
         # Set by a front end that follows it and can tell when its own client went away (Gradio's queue job).
         self.gone: Callable[[], bool] | None = None
+        # Set once the click's first voice is on its way to the page (or nothing will go there): a page's redraw
+        # of the whole comparison waits for it, so that it never holds the first chunk up in the browser.
+        self.voice_sent = threading.Event()
 
     def client_gone(self) -> bool:
         return self.gone is not None and self.gone()
@@ -98,6 +101,8 @@ class Comparisons:
                                                       f"has the details)")
         finally:
             comparison.planned_at = time.monotonic()
+            if comparison.error is not None:
+                comparison.voice_sent.set()
             comparison.planned.set()
 
     def get(self, comparison_id: str, wait_s: float = 0.0) -> Comparison | None:
