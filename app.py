@@ -208,9 +208,9 @@ def on_command(listener: str, message: dict) -> None:
     inputs = message.get("inputs")
     if start is None or not comparison_id or not isinstance(inputs, dict):
         return
-    t_click_s = message.get("t_click_s")
-    t_click_s = float(t_click_s) if isinstance(t_click_s, (int, float)) else None
-    COMPARISONS.begin(comparison_id, listener, lambda c: start[0](c, inputs), "click", t_click_s)
+    stamps = {key: float(message[key]) if isinstance(message.get(key), (int, float)) else None
+              for key in ("t_click_s", "t_send_s", "t_received_s")}
+    COMPARISONS.begin(comparison_id, listener, lambda c: start[0](c, inputs), "click", **stamps)
 
 
 HUB.on_command = on_command
@@ -418,8 +418,10 @@ def environment_md() -> str:
 def click_js(kind: str, names: tuple[str, ...]) -> str:
     return f"""(...args) => {{
   document.querySelectorAll('audio').forEach(a => {{ a.pause(); a.currentTime = 0; }});
-  if (window.labAudio) {{ window.labAudio.reset(); args[0] = window.labAudio.start({kind!r}, {list(names)!r}, args.slice(1)); }}
-  return args; }}"""
+  if (!window.labAudio) return args;
+  window.labAudio.reset();
+  args[0] = window.labAudio.start({kind!r}, {list(names)!r}, args.slice(1));
+  return window.labAudio.afterVoice(args[0], args); }}"""
 
 
 STOP_JS = "() => { if (window.labAudio) window.labAudio.stop(); return []; }"

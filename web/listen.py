@@ -43,9 +43,14 @@ def click_figures(comparison, request_s: float | None) -> dict:
     clock, which the page's ping-pong relates to its own) to the run's request stamp."""
     if comparison is None:
         return {}
-    t_click_s = comparison.t_click_s
-    return {"comparison_id": comparison.id, "started_by": comparison.started_by,
-            "click_to_request_ms": None if t_click_s is None or request_s is None else (request_s - t_click_s) * 1e3}
+    def ms(start_s, end_s):
+        return None if start_s is None or end_s is None else (end_s - start_s) * 1e3
+
+    c = comparison
+    return {"comparison_id": c.id, "started_by": c.started_by, "click_to_request_ms": ms(c.t_click_s, request_s),
+            # where that went: the page until it sent the start, the way to the server, the server until the request
+            "click_path_ms": {"page": ms(c.t_click_s, c.t_send_s), "to_server": ms(c.t_send_s, c.t_received_s),
+                              "server": ms(c.t_received_s, request_s)}}
 
 
 class Listener:

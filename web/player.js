@@ -123,6 +123,7 @@
     if (msg.type === "pong") onPong(msg);
     else if (msg.type === "run") startRun(msg);
     else if (msg.type === "end") endRun(msg);
+    else if (msg.type === "done") voiceArrived(msg.comparison_id);
   }
 
   function onChunk(buffer, arrival) {
@@ -266,6 +267,7 @@
       run.audible = true;
     }
     if (run.state !== "done") run.state = "playing";
+    voiceArrived(run.msg.comparison_id);
     maybeReport(slot, run);
   }
 
@@ -644,7 +646,7 @@
   var CLICK_MAX_AGE_MS = 2000; // a start without a click this recent (a script, a key) is stamped when it is sent
   document.addEventListener("click", function (event) {
     var button = event.target && event.target.closest ? event.target.closest(CLICK_BUTTONS) : null;
-    if (button) lab.lastClick = { id: button.id, t_ms: event.timeStamp };
+    if (button) lab.lastClick = { id: button.id, t_ms: event.timeStamp, dispatched_ms: performance.now() };
   }, true);
 
   // Sends the click's start with the event's values by name (inputs as Gradio will send them), and returns what
@@ -659,14 +661,36 @@
     var inputs = {};
     names.forEach(function (name, i) { inputs[name] = values[i] === undefined ? null : values[i]; });
     var serverMs = toServerMs(clickMs);
+    var sendMs = performance.now();
+    var sendServerMs = toServerMs(sendMs);
     var sent = !inputs.user_audio && sendJson({
-      type: "start", kind: kind, id: id, inputs: inputs, t_click_ms: clickMs,
+      type: "start", kind: kind, id: id, inputs: inputs, t_click_ms: clickMs, t_send_ms: sendMs,
       t_click_s: serverMs === null ? null : serverMs / 1000,
+      t_send_s: sendServerMs === null ? null : sendServerMs / 1000,
     });
     note(kind + " " + id + (sent ? " started over the socket" : " left to the page's event"));
     return lab.listenerId + ":" + id + ":" + (sent ? "socket" : "");
   };
   lab.stop = function () { sendJson({ type: "stop" }); };
+
+  // The page's own work for a click (Gradio's event: the request, then a redraw of every slot, table and chart)
+  // runs in this thread, where the socket's messages wait for it: it goes after the click's first voice. Resolves
+  // to `value` once a chunk of the comparison is scheduled, it has ended, or VOICE_WAIT_MS have passed.
+  var VOICE_WAIT_MS = 1500;
+  var awaitingVoice = {}; // comparison id -> resolve
+  lab.afterVoice = function (listenerField, value) {
+    var id = String(listenerField).split(":")[1];
+    if (!id || String(listenerField).split(":")[2] !== "socket") return value;
+    return new Promise(function (resolve) {
+      var done = function () { delete awaitingVoice[id]; resolve(value); };
+      awaitingVoice[id] = done;
+      setTimeout(done, VOICE_WAIT_MS);
+    });
+  };
+  function voiceArrived(comparisonId) {
+    var resolve = awaitingVoice[comparisonId];
+    if (resolve) resolve();
+  }
 
   function sinceClickMs(run, perfMs) {
     var clickMs = lab.clicks[run.msg.comparison_id];

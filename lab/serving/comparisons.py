@@ -23,9 +23,12 @@ class Comparison:
     started it, and once planned either its run loop (`run`) and what the front end planned (`plan`), or the
     LabError that refused it (`error`)."""
 
-    def __init__(self, comparison_id: str, listener: str, started_by: str, t_click_s: float | None):
+    def __init__(self, comparison_id: str, listener: str, started_by: str, t_click_s: float | None = None,
+                 t_send_s: float | None = None, t_received_s: float | None = None):
         self.id, self.listener, self.started_by = comparison_id, listener, started_by
-        self.t_click_s = t_click_s          # the click on the server's clock (perf_counter s), or None
+        # On the server's clock (perf_counter s), or None: the click, when the page sent its start (both through
+        # the page's clock offset), and when the server received it.
+        self.t_click_s, self.t_send_s, self.t_received_s = t_click_s, t_send_s, t_received_s
         self.cancel = Cancel()
         self.planned = threading.Event()
         self.error: LabError | None = None
@@ -70,16 +73,16 @@ class Comparisons:
         self._by_id: OrderedDict[str, Comparison] = OrderedDict()
 
     def begin(self, comparison_id: str, listener: str, plan: Callable[[Comparison], None], started_by: str,
-              t_click_s: float | None = None) -> Comparison:
+              **stamps: float | None) -> Comparison:
         """The comparison of this id, started now in a thread of its own by `plan(comparison)` (which sets `plan`
         and `run`, or raises a LabError) unless one of this id exists already: the first caller starts it, a
-        later one gets the same comparison."""
+        later one gets the same comparison. `stamps`: the click's (Comparison's t_click_s, t_send_s, t_received_s)."""
         with self._cond:
             self._drop_old()
             existing = self._by_id.get(comparison_id) if comparison_id else None
             if existing is not None:
                 return existing
-            comparison = Comparison(comparison_id, listener, started_by, t_click_s)
+            comparison = Comparison(comparison_id, listener, started_by, **stamps)
             if comparison_id:
                 self._by_id[comparison_id] = comparison
             self._cond.notify_all()
