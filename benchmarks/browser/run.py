@@ -73,7 +73,8 @@ GOAL_MEDIAN_MS = 100.0   # click -> sound, over TTFB + leading silence: median
 GOAL_P95_MS = 200.0      # ... and p95
 GOAL_REQUEST_MS = 50.0   # click -> request (the page's own figure): median
 GOAL_AGREE_MS = 30.0     # |page's click -> heard - tap's click -> sound|: median and max
-PAGE_KEYS = ("click_to_request_ms", "click_to_heard_ms", "compare_id")   # new in issue 24's tree: may be absent
+# New in issue 24's tree (absent before: None). Its records name the comparison "comparison_id"; kept as compare_id.
+PAGE_KEYS = ("click_to_request_ms", "click_to_received_ms", "click_to_heard_ms", "started_by")
 RECORD_KEYS = ("ttfb_ms", "first_audible_s", "first_audible_ms", "received_ms", "heard_ttfb_ms", "audio_s", "rtf",
                "browser_underruns", "browser_gap_s", "output_latency_ms", "clock_uncertainty_ms", "run", "cold",
                "source", "weights")
@@ -330,10 +331,12 @@ def tap_click(snap: dict, button: str) -> dict | None:
     return None
 
 
-def clip_bounds(snap: dict, onset: dict, after_ms: float) -> dict:
+def clip_bounds(snap: dict, onset: dict, after_ms: float, audio_s: float | None) -> dict:
     """Where the clip holding `onset` started and ended, on the performance clock (ms) and, for Web Audio, in its
     context's own time (s). Web Audio: the buffers on the route (the node they feed: the player's per-run gain) of
-    the buffer playing at the onset. A media element: its first `playing` after `after_ms`, and its next `ended`."""
+    the buffer playing at the onset. A media element: its first `playing` after `after_ms`, and the first of its
+    `waiting`, `pause` or `ended` events at the clip's last sample (position >= audio_s - 50 ms; Gradio's HLS
+    element may say `ended` only when its stream closes, long after the sound)."""
     out = {"start_ms": None, "start_ctx_s": None, "end_ms": None, "end_ctx_s": None, "start_position_s": None}
     if onset["path"] == "webaudio":
         same = [s for s in snap["sources"] if s["context"] == onset["context"]]
@@ -347,7 +350,8 @@ def clip_bounds(snap: dict, onset: dict, after_ms: float) -> dict:
         return out
     events = [m for m in snap["media"] if m["element"] == onset["source"]]
     playing = [m for m in events if m["type"] == "playing" and after_ms <= m["t_ms"] <= onset["t_ms"]]
-    ends = [m for m in events if m["type"] == "ended" and m["t_ms"] > onset["t_ms"]]
+    ends = [m for m in events if m["type"] in ("waiting", "pause", "ended") and m["t_ms"] > onset["t_ms"]
+            and (m["type"] == "ended" or (audio_s is not None and m["position_s"] >= audio_s - 0.05))]
     if playing:
         out.update(start_ms=playing[0]["t_ms"], start_position_s=playing[0]["position_s"])
     if ends:
@@ -368,38 +372,74 @@ def first_onset_after(snap: dict, t_ms: float, ctx_end: tuple[int, float] | None
     return min(later, key=lambda o: o["t_ms"]) if later else None
 
 
-def tap_clips(snap: dict, button: str, count: int) -> list[dict]:
-    """Click -> sound of the compare's first `count` clips, one after the other: the first onset after the click,
-    then the first onset after the previous clip ended (with after_previous_ms, its own zero)."""
+def tap_clips(snap: dict, button: str, lengths: list[float | None]) -> list[dict]:
+    """Click -> sound of the compare's clips (`lengths`: their audio seconds, from the records), one after the
+    other. The first clip: the first onset after the click. The next one, over Web Audio: the first onset after the
+    previous clip's last buffer ended (in that context's time); from a media element: the first onset of another
+    element (Gradio's HLS element can stall before its clip's last segment and play it only when its stream
+    closes, after the next clip began). after_previous_ms: from where the previous clip stopped sounding (its last
+    buffer; the element's last `waiting`, `pause` or `ended` before, `previous_stop` saying whether at its end)."""
     click = tap_click(snap, button)
-    out = []
     if click is None:
-        return [{"click_to_sound_ms": None, "why": "no click seen"} for _ in range(count)]
-    after_ms, ctx_end, prev_end_ms = click["t_ms"], None, None
-    for i in range(count):
-        onset = first_onset_after(snap, after_ms, ctx_end)
+        return [{"click_to_sound_ms": None, "why": "no click seen"} for _ in lengths]
+    out, prev, prev_bounds, sources = [], None, None, set()
+    for audio_s in lengths:
+        if prev is None:
+            onset = first_onset_after(snap, click["t_ms"])
+        elif prev["path"] == "webaudio":
+            if prev_bounds["end_ms"] is None:
+                break   # where it ended is not known: the next clip cannot be told from its later sentences
+            ctx_end = (prev["context"], prev_bounds["end_ctx_s"]) if prev_bounds["end_ctx_s"] is not None else None
+            onset = first_onset_after(snap, prev_bounds["end_ms"], ctx_end)
+        else:
+            later = [o for o in snap["onsets"] if o["t_ms"] > prev["t_ms"] and o["source"] not in sources]
+            onset = min(later, key=lambda o: o["t_ms"]) if later else None
         if onset is None:
-            out.append({"click_to_sound_ms": None, "why": "no sound after " + ("the click" if i == 0 else
+            out.append({"click_to_sound_ms": None, "why": "no sound after " + ("the click" if prev is None else
                                                                               "the previous clip")})
             break
-        bounds = clip_bounds(snap, onset, after_ms)
+        bounds = clip_bounds(snap, onset, click["t_ms"] if prev is None else prev["t_ms"], audio_s)
+        stop_ms, stop = None, None
+        if prev is not None and prev["path"] == "webaudio":
+            stop_ms, stop = prev_bounds["end_ms"], "end"
+        elif prev is not None:
+            stops = [m for m in snap["media"] if m["element"] == prev["source"]
+                     and m["type"] in ("waiting", "pause", "ended") and prev["t_ms"] < m["t_ms"] <= onset["t_ms"]]
+            if stops:
+                last = max(stops, key=lambda m: m["t_ms"])
+                stop_ms = last["t_ms"]
+                stop = "end" if last["type"] == "ended" or (prev_audio_s is not None and last["position_s"]
+                                                              >= prev_audio_s - 0.05) else "stall"
         rel = lambda t: None if t is None else t - click["t_ms"]   # noqa: E731
         out.append({"click_to_sound_ms": onset["t_ms"] - click["t_ms"], "click_type": click["type"],
                     "click_trusted": click["trusted"], "click_epoch_ms": click["epoch_ms"],
                     "click_handled_after_ms": click["seen_ms"] - click["t_ms"],
-                    "after_previous_ms": None if prev_end_ms is None else onset["t_ms"] - prev_end_ms,
+                    "after_previous_ms": minus(onset["t_ms"], stop_ms), "previous_stop": stop,
                     "onset_path": onset["path"], "onset_source": onset["source"],
                     "onset_level_dbfs": onset["level_dbfs"], "onset_epoch_ms": onset["epoch_ms"],
                     "onset_ctx_s": onset["ctx_time_s"] if onset["path"] == "webaudio" else None,
                     "clip_start_ms": rel(bounds["start_ms"]), "clip_start_ctx_s": bounds["start_ctx_s"],
                     "clip_start_position_s": bounds["start_position_s"], "clip_end_ms": rel(bounds["end_ms"])})
-        if bounds["end_ms"] is None:
-            break   # where this clip ended is not known: the next one cannot be told from its later sentences
-        after_ms = prev_end_ms = bounds["end_ms"]
-        ctx_end = (onset["context"], bounds["end_ctx_s"]) if bounds["end_ctx_s"] is not None else None
-    while len(out) < count:
+        prev, prev_bounds, prev_audio_s = onset, bounds, audio_s
+        sources.add(onset["source"])
+    while len(out) < len(lengths):
         out.append({"click_to_sound_ms": None, "why": "the previous clip's end is not known"})
     return out
+
+
+def compact(snap: dict) -> dict:
+    """The tap's record of a compare as kept in results.json: everything but the scheduled buffers, which are
+    summed per route (the span of each player's run: enough for clip_bounds to work on it again)."""
+    routes: dict = {}
+    for src in snap["sources"]:
+        key = (src["context"], src["route"])
+        r = routes.setdefault(key, {**src, "buffers": 0})
+        r["buffers"] += 1
+        if src["ctx_start_s"] < r["ctx_start_s"]:
+            r.update(ctx_start_s=src["ctx_start_s"], t_start_ms=src["t_start_ms"], epoch_start_ms=src["epoch_start_ms"])
+        if src["ctx_end_s"] > r["ctx_end_s"]:
+            r.update(ctx_end_s=src["ctx_end_s"], t_end_ms=src["t_end_ms"], epoch_end_ms=src["epoch_end_ms"])
+    return {**{k: v for k, v in snap.items() if k != "sources"}, "sources": list(routes.values())}
 
 
 # -- one compare -------------------------------------------------------------------------------------------------
@@ -407,6 +447,10 @@ def heard_of(records: list[dict], source: str) -> list[dict]:
     """The heard runs, in the order they were requested."""
     heard = [r for r in records if is_run(r) and r.get("heard") and r.get("source") == source]
     return sorted(heard, key=lambda r: r["time"] - (r.get("wall_s") or 0))
+
+
+def compare_id(rec: dict):
+    return rec.get("compare_id") or rec.get("comparison_id")
 
 
 def minus(a, b):
@@ -419,7 +463,7 @@ def heard_row(tree: Tree, scenario: str, transport: str, compare: int, page: int
     row = {"tree": tree.commit, "tree_role": tree.role, "scenario": scenario, "transport": transport,
            "reported_transport": rec.get("transport"), "preset": rec.get("preset"), "compare": compare,
            "page": page, "clip": clip, "lead_ms": lead_ms, **{k: rec.get(k) for k in RECORD_KEYS},
-           **{k: rec.get(k) for k in PAGE_KEYS}, **tap}
+           **{k: rec.get(k) for k in PAGE_KEYS}, "compare_id": compare_id(rec), **tap}
     sound = row.get("click_to_sound_ms")
     row["over_model_ms"] = minus(minus(sound, rec.get("ttfb_ms")), lead_ms)
     row["tap_minus_page_ms"] = minus(sound, rec.get("click_to_heard_ms"))
@@ -467,12 +511,12 @@ async def run_compare(browser, server: Server, scenario: str, transport: str, co
         snap = await page.evaluate("() => window.labTap.snapshot()")
         entry["page_errors"] = page.errors[:5]
         entry["tap_errors"] = snap["errors"][:5]
-        entry["contexts"] = snap["contexts"]
+        entry["tap"] = compact(snap)
     finally:
         await close_page(page)
     entry["scored_wait_s"] = await wait_scored(server, since)
     heard = heard_of(server.records()[since:], source)
-    clips = tap_clips(snap, button, len(heard))
+    clips = tap_clips(snap, button, [r.get("audio_s") for r in heard])
     entry["rows"] = [heard_row(tree, scenario, transport, compare, None, i, rec, clip)
                      for i, (rec, clip) in enumerate(zip(heard, clips))]
     entry["heard_runs"] = len(heard)
@@ -522,6 +566,7 @@ async def run_pages(browser, server: Server, transport: str, compare: int, pages
         snaps = await asyncio.gather(*(p.evaluate("() => window.labTap.snapshot()") for p in pages))
         entry["page_errors"] = [e for p in pages for e in p.errors][:5]
         entry["tap_errors"] = [e for snap in snaps for e in snap["errors"]][:5]
+        entry["tap"] = [compact(snap) for snap in snaps]
     finally:
         for p in pages:
             await close_page(p)
@@ -535,15 +580,16 @@ async def run_pages(browser, server: Server, transport: str, compare: int, pages
     per_compare = len(defaults["presets"])
     # The line serves the pages one after another: by compare_id where the tree records one, else by order; the
     # pages in the order their first sound came.
-    if heard and all(r.get("compare_id") for r in heard):
-        ids = list(dict.fromkeys(r["compare_id"] for r in heard))
-        served = [[r for r in heard if r["compare_id"] == i] for i in ids]
+    if heard and all(compare_id(r) for r in heard):
+        ids = list(dict.fromkeys(compare_id(r) for r in heard))
+        served = [[r for r in heard if compare_id(r) == i] for i in ids]
     else:
         served = [heard[i:i + per_compare] for i in range(0, len(heard), per_compare)]
-    clips = [tap_clips(snap, "compare-btn", per_compare) for snap in snaps]
-    order = sorted(range(len(pages)), key=lambda i: clips[i][0].get("onset_epoch_ms") or float("inf"))
+    firsts = [tap_clips(snap, "compare-btn", [None]) for snap in snaps]
+    order = sorted(range(len(pages)), key=lambda i: firsts[i][0].get("onset_epoch_ms") or float("inf"))
     for place, (page_i, recs) in enumerate(zip(order, served)):
-        for k, (rec, clip) in enumerate(zip(recs, clips[page_i])):
+        clips = tap_clips(snaps[page_i], "compare-btn", [r.get("audio_s") for r in recs])
+        for k, (rec, clip) in enumerate(zip(recs, clips)):
             row = heard_row(tree, "pages", transport, compare, page_i, k, rec, clip)
             row["place_in_line"] = place
             entry["rows"].append(row)
@@ -647,6 +693,7 @@ def later_clips(rows: list[dict]) -> list[dict]:
     out = []
     for (role, commit, scenario, transport), rs in groups([r for r in rows if r["clip"] > 0]).items():
         out.append({"tree_role": role, "tree": commit, "scenario": scenario, "transport": transport, "runs": len(rs),
+                    "previous_stalled": sum(r.get("previous_stop") == "stall" for r in rs),
                     "after_previous_ms": spread([r.get("after_previous_ms") for r in rs]),
                     "ttfb_ms": spread([r["ttfb_ms"] for r in rs]), "lead_ms": spread([r["lead_ms"] for r in rs]),
                     "over_model_from_previous_ms": spread([minus(minus(r.get("after_previous_ms"), r["ttfb_ms"]),
@@ -808,9 +855,11 @@ def print_tables(results: dict) -> None:
             f"{num(a['median_ms'])}/{num(a['max_ms'])} {mark(a['met'])}"])
     print(text_table(head, lines))
     if results["later_clips"]:
-        print("\nsecond clip of each compare (not in the goals): from the end of the first clip as rendered, ms\n")
-        head = ["tree", "scenario", "transport", "n", "prev end->sound", "TTFB", "lead", "over model"]
+        print("\nsecond clip of each compare (not in the goals): from where the first clip stopped sounding, ms "
+              "(prev stalled: it stopped before its end, a media element waiting for data)\n")
+        head = ["tree", "scenario", "transport", "n", "prev stalled", "prev end->sound", "TTFB", "lead", "over model"]
         print(text_table(head, [[f"{g['tree_role']} {g['tree']}", g["scenario"], g["transport"], g["runs"],
+                                 g["previous_stalled"],
                                  cell(g["after_previous_ms"]), cell(g["ttfb_ms"]), cell(g["lead_ms"]),
                                  cell(g["over_model_from_previous_ms"])] for g in results["later_clips"]]))
     failed = [c for c in results["compares"] if c.get("error")]
