@@ -1,8 +1,8 @@
 """From the click: how long a person who clicks waits for the voice, on this tree and on a previous one.
 
-    python benchmarks/browser/run.py                                   # 10 compares per scenario, tree, transport
-    python benchmarks/browser/run.py --quick --out /tmp/browser-trial  # a trial: one of each
-    python benchmarks/browser/run.py --base 9ddaf5d --trees base --quick --out /tmp/browser-trial   # one tree
+    python benchmarks/browser/run.py                                   # the full run, against 9ddaf5d
+    python benchmarks/browser/run.py --quick --out /tmp/browser-trial  # a trial: one compare of each kind
+    python benchmarks/browser/run.py --trees base --scenarios first-click --transports pcm --quick --out /tmp/t
 
 Starts `python app.py` for two trees, each on a free loopback port with its history, votes and Gradio files in a
 temporary folder and no hub: the current tree (the working tree this script runs from) and a previous tree
@@ -11,10 +11,12 @@ end). Then it drives headless Chromium (Debian's, through Playwright) as a perso
 so that every click is a page's first click, in three scenarios, each over both transports (the page's radio
 #transport: "pcm", Web Audio over the lab's WebSocket; "gradio", Gradio's streaming <audio>, HLS/AAC):
 
-  first-click  the presets ticked when the page loads, its default text, cap and runs; Compare (#compare-btn)
-  ab           the Blind A/B tab, "as it streams", Play a blind pair (#ab-play); --ab-plays per tree and transport
-  pages-8      (current tree only) --pages pages, one browser, a context each, the default presets, a short text
-               and one run per preset; all click Compare within a few ms and wait in the server's line
+  first-click  the presets ticked when the page loads, its default text, cap and runs; Compare (#compare-btn);
+               --compares per tree and transport (10)
+  ab           the Blind A/B tab, "as it streams", Play a blind pair (#ab-play); --ab-plays per tree and transport (3)
+  pages        (current tree only) --pages pages (8), one browser, a context each, the default presets, a short
+               text and one run per preset; all press Compare at once and wait in the server's line;
+               --pages-rounds per transport (2)
 
 interleaved compare by compare, tree by tree, so that a drift of the machine touches every group alike. One
 warm-up compare per tree first (the presets' build, the quality models' load), not counted.
@@ -578,13 +580,17 @@ async def run_pages(browser, server: Server, transport: str, compare: int, pages
     entry["pointerdown_spread_ms"] = max(downs) - min(downs) if downs else None
     heard = heard_of(server.records()[since:], "app")
     per_compare = len(defaults["presets"])
-    # The line serves the pages one after another: by compare_id where the tree records one, else by order; the
-    # pages in the order their first sound came.
-    if heard and all(compare_id(r) for r in heard):
-        ids = list(dict.fromkeys(compare_id(r) for r in heard))
-        served = [[r for r in heard if compare_id(r) == i] for i in ids]
-    else:
-        served = [heard[i:i + per_compare] for i in range(0, len(heard), per_compare)]
+    # The line serves the pages one after another: their heard runs in order, `per_compare` at a time, a new
+    # comparison also where the records' compare_id changes (a tree that records one); the pages in the order their
+    # first sound came.
+    served: list[list[dict]] = []
+    for r in heard:
+        last = served[-1] if served else None
+        ids = {compare_id(x) for x in last or []} - {None}
+        if last is None or len(last) >= per_compare or (compare_id(r) is not None and ids and compare_id(r) not in ids):
+            served.append([r])
+        else:
+            last.append(r)
     firsts = [tap_clips(snap, "compare-btn", [None]) for snap in snaps]
     order = sorted(range(len(pages)), key=lambda i: firsts[i][0].get("onset_epoch_ms") or float("inf"))
     for place, (page_i, recs) in enumerate(zip(order, served)):
@@ -669,7 +675,7 @@ def goals(rows: list[dict]) -> list[dict]:
         out.append({
             "tree_role": role, "tree": commit, "scenario": scenario, "transport": transport, "runs": len(rs),
             "tap_missing": sum(r["click_to_sound_ms"] is None for r in rs),
-            "reported_transports": sorted({str(r["reported_transport"]) for r in rs}),
+            "reported_transports": sorted({r["reported_transport"] for r in rs if r["reported_transport"]}),
             "click_to_sound_ms": spread([r["click_to_sound_ms"] for r in rs]),
             "model_floor_ms": spread([model_floor(r) for r in rs]),
             "heard_from_request_ms": spread([r["heard_ttfb_ms"] for r in rs]),
@@ -719,13 +725,16 @@ def stages(r: dict) -> dict:
     out = {"request": request, "ttfb": None if r["ttfb_ms"] is None else request + r["ttfb_ms"],
            "first audible (model)": None if r["first_audible_ms"] is None else request + r["first_audible_ms"],
            "floor: TTFB + lead": None if r["ttfb_ms"] is None else request + r["ttfb_ms"] + (r["lead_ms"] or 0),
+           "received (page)": r.get("click_to_received_ms") if not estimated else
+           None if r["received_ms"] is None else request + r["received_ms"],
            "heard (page)": r.get("click_to_heard_ms"), "sound (tap)": r["click_to_sound_ms"],
            "_estimated": estimated}
     return out
 
 
 STAGES = (("request", "#8172b3"), ("ttfb", "#4c72b0"), ("first audible (model)", "#55a868"),
-          ("floor: TTFB + lead", "#999999"), ("heard (page)", "#dd8452"), ("sound (tap)", "#c44e52"))
+          ("floor: TTFB + lead", "#999999"), ("received (page)", "#937860"), ("heard (page)", "#dd8452"),
+          ("sound (tap)", "#c44e52"))
 
 
 def waterfall_chart(rows: list[dict], env: dict, path: str) -> None:
@@ -846,8 +855,9 @@ def print_tables(results: dict) -> None:
     lines = []
     for g in results["goals"]:
         o, q, a = g["sound_over_model"], g["click_to_request"], g["agreement"]
+        ran = g["reported_transports"]
         lines.append([f"{g['tree_role']} {g['tree']}", g["scenario"], g["transport"] + (
-            "" if g["reported_transports"] in ([g["transport"]], ["None"]) else f" (ran {'/'.join(g['reported_transports'])})"),
+            "" if ran in ([g["transport"]], []) else f" (ran {'/'.join(ran)})"),
             f"{g['runs']}" + (f" ({g['tap_missing']} no tap)" if g["tap_missing"] else ""),
             cell(g["click_to_sound_ms"]), cell(g["model_floor_ms"]), cell(g["heard_from_request_ms"]),
             cell(g["page_path_ms"]), f"{num(o['median_ms'])} {mark(o['met_median'])}",
