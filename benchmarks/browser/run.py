@@ -1,79 +1,85 @@
-"""The page as a listener hears it: heard TTFB and player stalls over both transports, and the page against the CLI.
+"""From the click: how long a person who clicks waits for the voice, on this tree and on a previous one.
 
-    python benchmarks/browser/run.py                      # 5 compares per scenario and transport, then the CLI
-    python benchmarks/browser/run.py --compares 1 --out /tmp/browser-trial     # a short trial
+    python benchmarks/browser/run.py                                   # the full run, against 9ddaf5d
+    python benchmarks/browser/run.py --quick --out /tmp/browser-trial  # a trial: one compare of each kind
+    python benchmarks/browser/run.py --trees base --scenarios first-click --transports pcm --quick --out /tmp/t
 
-Starts `python app.py` on a free loopback port (history and votes in a temporary folder, no hub), drives it with
-headless Chromium (Debian's, through Playwright), and clicks Compare as a person would:
+Starts `python app.py` for two trees, each on a free loopback port with its history, votes and Gradio files in a
+temporary folder and no hub: the current tree (the working tree this script runs from) and a previous tree
+(`--base`, a commit, checked out with `git worktree add --detach` into the temporary folder and removed at the
+end). Then it drives headless Chromium (Debian's, through Playwright) as a person would, a fresh page per compare
+so that every click is a page's first click, in three scenarios, each over both transports (the page's radio
+#transport: "pcm", Web Audio over the lab's WebSocket; "gradio", Gradio's streaming <audio>, HLS/AAC):
 
-  scenario "first-click": hibari + hibari-whole, the page's default text, cap and warm runs (the first click)
-  scenario "pocket-random": pocket-tts-cpu alone with "random weights" ticked (latency only), a 6 s cap
+  first-click  the presets ticked when the page loads, its default text, cap and runs; Compare (#compare-btn);
+               --compares per tree and transport (10)
+  ab           the Blind A/B tab, "as it streams", Play a blind pair (#ab-play); --ab-plays per tree and transport (3)
+  pages        (current tree only) --pages pages (8), one browser, a context each, the default presets, a short
+               text and one run per preset; all press Compare at once and wait in the server's line;
+               --pages-rounds per transport (2)
 
-once per transport ("pcm": Web Audio over the lab's WebSocket; "gradio": Gradio's streaming <audio>, HLS/AAC),
-the four interleaved compare by compare so that a drift of the machine touches every group alike. Between
-compares it waits until the last clip has finished playing. Then it stops the page and runs the CLI
-(`python -m lab.bench`) over the same presets and text on the same machine.
+interleaved compare by compare, tree by tree, so that a drift of the machine touches every group alike. One
+warm-up compare per tree first (the presets' build, the quality models' load), not counted.
 
-Everything it reports comes from the runs' history records (the server's and the browser's figures); a heard run
-whose browser report never came is counted as missing, never filled in. Writes results.json, waterfall.png and
-stalls.png to --out (default benchmarks/browser/<commit>/) and prints the tables.
+The sound is measured by tap.js, injected before any page script: the click's own event stamp, and the first
+audible sample each clip rendered (an AudioWorklet on whatever goes to the speakers; a captured copy of each
+<audio> element), on the page's performance clock (README.md says how). The model side, and the page's own
+report, come from the runs' history records. Per heard run: click -> sound (tap) against the model's TTFB plus the
+stream's leading silence, click -> request and click -> heard (the page's own figures, where the tree reports
+them) and the tap against the page. The goals are printed as met / not met per tree, scenario and transport.
+
+Writes results.json, waterfall.png and click_to_sound.png to --out (default benchmarks/browser/<commit>/); trials
+belong in /tmp. Run it on an otherwise idle machine: the model, both servers and Chromium share its cores.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import json
 import os
 import platform
 import shutil
-import statistics
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-
-from lab import history  # noqa: E402
-from web.server import AppProcess  # noqa: E402
-from lab.metrics import summarize  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+TAP_JS = os.path.join(HERE, "tap.js")
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--autoplay-policy=no-user-gesture-required"]
+DEFAULT_BASE = "9ddaf5d"
 TRANSPORTS = ("pcm", "gradio")
-TRANSPORT_LABEL = {"pcm": "PCM over a WebSocket", "gradio": "Gradio streaming audio"}   # the radio's label starts
-WARM_RUNS = 2                  # the page's default "Warm runs per preset"
+TRANSPORT_LABEL = {"pcm": "PCM over a WebSocket", "gradio": "Gradio streaming audio"}   # the radio's labels start so
+SCENARIOS = ("first-click", "ab", "pages")
+PAGES_TEXT = "Hello there. How are you today?"
+BUTTON = {"first-click": "compare-btn", "pages": "compare-btn", "ab": "ab-play"}
+
 SERVER_START_TIMEOUT_S = 240
-COMPARE_TIMEOUT_S = 600        # a first compare builds its presets
-PLAYED_SLACK_S = 20            # past the last clip's length, waiting for it to finish playing
-GOAL_HEARD_OVER_MODEL_MS = 100.0
-GOAL_RTF_FOR_NO_STALLS = 0.8
-RANDOM_NOTE = "random weights: latency only"
+PAGE_LOAD_TIMEOUT_S = 90
+COMPARE_TIMEOUT_S = 600          # a warm-up compare builds its presets
+PLAY_TIMEOUT_S = 90              # after "done", until the last clip has played
+QUIET_HOLD_S = 1.0               # no sound to come for this long: the compare is over
+SETTLE_BEFORE_CLICK_S = 1.0      # after the page is ready and set, before the click (a person reads the page first)
+QUALITY_WAIT_S = 240             # the server scores the real voices' runs after a compare: wait, so that the next
+                                 # compare (on either server) does not share the CPU with it
 
-
-@dataclass(frozen=True)
-class Scenario:
-    key: str
-    presets: tuple[str, ...]
-    random_weights: bool
-    max_audio_s: float | None      # None: the page's default cap
-
-
-SCENARIOS = (Scenario("first-click", ("hibari", "hibari-whole"), False, None),
-             Scenario("pocket-random", ("pocket-tts-cpu",), True, 6.0))
-CLI_PRESETS = ("hibari", "hibari-whole", "pocket-tts-cpu")
-CLI_RUNS = 5
-
-# Per heard run: the figures kept raw in results.json and summarized per (transport, preset).
-HEARD_KEYS = ("ttfb_ms", "first_audible_ms", "first_audible_s", "sent_ms", "received_ms", "heard_ttfb_ms", "heard_floor_ms",
-              "transport_share_ms", "heard_over_ttfb_ms", "delivery_ms", "browser_underruns", "browser_gap_s",
-              "rtf", "steady_rtf", "underruns", "stall_s", "audio_s", "clock_uncertainty_ms", "output_latency_ms",
-              "jitter_buffer_ms")
-SERVER_KEYS = ("ttfb_ms", "first_audible_ms", "first_audible_s", "rtf", "steady_rtf", "underruns", "stall_s",
-               "audio_s")
+GOAL_MEDIAN_MS = 100.0   # click -> sound, over TTFB + leading silence: median
+GOAL_P95_MS = 200.0      # ... and p95
+GOAL_REQUEST_MS = 50.0   # click -> request (the page's own figure): median
+GOAL_AGREE_MS = 30.0     # |page's click -> heard - tap's click -> sound|: median and max
+# New in issue 24's tree (absent before: None). Its records name the comparison "comparison_id"; kept as compare_id.
+PAGE_KEYS = ("click_to_request_ms", "click_to_received_ms", "click_to_heard_ms", "started_by")
+RECORD_KEYS = ("ttfb_ms", "first_audible_s", "first_audible_ms", "received_ms", "heard_ttfb_ms", "audio_s", "rtf",
+               "browser_underruns", "browser_gap_s", "output_latency_ms", "clock_uncertainty_ms", "run", "cold",
+               "source", "weights")
 
 
 # -- the machine -------------------------------------------------------------------------------------------------
@@ -97,372 +103,742 @@ def version_of(dist: str) -> str | None:
         return None
 
 
-def git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+def git(*args: str, cwd: str = ROOT) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True).stdout.strip()
 
 
 def machine_facts() -> dict:
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "commit": git("rev-parse", "--short", "HEAD"),
-            "tree_dirty": dirty, "python": platform.python_version(), "torch": version_of("torch"),
-            "gradio": version_of("gradio"), "playwright": version_of("playwright"),
-            "onnxruntime": version_of("onnxruntime"), "hibari_tts": version_of("hibari-tts"),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": version_of("torch"), "gradio": version_of("gradio"), "playwright": version_of("playwright"),
             "chromium": subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True).stdout.strip(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "loadavg_at_start": os.getloadavg()}
 
 
 def title_line(env: dict) -> str:
-    return (f"{env['cpu']}, {env['cores']} cores · commit {env['commit']}{'-dirty' if env['tree_dirty'] else ''}"
-            f" · torch {env['torch']} · gradio {env['gradio']} · {env['date'][:16].replace('T', ' ')}")
+    trees = " vs ".join(f"{t['role']} {t['commit']}{'-dirty' if t['dirty'] else ''}" for t in env["trees"])
+    return (f"{env['cpu']}, {env['cores']} cores · {trees} · torch {env['torch']} · gradio {env['gradio']} · "
+            f"{env['chromium'].split(' built')[0]} · {env['date'][:16].replace('T', ' ')}")
 
 
-# -- the page ----------------------------------------------------------------------------------------------------
-def open_page(browser, url: str):
-    page = browser.new_page(viewport={"width": 1400, "height": 1600})
+# -- the trees and their servers ---------------------------------------------------------------------------------
+@dataclass
+class Tree:
+    role: str       # "current" or "base"
+    commit: str     # short hash
+    folder: str     # where its app.py is
+    dirty: bool
+    worktree: bool  # checked out by this script (removed at the end)
+
+
+def current_tree() -> Tree:
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return Tree("current", git("rev-parse", "--short", "HEAD"), ROOT, dirty, False)
+
+
+def base_tree(commit: str, tmp: str) -> Tree:
+    short = git("rev-parse", "--short", commit)
+    if not short:
+        raise SystemExit(f"--base {commit}: not a commit of this repository")
+    folder = os.path.join(tmp, f"tree-{short}")
+    subprocess.run(["git", "worktree", "add", "--detach", folder, commit], cwd=ROOT, check=True,
+                   capture_output=True, text=True)
+    return Tree("base", short, folder, False, True)
+
+
+def remove_tree(tree: Tree) -> None:
+    if tree.worktree:
+        subprocess.run(["git", "worktree", "remove", "--force", tree.folder], cwd=ROOT, capture_output=True)
+        subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True)
+
+
+class Server:
+    """`python app.py` of one tree, with this script's Python, on a free loopback port; history, votes and Gradio's
+    files in `folder` (the variables web/server.py's test launcher sets)."""
+
+    def __init__(self, tree: Tree, folder: str):
+        os.makedirs(folder, exist_ok=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.tree, self.url = tree, f"http://127.0.0.1:{port}/"
+        self.history = os.path.join(folder, "history.jsonl")
+        self.log_path = os.path.join(folder, "server.log")
+        env = {**os.environ, "PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "HF_HUB_OFFLINE": "1",
+               "GRADIO_ANALYTICS_ENABLED": "False", "LAB_HISTORY": self.history,
+               "LAB_VOTES": os.path.join(folder, "votes.jsonl"), "GRADIO_TEMP_DIR": os.path.join(folder, "gradio")}
+        env.pop("LAB_PRESETS_DIR", None)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "app.py"], cwd=tree.folder, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+
+    def wait_serving(self, timeout_s: float = SERVER_START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(self.url, timeout=2)
+                return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.tree.role} tree's app.py did not serve {self.url}; its log ends:\n"
+                                   f"{self.log_tail()}")
+            time.sleep(0.5)
+
+    def records(self) -> list[dict]:
+        """Every line of its history, in order (a line being written is skipped until it is whole)."""
+        if not os.path.exists(self.history):
+            return []
+        out = []
+        with open(self.history) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return open(self.log_path).read()[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+# -- the page (Playwright's async API: the pages scenario presses every page's mouse at once) ---------------------
+async def open_page(browser, url: str):
+    """A fresh context and page with the tap, loaded and connected: what a person sees before the first click."""
+    context = await browser.new_context(viewport={"width": 1400, "height": 1600})
+    page = await context.new_page()
     page.errors = []
     page.on("pageerror", lambda e: page.errors.append(str(e)))
-    page.goto(url)
-    page.wait_for_selector("#compare-btn")
-    wait_connected(page)
+    await page.add_init_script(path=TAP_JS)
+    await page.goto(url, timeout=PAGE_LOAD_TIMEOUT_S * 1000)
+    await page.wait_for_selector("#compare-btn", timeout=PAGE_LOAD_TIMEOUT_S * 1000)
+    try:   # the page's PCM socket (web/player.js); a tree without it goes on after the wait
+        await page.wait_for_function("() => window.labAudio && window.labAudio.connected", timeout=30_000)
+    except Exception:
+        page.errors.append("window.labAudio never said connected")
     return page
 
 
-def wait_connected(page) -> None:
-    page.wait_for_function("() => window.labAudio && window.labAudio.connected", timeout=30_000)
-
-
-def preset_boxes(page) -> dict:
-    """Preset name -> its checkbox, read from the labels' text (exact names: "hibari" is not "hibari-whole")."""
-    boxes = {}
-    for label in page.locator("[id^=presets-] label").all():
-        name = label.inner_text().strip()
-        box = label.locator("input[type=checkbox]")
-        if name and box.count() == 1:
-            boxes[name] = box
-    return boxes
-
-
-def set_random_weights(page, on: bool, wanted: tuple[str, ...]) -> None:
-    box = page.locator("#random-weights input[type=checkbox]")
-    if box.is_checked() != on:
-        box.click()
-    deadline_s = time.monotonic() + 30   # the switch re-lists the presets a moment later
-    while not set(wanted) <= set(preset_boxes(page)):
-        if time.monotonic() > deadline_s:
-            raise RuntimeError(f"presets {wanted} not offered with random weights {on}: {list(preset_boxes(page))}")
-        time.sleep(0.2)
-
-
-def pick(page, names: tuple[str, ...]) -> None:
-    """Tick exactly these presets, in this order (the slots follow the tick order)."""
-    for box in preset_boxes(page).values():
-        if box.is_checked():
-            box.click()
-    for name in names:
-        preset_boxes(page)[name].click()
-
-
-def configure(page, transport: str, scenario: Scenario, text: str, default_cap_s: float) -> None:
-    page.locator(f"#transport label:has-text('{TRANSPORT_LABEL[transport]}')").click()
-    set_random_weights(page, scenario.random_weights, scenario.presets)
-    pick(page, scenario.presets)
-    page.fill("#text textarea", text)
-    page.fill("#max-audio-s input", f"{scenario.max_audio_s or default_cap_s:g}")
-    page.fill("#runs input", str(WARM_RUNS))
-    page.fill("#jitter-ms input", "60")
-    page.locator("#jitter-ms input").blur()
-
-
-def click_compare(page) -> str:
-    """Compare, then the page's last word ("done: ..." or a failure)."""
-    page.click("#compare-btn")
-    page.wait_for_selector("#overall:has-text('running'), #overall:has-text('waiting')", timeout=60_000)
-    page.wait_for_selector("#overall:has-text('done:'), #overall:has-text('stopped'), #overall:has-text('not run')",
-                           timeout=COMPARE_TIMEOUT_S * 1000)
-    return page.inner_text("#overall").strip()
-
-
-def wait_clips_played(page, slots: int, timeout_s: float) -> bool:
-    """Until every used slot's clip has finished playing (so compares never overlap); False on a timeout."""
+async def close_page(page) -> None:
     try:
-        page.wait_for_function(f"() => [...Array({slots}).keys()].every(i => {{ const s = window.labAudio.state(i);"
-                               f" return s.run_id === null || s.state === 'done'; }})", timeout=timeout_s * 1000)
-        return True
-    except Exception:   # playwright's TimeoutError: say so in the results, go on
-        return False
+        await page.context.close()
+    except Exception:
+        pass
 
 
-def slot_states(page, slots: int) -> list[dict]:
-    return page.evaluate(f"() => [...Array({slots}).keys()].map(i => {{ const s = window.labAudio.state(i); "
-                         f"return {{run_id: s.run_id, state: s.state, transport: s.transport, "
-                         f"position_s: s.position_s, underruns: s.underruns, complete: s.complete}}; }})")
+async def page_defaults(page) -> dict:
+    """The presets ticked on the page (its default first click, read right after loading), text, cap and runs."""
+    presets = await page.evaluate("""() => [...document.querySelectorAll('[id^=presets-] label')]
+        .filter(l => { const b = l.querySelector('input[type=checkbox]'); return b && b.checked; })
+        .map(l => l.innerText.trim())""")
+    return {"presets": presets, "text": await page.input_value("#text textarea"),
+            "cap_s": float(await page.input_value("#max-audio-s input")),
+            "runs": int(float(await page.input_value("#runs input")))}
 
 
-def run_compares(browser, url: str, history_path: str, compares: int, log) -> tuple[list[dict], str, float]:
-    """Every (scenario, transport) `compares` times, interleaved; returns one entry per compare, and the page's
-    default text and cap."""
-    page = open_page(browser, url)
-    text = page.input_value("#text textarea")
-    default_cap_s = float(page.input_value("#max-audio-s input"))
-    done = []
-    for round_no in range(compares):
-        for scenario in SCENARIOS:
-            for transport in TRANSPORTS:
-                wait_connected(page)
-                configure(page, transport, scenario, text, default_cap_s)
-                start_s = time.time()
-                overall = click_compare(page)
-                cap_s = scenario.max_audio_s or default_cap_s
-                played = wait_clips_played(page, len(scenario.presets), cap_s + PLAYED_SLACK_S)
-                end_s = time.time()
-                entry = {"round": round_no, "scenario": scenario.key, "transport": transport, "start_s": start_s,
-                         "end_s": end_s, "wall_s": end_s - start_s, "overall": overall, "played_to_end": played,
-                         "slots": slot_states(page, len(scenario.presets))}
-                entry["records"] = [r for r in history.read(history_path) if start_s <= r.get("time", 0) <= end_s]
-                done.append(entry)
-                log(f"round {round_no + 1}/{compares} {scenario.key:13s} {transport:6s} {entry['wall_s']:5.1f} s  "
-                    f"{overall[:60]}{'' if played else '  (clip did not finish playing in time)'}")
-    page_errors = list(page.errors)
-    page.close()
-    if page_errors:
-        log(f"page errors: {page_errors[:5]}")
-    return done, text, default_cap_s
+async def pick_radio(page, elem_id: str, value: str, label: str) -> None:
+    box = page.locator(f"#{elem_id} input[value='{value}']")
+    if await box.count():
+        if not await box.is_checked():
+            await box.check()
+    else:
+        await page.locator(f"#{elem_id} label:has-text('{label}')").click()
 
 
-# -- the CLI -----------------------------------------------------------------------------------------------------
-def cli_calls(default_cap_s: float) -> list[tuple[tuple[str, ...], float]]:
-    """(presets, cap) per CLI call: each preset with the cap its page compares used, so both sides make the same
-    request (hibari's default text is 7 s of audio: a 6 s cap would cut its last sentence in the CLI only)."""
-    return [(s.presets, s.max_audio_s or default_cap_s) for s in SCENARIOS]
+async def set_transport(page, transport: str) -> None:
+    await pick_radio(page, "transport", transport, TRANSPORT_LABEL[transport])
 
 
-def run_cli(text: str, default_cap_s: float, tmp: str, log) -> dict:
-    calls = [run_cli_call(presets, cap_s, text, os.path.join(tmp, f"cli-{i}"), log)
-             for i, (presets, cap_s) in enumerate(cli_calls(default_cap_s))]
-    return {"commands": [c["command"] for c in calls], "exit": [c["exit"] for c in calls],
-            "wall_s": sum(c["wall_s"] for c in calls), "runs": [r for c in calls for r in c["runs"]],
-            "errors": {k: v for c in calls for k, v in c["errors"].items()},
-            "builds": {k: v for c in calls for k, v in c["builds"].items()}}
+async def set_ab_streamed(page) -> None:
+    await page.get_by_role("tab", name="Blind A/B").click()
+    await page.wait_for_selector("#ab-play", state="visible", timeout=30_000)
+    await pick_radio(page, "ab-mode", "streamed", "as it streams")
 
 
-def run_cli_call(presets: tuple[str, ...], cap_s: float, text: str, out: str, log) -> dict:
-    cmd = [sys.executable, "-m", "lab.bench", "--presets", *presets, "--weights", "random", "--runs",
-           str(CLI_RUNS), "--text", text, "--max-seconds", f"{cap_s:g}", "--out", out, "--history", ""]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    started_s = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall_s = time.time() - started_s
-    log(f"CLI {' '.join(presets)} (cap {cap_s:g} s): {wall_s:.0f} s, exit {proc.returncode}")
-    if proc.returncode != 0:
-        log(proc.stderr[-2000:])
-    path = os.path.join(out, "results.json")
-    results = json.load(open(path)) if os.path.exists(path) else {"runs": [], "errors": {"cli": proc.stderr[-500:]}}
-    shown = ["python", "-m", "lab.bench", *cmd[3:]]
-    return {"command": " ".join(f"'{a}'" if " " in a else a for a in shown), "exit": proc.returncode,
-            "wall_s": wall_s, "runs": results["runs"], "errors": results.get("errors", {}),
-            "builds": results.get("builds", {})}
+DONE = {"compare-btn": "#overall:has-text('done:'), #overall:has-text('stopped'), #overall:has-text('not run')",
+        "ab-play": "#ab-msg:has-text('Listen to both'), #ab-msg:has-text('⚠')"}
 
 
-# -- figures -----------------------------------------------------------------------------------------------------
-def heard_floor_ms(r: dict) -> float | None:
-    """The earliest any player could play the first audible sample: its chunk must be ready, and the stream's
-    leading silence before it must be played first."""
-    if r.get("first_audible_ms") is None or r.get("first_audible_s") is None:
-        return None
-    return max(r["first_audible_ms"], r["ttfb_ms"] + 1000 * r["first_audible_s"])
+async def wait_done(page, button: str, timeout_s: float) -> str:
+    """Until the page's last word (Compare: "done: ...", "stopped", "not run"; A/B: its message); that word."""
+    await page.wait_for_selector(DONE[button], timeout=timeout_s * 1000)
+    where = "#overall" if button == "compare-btn" else "#ab-msg"
+    return (await page.evaluate(f"() => (document.querySelector('{where}') || {{}}).innerText || ''")).strip()
+
+
+async def wait_heard_records(server: Server, since: int, source: str, count: int, timeout_s: float) -> None:
+    """Until the server wrote `count` heard runs since line `since` (each is written after the page's report)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        heard = [r for r in server.records()[since:] if is_run(r) and r.get("heard") and r.get("source") == source]
+        if len(heard) >= count:
+            return
+        await asyncio.sleep(0.25)
+
+
+async def wait_quiet(pages: list, timeout_s: float) -> bool:
+    """Until no page has sound to come (tap.js's busy()) for QUIET_HOLD_S; False on a timeout."""
+    deadline = time.monotonic() + timeout_s
+    quiet_since = None
+    while time.monotonic() < deadline:
+        busy = any(await asyncio.gather(*(p.evaluate("() => window.labTap.busy()") for p in pages)))
+        if busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= QUIET_HOLD_S:
+            return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+async def wait_scored(server: Server, since: int, timeout_s: float = QUALITY_WAIT_S) -> float:
+    """Until every run since line `since` that the server will score has its quality line; the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        records = server.records()[since:]
+        pending = {(r["preset"], r["time"]) for r in records if is_run(r) and r.get("quality") == "pending"}
+        scored = {(r["quality_of"]["preset"], r["quality_of"]["time"]) for r in records if "quality_of" in r}
+        if pending <= scored:
+            break
+        await asyncio.sleep(0.5)
+    return time.monotonic() - started
+
+
+def is_run(r: dict) -> bool:
+    return "quality_of" not in r and "preset" in r and not r.get("cancelled")
+
+
+# -- the tap: click -> sound -------------------------------------------------------------------------------------
+def tap_click(snap: dict, button: str) -> dict | None:
+    """The click on `button` (its `click` event; its `pointerdown` where no click came)."""
+    for kind in ("click", "pointerdown"):
+        found = [c for c in snap["clicks"] if c["button"] == button and c["type"] == kind]
+        if found:
+            return found[0]
+    return None
+
+
+def clip_bounds(snap: dict, onset: dict, after_ms: float, audio_s: float | None) -> dict:
+    """Where the clip holding `onset` started and ended, on the performance clock (ms) and, for Web Audio, in its
+    context's own time (s). Web Audio: the buffers on the route (the node they feed: the player's per-run gain) of
+    the buffer playing at the onset. A media element: its first `playing` after `after_ms`, and the first of its
+    `waiting`, `pause` or `ended` events at the clip's last sample (position >= audio_s - 50 ms; Gradio's HLS
+    element may say `ended` only when its stream closes, long after the sound)."""
+    out = {"start_ms": None, "start_ctx_s": None, "end_ms": None, "end_ctx_s": None, "start_position_s": None}
+    if onset["path"] == "webaudio":
+        same = [s for s in snap["sources"] if s["context"] == onset["context"]]
+        at = [s for s in same if s["ctx_start_s"] - 0.005 <= onset["ctx_time_s"] <= s["ctx_end_s"] + 0.005]
+        if at:
+            route = at[0]["route"]
+            clip = [s for s in same if s["route"] == route] if route is not None else at
+            first, last = min(clip, key=lambda s: s["ctx_start_s"]), max(clip, key=lambda s: s["ctx_end_s"])
+            out.update(start_ms=first["t_start_ms"], start_ctx_s=first["ctx_start_s"], end_ms=last["t_end_ms"],
+                       end_ctx_s=last["ctx_end_s"])
+        return out
+    events = [m for m in snap["media"] if m["element"] == onset["source"]]
+    playing = [m for m in events if m["type"] == "playing" and after_ms <= m["t_ms"] <= onset["t_ms"]]
+    ends = [m for m in events if m["type"] in ("waiting", "pause", "ended") and m["t_ms"] > onset["t_ms"]
+            and (m["type"] == "ended" or (audio_s is not None and m["position_s"] >= audio_s - 0.05))]
+    if playing:
+        out.update(start_ms=playing[0]["t_ms"], start_position_s=playing[0]["position_s"])
+    if ends:
+        out["end_ms"] = min(m["t_ms"] for m in ends)
+    return out
+
+
+def first_onset_after(snap: dict, t_ms: float, ctx_end: tuple[int, float] | None = None) -> dict | None:
+    """The first onset after t_ms (performance clock); after a Web Audio clip, the first one after its end in that
+    context's own time (robust to the audio thread falling behind meanwhile)."""
+    if ctx_end is not None:
+        context, end_s = ctx_end
+        later = [o for o in snap["onsets"] if (o["context"] == context and o["path"] == "webaudio"
+                                              and o["ctx_time_s"] >= end_s - 0.001)
+                 or (not (o["context"] == context and o["path"] == "webaudio") and o["t_ms"] >= t_ms)]
+    else:
+        later = [o for o in snap["onsets"] if o["t_ms"] >= t_ms]
+    return min(later, key=lambda o: o["t_ms"]) if later else None
+
+
+def tap_clips(snap: dict, button: str, lengths: list[float | None]) -> list[dict]:
+    """Click -> sound of the compare's clips (`lengths`: their audio seconds, from the records), one after the
+    other. The first clip: the first onset after the click. The next one, over Web Audio: the first onset after the
+    previous clip's last buffer ended (in that context's time); from a media element: the first onset of another
+    element (Gradio's HLS element can stall before its clip's last segment and play it only when its stream
+    closes, after the next clip began). after_previous_ms: from where the previous clip stopped sounding (its last
+    buffer; the element's last `waiting`, `pause` or `ended` before, `previous_stop` saying whether at its end)."""
+    click = tap_click(snap, button)
+    if click is None:
+        return [{"click_to_sound_ms": None, "why": "no click seen"} for _ in lengths]
+    out, prev, prev_bounds, sources = [], None, None, set()
+    for audio_s in lengths:
+        if prev is None:
+            onset = first_onset_after(snap, click["t_ms"])
+        elif prev["path"] == "webaudio":
+            if prev_bounds["end_ms"] is None:
+                break   # where it ended is not known: the next clip cannot be told from its later sentences
+            ctx_end = (prev["context"], prev_bounds["end_ctx_s"]) if prev_bounds["end_ctx_s"] is not None else None
+            onset = first_onset_after(snap, prev_bounds["end_ms"], ctx_end)
+        else:
+            later = [o for o in snap["onsets"] if o["t_ms"] > prev["t_ms"] and o["source"] not in sources]
+            onset = min(later, key=lambda o: o["t_ms"]) if later else None
+        if onset is None:
+            out.append({"click_to_sound_ms": None, "why": "no sound after " + ("the click" if prev is None else
+                                                                              "the previous clip")})
+            break
+        bounds = clip_bounds(snap, onset, click["t_ms"] if prev is None else prev["t_ms"], audio_s)
+        stop_ms, stop = None, None
+        if prev is not None and prev["path"] == "webaudio":
+            stop_ms, stop = prev_bounds["end_ms"], "end"
+        elif prev is not None:
+            stops = [m for m in snap["media"] if m["element"] == prev["source"]
+                     and m["type"] in ("waiting", "pause", "ended") and prev["t_ms"] < m["t_ms"] <= onset["t_ms"]]
+            if stops:
+                last = max(stops, key=lambda m: m["t_ms"])
+                stop_ms = last["t_ms"]
+                stop = "end" if last["type"] == "ended" or (prev_audio_s is not None and last["position_s"]
+                                                              >= prev_audio_s - 0.05) else "stall"
+        rel = lambda t: None if t is None else t - click["t_ms"]   # noqa: E731
+        out.append({"click_to_sound_ms": onset["t_ms"] - click["t_ms"], "click_type": click["type"],
+                    "click_trusted": click["trusted"], "click_epoch_ms": click["epoch_ms"],
+                    "click_handled_after_ms": click["seen_ms"] - click["t_ms"],
+                    "after_previous_ms": minus(onset["t_ms"], stop_ms), "previous_stop": stop,
+                    "onset_path": onset["path"], "onset_source": onset["source"],
+                    "onset_level_dbfs": onset["level_dbfs"], "onset_epoch_ms": onset["epoch_ms"],
+                    "onset_ctx_s": onset["ctx_time_s"] if onset["path"] == "webaudio" else None,
+                    "clip_start_ms": rel(bounds["start_ms"]), "clip_start_ctx_s": bounds["start_ctx_s"],
+                    "clip_start_position_s": bounds["start_position_s"], "clip_end_ms": rel(bounds["end_ms"])})
+        prev, prev_bounds, prev_audio_s = onset, bounds, audio_s
+        sources.add(onset["source"])
+    while len(out) < len(lengths):
+        out.append({"click_to_sound_ms": None, "why": "the previous clip's end is not known"})
+    return out
+
+
+def compact(snap: dict) -> dict:
+    """The tap's record of a compare as kept in results.json: everything but the scheduled buffers, which are
+    summed per route (the span of each player's run: enough for clip_bounds to work on it again)."""
+    routes: dict = {}
+    for src in snap["sources"]:
+        key = (src["context"], src["route"])
+        r = routes.setdefault(key, {**src, "buffers": 0})
+        r["buffers"] += 1
+        if src["ctx_start_s"] < r["ctx_start_s"]:
+            r.update(ctx_start_s=src["ctx_start_s"], t_start_ms=src["t_start_ms"], epoch_start_ms=src["epoch_start_ms"])
+        if src["ctx_end_s"] > r["ctx_end_s"]:
+            r.update(ctx_end_s=src["ctx_end_s"], t_end_ms=src["t_end_ms"], epoch_end_ms=src["epoch_end_ms"])
+    return {**{k: v for k, v in snap.items() if k != "sources"}, "sources": list(routes.values())}
+
+
+# -- one compare -------------------------------------------------------------------------------------------------
+def heard_of(records: list[dict], source: str) -> list[dict]:
+    """The heard runs, in the order they were requested."""
+    heard = [r for r in records if is_run(r) and r.get("heard") and r.get("source") == source]
+    return sorted(heard, key=lambda r: r["time"] - (r.get("wall_s") or 0))
+
+
+def compare_id(rec: dict):
+    return rec.get("compare_id") or rec.get("comparison_id")
 
 
 def minus(a, b):
     return None if a is None or b is None else a - b
 
 
-def heard_row(r: dict, compare: dict) -> dict:
-    floor = heard_floor_ms(r)
-    row = {"scenario": compare["scenario"], "transport": compare["transport"], "round": compare["round"],
-           "preset": r["preset"], "weights": r.get("weights"), "run": r.get("run"), "cold": r.get("cold"),
-           "reported_transport": r.get("transport"), "browser_complete": r.get("browser_complete"),
-           "heard_floor_ms": floor, "transport_share_ms": minus(r.get("heard_ttfb_ms"), floor),
-           "heard_over_ttfb_ms": minus(r.get("heard_ttfb_ms"), r.get("ttfb_ms")),
-           "delivery_ms": minus(r.get("received_ms"), r.get("ttfb_ms")),
-           "report_missing": r.get("heard_ttfb_ms") is None}
-    for key in HEARD_KEYS:
-        row.setdefault(key, r.get(key))
+def heard_row(tree: Tree, scenario: str, transport: str, compare: int, page: int | None, clip: int, rec: dict,
+              tap: dict) -> dict:
+    lead_ms = None if rec.get("first_audible_s") is None else 1000 * rec["first_audible_s"]
+    row = {"tree": tree.commit, "tree_role": tree.role, "scenario": scenario, "transport": transport,
+           "reported_transport": rec.get("transport"), "preset": rec.get("preset"), "compare": compare,
+           "page": page, "clip": clip, "lead_ms": lead_ms, **{k: rec.get(k) for k in RECORD_KEYS},
+           **{k: rec.get(k) for k in PAGE_KEYS}, "compare_id": compare_id(rec), **tap}
+    sound = row.get("click_to_sound_ms")
+    row["over_model_ms"] = minus(minus(sound, rec.get("ttfb_ms")), lead_ms)
+    row["tap_minus_page_ms"] = minus(sound, rec.get("click_to_heard_ms"))
+    # Before the request, as the tap sees it: click -> sound less the page's own heard-from-request (the previous
+    # tree's page reports no click -> request; this is the estimate of it, the two measurements' disagreement in).
+    row["page_path_ms"] = minus(sound, rec.get("heard_ttfb_ms"))
+    # The tap against the clip's own start: Web Audio, the first buffer's scheduled start + the leading silence,
+    # in context time (where the model's detector put the first audible sample: the tap's detection alone) and on
+    # the performance clock as mapped when it was scheduled (web/player.js's way; the difference is the audio
+    # thread falling behind meanwhile). A media element: its first `playing` + the silence still ahead of it.
+    lead_s = rec.get("first_audible_s")
+    row["onset_vs_schedule_ctx_ms"] = None
+    if lead_s is not None and row.get("onset_ctx_s") is not None and row.get("clip_start_ctx_s") is not None:
+        row["onset_vs_schedule_ctx_ms"] = 1000 * (row["onset_ctx_s"] - row["clip_start_ctx_s"] - lead_s)
+    ahead_s = None if lead_s is None else max(0.0, lead_s - (row.get("clip_start_position_s") or 0.0))
+    row["onset_vs_start_ms"] = minus(minus(sound, row.get("clip_start_ms")), None if ahead_s is None else 1000 * ahead_s)
     return row
 
 
-def server_row(r: dict, compare: dict | None, source: str) -> dict:
-    return {"source": source, "transport": compare["transport"] if compare else None,
-            "scenario": compare["scenario"] if compare else None, "preset": r["preset"], "run": r.get("run"),
-            "cold": r.get("cold"), "heard": r.get("heard", False), **{k: r.get(k) for k in SERVER_KEYS}}
+async def run_compare(browser, server: Server, scenario: str, transport: str, compare: int, log) -> dict:
+    """One click on a fresh page of `server`'s tree; its heard runs as rows."""
+    tree = server.tree
+    button = BUTTON[scenario]
+    page = await open_page(browser, server.url)
+    entry = {"tree": tree.commit, "tree_role": tree.role, "scenario": scenario, "transport": transport,
+             "compare": compare, "rows": []}
+    try:
+        defaults = await page_defaults(page)
+        entry["defaults"] = defaults
+        await set_transport(page, transport)
+        if scenario == "ab":
+            await set_ab_streamed(page)
+            expected, source = 2, "ab"
+        else:
+            expected, source = len(defaults["presets"]), "app"
+        await asyncio.sleep(SETTLE_BEFORE_CLICK_S)
+        since = len(server.records())
+        await page.evaluate("() => window.labTap.reset()")
+        started = time.time()
+        await page.click(f"#{button}")
+        entry["overall"] = await wait_done(page, button, COMPARE_TIMEOUT_S)
+        await wait_heard_records(server, since, source, expected, PLAY_TIMEOUT_S)
+        entry["played_to_end"] = await wait_quiet([page], PLAY_TIMEOUT_S)
+        entry["wall_s"] = time.time() - started
+        snap = await page.evaluate("() => window.labTap.snapshot()")
+        entry["page_errors"] = page.errors[:5]
+        entry["tap_errors"] = snap["errors"][:5]
+        entry["tap"] = compact(snap)
+    finally:
+        await close_page(page)
+    entry["scored_wait_s"] = await wait_scored(server, since)
+    heard = heard_of(server.records()[since:], source)
+    clips = tap_clips(snap, button, [r.get("audio_s") for r in heard])
+    entry["rows"] = [heard_row(tree, scenario, transport, compare, None, i, rec, clip)
+                     for i, (rec, clip) in enumerate(zip(heard, clips))]
+    entry["heard_runs"] = len(heard)
+    return entry
+
+
+async def press_together(pages: list) -> None:
+    """Every page's mouse presses and releases its Compare button at once (trusted input events, sent to all
+    pages before any answers): a crowd clicking in the same moment."""
+    boxes = [await p.locator("#compare-btn").bounding_box() for p in pages]
+    at = [(b["x"] + b["width"] / 2, b["y"] + b["height"] / 2) for b in boxes]
+    await asyncio.gather(*(p.mouse.move(x, y) for p, (x, y) in zip(pages, at)))
+    await asyncio.gather(*(p.mouse.down() for p in pages))
+    await asyncio.gather(*(p.mouse.up() for p in pages))
+
+
+async def run_pages(browser, server: Server, transport: str, compare: int, pages_n: int, log) -> dict:
+    """`pages_n` pages (a context each) click Compare at once; they wait in the server's line one after another."""
+    tree = server.tree
+    entry = {"tree": tree.commit, "tree_role": tree.role, "scenario": "pages", "transport": transport,
+             "compare": compare, "pages": pages_n, "rows": []}
+    pages = []
+    opened = time.monotonic()
+    try:
+        for _ in range(pages_n):
+            page = await open_page(browser, server.url)
+            pages.append(page)
+            defaults = await page_defaults(page)
+            await set_transport(page, transport)
+            await page.fill("#text textarea", PAGES_TEXT)
+            await page.fill("#runs input", "1")
+            await page.locator("#runs input").blur()
+        entry["defaults"] = {**defaults, "text": PAGES_TEXT, "runs": 1}
+        await asyncio.sleep(SETTLE_BEFORE_CLICK_S)
+        since = len(server.records())
+        await asyncio.gather(*(p.evaluate("() => window.labTap.reset()") for p in pages))
+        log(f"  {pages_n} pages open and set in {time.monotonic() - opened:.0f} s; clicking")
+        started = time.time()
+        await press_together(pages)
+        entry["overall"] = []
+        for i, p in enumerate(pages):
+            entry["overall"].append(await wait_done(p, "compare-btn", COMPARE_TIMEOUT_S))
+            log(f"  page {i + 1}/{pages_n} done after {time.time() - started:.0f} s: {entry['overall'][-1][:60]}")
+        await wait_heard_records(server, since, "app", pages_n * len(defaults["presets"]), PLAY_TIMEOUT_S)
+        entry["played_to_end"] = await wait_quiet(pages, PLAY_TIMEOUT_S)
+        entry["wall_s"] = time.time() - started
+        snaps = await asyncio.gather(*(p.evaluate("() => window.labTap.snapshot()") for p in pages))
+        entry["page_errors"] = [e for p in pages for e in p.errors][:5]
+        entry["tap_errors"] = [e for snap in snaps for e in snap["errors"]][:5]
+        entry["tap"] = [compact(snap) for snap in snaps]
+    finally:
+        for p in pages:
+            await close_page(p)
+    entry["scored_wait_s"] = await wait_scored(server, since)
+    clicks = [tap_click(snap, "compare-btn") for snap in snaps]
+    stamps = [c["epoch_ms"] for c in clicks if c]
+    entry["click_spread_ms"] = max(stamps) - min(stamps) if stamps else None
+    downs = [c["epoch_ms"] for snap in snaps for c in snap["clicks"][:1] if c["type"] == "pointerdown"]
+    entry["pointerdown_spread_ms"] = max(downs) - min(downs) if downs else None
+    heard = heard_of(server.records()[since:], "app")
+    per_compare = len(defaults["presets"])
+    # The line serves the pages one after another: their heard runs in order, `per_compare` at a time, a new
+    # comparison also where the records' compare_id changes (a tree that records one); the pages in the order their
+    # first sound came.
+    served: list[list[dict]] = []
+    for r in heard:
+        last = served[-1] if served else None
+        ids = {compare_id(x) for x in last or []} - {None}
+        if last is None or len(last) >= per_compare or (compare_id(r) is not None and ids and compare_id(r) not in ids):
+            served.append([r])
+        else:
+            last.append(r)
+    firsts = [tap_clips(snap, "compare-btn", [None]) for snap in snaps]
+    order = sorted(range(len(pages)), key=lambda i: firsts[i][0].get("onset_epoch_ms") or float("inf"))
+    for place, (page_i, recs) in enumerate(zip(order, served)):
+        clips = tap_clips(snaps[page_i], "compare-btn", [r.get("audio_s") for r in recs])
+        for k, (rec, clip) in enumerate(zip(recs, clips)):
+            row = heard_row(tree, "pages", transport, compare, page_i, k, rec, clip)
+            row["place_in_line"] = place
+            entry["rows"].append(row)
+    entry["heard_runs"] = len(heard)
+    return entry
+
+
+def describe(entry: dict) -> str:
+    if entry.get("error"):
+        return f"FAILED: {entry['error'][:200]}"
+    firsts = [r for r in entry["rows"] if r["clip"] == 0]
+    fmt = lambda v: "-" if v is None else f"{v:.0f}"   # noqa: E731
+    if entry["scenario"] == "pages":
+        sounds = sorted(r["click_to_sound_ms"] for r in firsts if r["click_to_sound_ms"] is not None)
+        return (f"{len(firsts)} pages heard, clicks within {fmt(entry.get('click_spread_ms'))} ms (presses "
+                f"{fmt(entry.get('pointerdown_spread_ms'))} ms); click->sound "
+                f"{fmt(sounds[0] if sounds else None)}..{fmt(sounds[-1] if sounds else None)} ms; "
+                f"{entry['wall_s']:.0f} s")
+    if not firsts:
+        return f"no heard run ({entry.get('overall', '')[:60]})"
+    r = firsts[0]
+    return (f"{r['preset']}: click->sound {fmt(r['click_to_sound_ms'])} ms (TTFB {fmt(r['ttfb_ms'])} + lead "
+            f"{fmt(r['lead_ms'])}), page heard {fmt(r['heard_ttfb_ms'])} ms from its request, click->request "
+            f"{fmt(r['click_to_request_ms'])}, click->heard {fmt(r['click_to_heard_ms'])}; {entry['wall_s']:.0f} s"
+            f"{'' if entry.get('played_to_end') else ' (sound still playing at the timeout)'}; quality wait "
+            f"{entry['scored_wait_s']:.0f} s")
+
+
+# -- figures and goals -------------------------------------------------------------------------------------------
+def quantile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between order statistics (lab.metrics' way: index q * (n - 1))."""
+    v = sorted(x for x in values if x is not None)
+    if not v:
+        return None
+    i = q * (len(v) - 1)
+    lo = int(i)
+    return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (i - lo)
 
 
 def spread(values: list) -> dict:
-    """lab.metrics.summarize: median, and min–max (p10–p90 from 10 values on)."""
-    s = summarize([v for v in values if v is not None])
-    return {"median": s["median"], "lo": s["lo"], "hi": s["hi"], "n": s["n"],
-            "spread": "p10–p90" if s["n"] >= 10 else "min–max"}
+    """Median, and the spread: min-max, or p10-p90 from 10 values on (lab.metrics.summarize's rule)."""
+    v = [x for x in values if x is not None]
+    wide = len(v) >= 10
+    return {"median": quantile(v, 0.5), "lo": quantile(v, 0.1 if wide else 0.0),
+            "hi": quantile(v, 0.9 if wide else 1.0), "n": len(v), "spread": "p10-p90" if wide else "min-max"}
 
 
-def groups(rows: list[dict], *keys: str) -> dict:
+def group_key(r: dict) -> tuple:
+    return (r["tree_role"], r["tree"], r["scenario"], r["transport"])
+
+
+def groups(rows: list[dict]) -> dict:
     out: dict = {}
     for r in rows:
-        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+        out.setdefault(group_key(r), []).append(r)
+    return dict(sorted(out.items(), key=lambda kv: (kv[0][0] != "current", SCENARIOS.index(kv[0][2]),
+                                                     TRANSPORTS.index(kv[0][3]))))
+
+
+def model_floor(r: dict) -> float | None:
+    """TTFB + the stream's leading silence: the earliest the first audible sample can sound, counted from the
+    request (the player has to play the silence before it first)."""
+    return None if r["ttfb_ms"] is None else r["ttfb_ms"] + (r["lead_ms"] or 0)
+
+
+def verdict(value: float | None, limit: float) -> bool | None:
+    return None if value is None else value <= limit
+
+
+def goals(rows: list[dict]) -> list[dict]:
+    """Per tree, scenario and transport, over each compare's first heard run (each page's, in pages)."""
+    out = []
+    for (role, commit, scenario, transport), rs in groups([r for r in rows if r["clip"] == 0]).items():
+        over = [r["over_model_ms"] for r in rs if r["over_model_ms"] is not None]
+        request = [r["click_to_request_ms"] for r in rs if r.get("click_to_request_ms") is not None]
+        agree = [abs(r["tap_minus_page_ms"]) for r in rs if r["tap_minus_page_ms"] is not None]
+        out.append({
+            "tree_role": role, "tree": commit, "scenario": scenario, "transport": transport, "runs": len(rs),
+            "tap_missing": sum(r["click_to_sound_ms"] is None for r in rs),
+            "reported_transports": sorted({r["reported_transport"] for r in rs if r["reported_transport"]}),
+            "click_to_sound_ms": spread([r["click_to_sound_ms"] for r in rs]),
+            "model_floor_ms": spread([model_floor(r) for r in rs]),
+            "heard_from_request_ms": spread([r["heard_ttfb_ms"] for r in rs]),
+            "page_path_ms": spread([r["page_path_ms"] for r in rs]),
+            "sound_over_model": {"median_ms": quantile(over, 0.5), "p95_ms": quantile(over, 0.95), "n": len(over),
+                                 "median_limit_ms": GOAL_MEDIAN_MS, "p95_limit_ms": GOAL_P95_MS,
+                                 "met_median": verdict(quantile(over, 0.5), GOAL_MEDIAN_MS),
+                                 "met_p95": verdict(quantile(over, 0.95), GOAL_P95_MS)},
+            "click_to_request": {"median_ms": quantile(request, 0.5), "n": len(request), "limit_ms": GOAL_REQUEST_MS,
+                                 "met": verdict(quantile(request, 0.5), GOAL_REQUEST_MS)},
+            "agreement": {"median_ms": quantile(agree, 0.5), "max_ms": max(agree) if agree else None,
+                          "n": len(agree), "limit_ms": GOAL_AGREE_MS,
+                          "met": None if not agree else max(agree) <= GOAL_AGREE_MS
+                          and quantile(agree, 0.5) <= GOAL_AGREE_MS},
+        })
     return out
 
 
-def heard_summary(heard: list[dict]) -> list[dict]:
-    table = []
-    for (transport, preset), rows in groups(heard, "transport", "preset").items():
-        table.append({"transport": transport, "preset": preset, "weights": rows[0]["weights"],
-                      "heard_runs": len(rows), "reports_missing": sum(r["report_missing"] for r in rows),
-                      **{k: spread([r[k] for r in rows]) for k in HEARD_KEYS}})
-    return sorted(table, key=lambda t: (TRANSPORTS.index(t["transport"]), t["preset"]))
-
-
-def page_vs_cli(page_runs: list[dict], cli_runs: list[dict]) -> list[dict]:
-    """Per preset: the PCM compares' warm runs (every warm run, heard or not) against the CLI's warm runs."""
-    table = []
-    for preset in CLI_PRESETS:
-        page = [r for r in page_runs if r["preset"] == preset and not r["cold"]]
-        cli = [r for r in cli_runs if r["preset"] == preset and not r.get("cold") and not r.get("cancelled")]
-        row = {"preset": preset}
-        for key in ("ttfb_ms", "rtf", "audio_s"):
-            p, c = spread([r[key] for r in page]), spread([r.get(key) for r in cli])
-            row[f"page_{key}"], row[f"cli_{key}"] = p, c
-            row[f"{key}_diff"] = minus(p["median"], c["median"])
-            row[f"{key}_within_spread"] = overlap(p, c)
-        table.append(row)
-    return table
-
-
-def overlap(a: dict, b: dict) -> bool | None:
-    """The two spreads overlap: the difference of medians is no larger than the run-to-run spread."""
-    if a["lo"] is None or b["lo"] is None:
-        return None
-    return a["lo"] <= b["hi"] and b["lo"] <= a["hi"]
-
-
-def goals(heard: list[dict]) -> list[dict]:
-    """The page's goals, per transport and preset, evaluated as written."""
+def later_clips(rows: list[dict]) -> list[dict]:
+    """The second clip of each compare, from the end of the first one: reported apart, not in the goals."""
     out = []
-    for (transport, preset), rows in groups(heard, "transport", "preset").items():
-        share = spread([r["transport_share_ms"] for r in rows])["median"]
-        over_ttfb = spread([r["heard_over_ttfb_ms"] for r in rows])["median"]
-        fast = [r for r in rows if r["rtf"] is not None and r["rtf"] < GOAL_RTF_FOR_NO_STALLS]
-        reported = [r for r in fast if r["browser_underruns"] is not None]
-        stalls = sum(r["browser_underruns"] for r in reported)
-        out.append({
-            "transport": transport, "preset": preset, "heard_runs": len(rows),
-            "reports_missing": sum(r["report_missing"] for r in rows),
-            "heard_vs_floor": {"median_ms": share, "limit_ms": GOAL_HEARD_OVER_MODEL_MS,
-                               "met": None if share is None else share <= GOAL_HEARD_OVER_MODEL_MS},
-            "heard_vs_ttfb_literal": {"median_ms": over_ttfb, "limit_ms": GOAL_HEARD_OVER_MODEL_MS,
-                                      "met": None if over_ttfb is None else over_ttfb <= GOAL_HEARD_OVER_MODEL_MS},
-            "no_stalls_below_rtf": {"rtf_limit": GOAL_RTF_FOR_NO_STALLS, "runs_below": len(fast),
-                                    "runs_reported": len(reported), "stalls": stalls,
-                                    "met": None if not reported else stalls == 0},
-        })
-    return sorted(out, key=lambda g: (TRANSPORTS.index(g["transport"]), g["preset"]))
+    for (role, commit, scenario, transport), rs in groups([r for r in rows if r["clip"] > 0]).items():
+        out.append({"tree_role": role, "tree": commit, "scenario": scenario, "transport": transport, "runs": len(rs),
+                    "previous_stalled": sum(r.get("previous_stop") == "stall" for r in rs),
+                    "after_previous_ms": spread([r.get("after_previous_ms") for r in rs]),
+                    "ttfb_ms": spread([r["ttfb_ms"] for r in rs]), "lead_ms": spread([r["lead_ms"] for r in rs]),
+                    "over_model_from_previous_ms": spread([minus(minus(r.get("after_previous_ms"), r["ttfb_ms"]),
+                                                                 r["lead_ms"]) for r in rs])})
+    return out
 
 
 # -- charts ------------------------------------------------------------------------------------------------------
-WATERFALL = (("ttfb_ms", "model TTFB", "#4c72b0"), ("first_audible_ms", "first audible (model)", "#55a868"),
-             ("sent_ms", "sent (server, PCM)", "#8172b3"), ("received_ms", "received (browser)", "#dd8452"),
-             ("heard_ttfb_ms", "heard (browser)", "#c44e52"))
+def group_label(key: tuple) -> str:
+    role, commit, scenario, transport = key
+    return f"{role} {commit} · {scenario} · {transport}"
 
 
-def preset_label(preset: str, weights: str | None) -> str:
-    return f"{preset} ({RANDOM_NOTE})" if weights == "random" and preset.startswith("pocket") else preset
+def stages(r: dict) -> dict:
+    """A heard run's stages in ms from the click. Where the tree reports no click -> request, the request is put at
+    the tap's click -> sound less the page's heard-from-request (an estimate: marked)."""
+    request = r.get("click_to_request_ms")
+    estimated = request is None
+    if estimated:
+        request = r["page_path_ms"]
+    if request is None:
+        return {}
+    out = {"request": request, "ttfb": None if r["ttfb_ms"] is None else request + r["ttfb_ms"],
+           "first audible (model)": None if r["first_audible_ms"] is None else request + r["first_audible_ms"],
+           "floor: TTFB + lead": None if r["ttfb_ms"] is None else request + r["ttfb_ms"] + (r["lead_ms"] or 0),
+           "received (page)": r.get("click_to_received_ms") if not estimated else
+           None if r["received_ms"] is None else request + r["received_ms"],
+           "heard (page)": r.get("click_to_heard_ms"), "sound (tap)": r["click_to_sound_ms"],
+           "_estimated": estimated}
+    return out
 
 
-def chart_title(env: dict, what: str) -> str:
-    return f"{what}\n{title_line(env)}"
+STAGES = (("request", "#8172b3"), ("ttfb", "#4c72b0"), ("first audible (model)", "#55a868"),
+          ("floor: TTFB + lead", "#999999"), ("received (page)", "#937860"), ("heard (page)", "#dd8452"),
+          ("sound (tap)", "#c44e52"))
 
 
-def waterfall_chart(summary: list[dict], env: dict, path: str) -> None:
+def waterfall_chart(rows: list[dict], env: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    presets = list(dict.fromkeys(s["preset"] for s in summary))
-    fig, axes = plt.subplots(len(presets), len(TRANSPORTS), figsize=(13, 2.3 * len(presets) + 1.2), squeeze=False,
-                             sharex="row")
-    for i, preset in enumerate(presets):
-        for j, transport in enumerate(TRANSPORTS):
-            ax = axes[i][j]
-            row = next((s for s in summary if s["preset"] == preset and s["transport"] == transport), None)
-            ax.set_title(f"{preset_label(preset, row and row['weights'])} · {transport}", fontsize=9)
-            if row is None:
-                ax.text(0.5, 0.5, "no runs", ha="center", transform=ax.transAxes)
+    grouped = groups([r for r in rows if r["clip"] == 0])
+    if not grouped:
+        return
+    fig, axes = plt.subplots(len(grouped), 1, figsize=(12, 1.9 * len(grouped) + 1.2), squeeze=False)
+    for ax, (key, rs) in zip(axes[:, 0], grouped.items()):
+        per_run = [stages(r) for r in rs]
+        estimated = any(s.get("_estimated") for s in per_run)
+        for y, (name, colour) in enumerate(STAGES):
+            s = spread([p.get(name) for p in per_run])
+            if s["median"] is None:
+                why = "not reported by this tree" if name == "heard (page)" else "missing"
+                ax.text(0, y, f"  {name}: {why}", va="center", fontsize=7, color="#888888")
                 continue
-            waterfall_bars(ax, row)
-    for ax in axes[-1]:
-        ax.set_xlabel("ms from the server's request stamp (median; whiskers: spread)", fontsize=8)
-    fig.suptitle(chart_title(env, "Heard run, stage by stage: model → browser → speaker"), fontsize=9)
+            hatch = "//" if estimated and name not in ("sound (tap)", "heard (page)") else None
+            ax.barh(y, s["median"], color=colour, hatch=hatch, edgecolor="white",
+                    xerr=[[s["median"] - s["lo"]], [s["hi"] - s["median"]]], capsize=3)
+            ax.text(s["hi"], y, f"  {s['median']:.0f}", va="center", fontsize=7)
+        ax.set_yticks(range(len(STAGES)), [n for n, _ in STAGES], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(group_label(key) + f" · {len(rs)} runs" +
+                     (" · hatched: request placed at tap sound - page heard (no click stamp from this tree)"
+                      if estimated else ""), fontsize=8)
+    axes[-1, 0].set_xlabel("ms from the click (median; whiskers: min-max, p10-p90 from 10 runs)", fontsize=8)
+    fig.suptitle(f"From the click, stage by stage: each compare's first heard run\n{title_line(env)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def waterfall_bars(ax, row: dict) -> None:
-    for y, (key, name, colour) in enumerate(WATERFALL):
-        s = row[key]
-        if s["median"] is None:
-            why = "not on Gradio's path (HLS)" if key == "sent_ms" and row["transport"] == "gradio" else \
-                f"missing ({row['reports_missing']} of {row['heard_runs']} reports)"
-            ax.text(0, y, f"  {name}: {why}", va="center", fontsize=7, color="#c44e52")
-            continue
-        ax.barh(y, s["median"], color=colour, xerr=[[s["median"] - s["lo"]], [s["hi"] - s["median"]]], capsize=3)
-        ax.text(s["hi"], y, f"  {s['median']:.0f}", va="center", fontsize=7)
-    floor = row["heard_floor_ms"]["median"]
-    if floor is not None:
-        ax.axvline(floor, color="grey", linestyle="--", linewidth=1, label="heard floor (median)")
-        ax.legend(fontsize=7, loc="lower right")
-    ax.set_yticks(range(len(WATERFALL)), [w[1] for w in WATERFALL], fontsize=8)
-    ax.invert_yaxis()
-
-
-def stalls_chart(summary: list[dict], env: dict, path: str) -> None:
+def click_to_sound_chart(rows: list[dict], env: dict, path: str) -> None:
+    """Click -> sound per group, and its difference from the model floor with the goals. The pages groups (which
+    hold the wait in the line, tens of seconds) get a row of panels of their own, so as not to squash the others."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    presets = list(dict.fromkeys(s["preset"] for s in summary))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    width = 0.8 / len(TRANSPORTS)
-    for ax, key, name in ((axes[0], "browser_underruns", "player stalls (browser underruns) per heard run"),
-                          (axes[1], "browser_gap_s", "player stall time s per heard run")):
-        for j, transport in enumerate(TRANSPORTS):
-            xs, med, err = [], [], [[], []]
-            for i, preset in enumerate(presets):
-                row = next((s for s in summary if s["preset"] == preset and s["transport"] == transport), None)
-                s = row[key] if row else {"median": None}
-                if s["median"] is None:
-                    continue
-                xs.append(i + (j - (len(TRANSPORTS) - 1) / 2) * width)
-                med.append(s["median"])
-                err[0].append(s["median"] - s["lo"])
-                err[1].append(s["hi"] - s["median"])
-            ax.bar(xs, med, width, yerr=err, capsize=3, label=transport)
-        weights = {s["preset"]: s["weights"] for s in summary}
-        ax.set_xticks(range(len(presets)), [preset_label(p, weights[p]).replace(" (", "\n(") for p in presets],
-                      fontsize=8)
-        ax.set_ylabel(name + " (median; whiskers: spread)", fontsize=8)
-        ax.legend(fontsize=8)
-    fig.suptitle(chart_title(env, "Player stalls per transport"), fontsize=9)
+    grouped = groups([r for r in rows if r["clip"] == 0])
+    if not grouped:
+        return
+    bands = [[k for k in grouped if k[2] != "pages"], [k for k in grouped if k[2] == "pages"]]
+    bands = [b for b in bands if b]
+    horizontal = {"orientation": "horizontal"} if tuple(int(x) for x in matplotlib.__version__.split(".")[:2]) >= (
+        3, 10) else {"vert": False}
+    fig, axes = plt.subplots(len(bands), 2, figsize=(14, 0.55 * len(grouped) + 1.6 * len(bands) + 1.2),
+                             squeeze=False, gridspec_kw={"height_ratios": [len(b) + 1 for b in bands]})
+    for (left, right), keys in zip(axes, bands):
+        extent = {left: [0.0, GOAL_MEDIAN_MS], right: [0.0, GOAL_P95_MS]}   # each panel's data, for its limits
+        for y, key in enumerate(keys):
+            rs = grouped[key]
+            sound = [r["click_to_sound_ms"] for r in rs if r["click_to_sound_ms"] is not None]
+            over = [r["over_model_ms"] for r in rs if r["over_model_ms"] is not None]
+            floor = [model_floor(r) for r in rs if r["ttfb_ms"] is not None]
+            colour = "#c44e52" if key[0] == "current" else "#4c72b0"
+            for ax, values in ((left, sound), (right, over)):
+                if values:
+                    extent[ax] += values
+                    ax.boxplot([values], positions=[y], widths=0.5, showfliers=False, **horizontal)
+                    jitter = [y + 0.18 * ((i * 7919) % 11 / 10 - 0.5) for i in range(len(values))]
+                    ax.scatter(values, jitter, s=10, color=colour, alpha=0.7, zorder=3)
+            if floor:
+                goal = quantile(floor, 0.5) + GOAL_MEDIAN_MS
+                left.plot([goal, goal], [y - 0.35, y + 0.35], color="#2ca02c", linewidth=2, zorder=4)
+                extent[left].append(goal)
+        for ax in (left, right):
+            lo, hi = min(extent[ax]), max(extent[ax])
+            ax.set_xlim(lo - 0.04 * (hi - lo), hi + 0.06 * (hi - lo))
+            ax.set_yticks(range(len(keys)), [group_label(k) for k in keys] if ax is left else [""] * len(keys),
+                          fontsize=7)
+            ax.set_ylim(len(keys) - 0.5, -0.5)
+            ax.grid(axis="x", alpha=0.3)
+        right.axvline(GOAL_MEDIAN_MS, color="#2ca02c", linewidth=1.5, label=f"median goal {GOAL_MEDIAN_MS:.0f} ms")
+        right.axvline(GOAL_P95_MS, color="#ff7f0e", linewidth=1.5, linestyle="--",
+                      label=f"p95 goal {GOAL_P95_MS:.0f} ms")
+        right.legend(fontsize=7, loc="lower right")
+    axes[-1, 0].set_xlabel("click -> first audible sample rendered, ms (tap)\ngreen: median TTFB + lead + "
+                           f"{GOAL_MEDIAN_MS:.0f} ms (the goal for the median)", fontsize=8)
+    axes[-1, 1].set_xlabel("click -> sound - (TTFB + leading silence) per run, ms", fontsize=8)
+    fig.suptitle(f"Click -> sound, each compare's first heard run (boxes: quartiles; dots: runs; pages: each page's, "
+                 f"its wait in the line included)\n{title_line(env)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 # -- text --------------------------------------------------------------------------------------------------------
-def cell(s: dict, digits: int = 0) -> str:
-    if s["median"] is None:
-        return "missing"
-    return f"{s['median']:.{digits}f} ({s['lo']:.{digits}f}–{s['hi']:.{digits}f})"
+def cell(s: dict) -> str:
+    return "-" if s["median"] is None else f"{s['median']:.0f} ({s['lo']:.0f}-{s['hi']:.0f})"
+
+
+def num(v) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def mark(met) -> str:
+    return "n/a" if met is None else "met" if met else "NOT met"
 
 
 def text_table(header: list[str], lines: list[list[str]]) -> str:
@@ -471,145 +847,190 @@ def text_table(header: list[str], lines: list[list[str]]) -> str:
 
 
 def print_tables(results: dict) -> None:
-    print(f"\n{title_line(results['env'])}\nmedian (spread) over heard runs, ms unless named\n")
-    head = ["transport", "preset", "n", "miss", "model TTFB", "first aud.", "heard floor", "received", "heard",
-            "transport share", "heard-TTFB", "delivery", "stalls", "gap s", "RTF"]
-    lines = [[s["transport"], s["preset"], s["heard_runs"], s["reports_missing"], cell(s["ttfb_ms"]),
-              cell(s["first_audible_ms"]), cell(s["heard_floor_ms"]), cell(s["received_ms"]),
-              cell(s["heard_ttfb_ms"]), cell(s["transport_share_ms"]), cell(s["heard_over_ttfb_ms"]),
-              cell(s["delivery_ms"]), cell(s["browser_underruns"]), cell(s["browser_gap_s"], 2), cell(s["rtf"], 3)]
-             for s in results["summary"]]
+    print(f"\n{title_line(results['env'])}")
+    print("each compare's first heard run; ms, median (spread); over = click->sound - TTFB - lead, per run\n")
+    head = ["tree", "scenario", "transport", "n", "click->sound (tap)", "TTFB+lead", "page heard from req.",
+            "page path (tap-heard)", f"over median<={GOAL_MEDIAN_MS:.0f}", f"over p95<={GOAL_P95_MS:.0f}",
+            f"click->req<={GOAL_REQUEST_MS:.0f}", f"|tap-page|<={GOAL_AGREE_MS:.0f} med/max"]
+    lines = []
+    for g in results["goals"]:
+        o, q, a = g["sound_over_model"], g["click_to_request"], g["agreement"]
+        ran = g["reported_transports"]
+        lines.append([f"{g['tree_role']} {g['tree']}", g["scenario"], g["transport"] + (
+            "" if ran in ([g["transport"]], []) else f" (ran {'/'.join(ran)})"),
+            f"{g['runs']}" + (f" ({g['tap_missing']} no tap)" if g["tap_missing"] else ""),
+            cell(g["click_to_sound_ms"]), cell(g["model_floor_ms"]), cell(g["heard_from_request_ms"]),
+            cell(g["page_path_ms"]), f"{num(o['median_ms'])} {mark(o['met_median'])}",
+            f"{num(o['p95_ms'])} {mark(o['met_p95'])}", f"{num(q['median_ms'])} {mark(q['met'])}",
+            f"{num(a['median_ms'])}/{num(a['max_ms'])} {mark(a['met'])}"])
     print(text_table(head, lines))
-    if results["page_vs_cli"]:
-        print_page_vs_cli(results["page_vs_cli"])
-    print_goals(results["goals"])
-    missing = sum(s["reports_missing"] for s in results["summary"])
-    if missing:
-        print(f"\n{missing} heard run(s) have no browser report (heard_ttfb_ms missing): left out, not filled in")
-    per = groups(results["compares"], "scenario", "transport")
-    print("\nwall time per compare (s, median): " + "; ".join(
-        f"{k[0]}/{k[1]} {statistics.median(c['wall_s'] for c in v):.1f}" for k, v in per.items()))
-
-
-def print_page_vs_cli(table: list[dict]) -> None:
-    print("\npage (PCM compares, all warm runs) against the CLI (warm runs); within = the spreads overlap\n")
-    head = ["preset", "page TTFB ms", "CLI TTFB ms", "within", "page RTF", "CLI RTF", "within", "page audio s",
-            "CLI audio s"]
-    lines = [[r["preset"], cell(r["page_ttfb_ms"]), cell(r["cli_ttfb_ms"]), r["ttfb_ms_within_spread"],
-              cell(r["page_rtf"], 3), cell(r["cli_rtf"], 3), r["rtf_within_spread"], cell(r["page_audio_s"], 2),
-              cell(r["cli_audio_s"], 2)] for r in table]
-    print(text_table(head, lines))
-
-
-def print_goals(goal_rows: list[dict]) -> None:
-    print(f"\ngoals: heard ≤ +{GOAL_HEARD_OVER_MODEL_MS:.0f} ms (median; against the heard floor, and literally "
-          f"against model TTFB); no player stalls while RTF < {GOAL_RTF_FOR_NO_STALLS}\n")
-    head = ["transport", "preset", "heard-floor ms", "met", "heard-TTFB ms", "met", "stalls (runs RTF<0.8)", "met"]
-    fmt = lambda v: "-" if v is None else f"{v:.0f}"   # noqa: E731
-    lines = [[g["transport"], g["preset"], fmt(g["heard_vs_floor"]["median_ms"]), g["heard_vs_floor"]["met"],
-              fmt(g["heard_vs_ttfb_literal"]["median_ms"]), g["heard_vs_ttfb_literal"]["met"],
-              f"{g['no_stalls_below_rtf']['stalls']} ({g['no_stalls_below_rtf']['runs_reported']})",
-              g["no_stalls_below_rtf"]["met"]] for g in goal_rows]
-    print(text_table(head, lines))
+    if results["later_clips"]:
+        print("\nsecond clip of each compare (not in the goals): from where the first clip stopped sounding, ms "
+              "(prev stalled: it stopped before its end, a media element waiting for data)\n")
+        head = ["tree", "scenario", "transport", "n", "prev stalled", "prev end->sound", "TTFB", "lead", "over model"]
+        print(text_table(head, [[f"{g['tree_role']} {g['tree']}", g["scenario"], g["transport"], g["runs"],
+                                 g["previous_stalled"],
+                                 cell(g["after_previous_ms"]), cell(g["ttfb_ms"]), cell(g["lead_ms"]),
+                                 cell(g["over_model_from_previous_ms"])] for g in results["later_clips"]]))
+    failed = [c for c in results["compares"] if c.get("error")]
+    if failed:
+        print(f"\n{len(failed)} compare(s) failed: " + "; ".join(
+            f"{c['tree_role']} {c['scenario']} {c['transport']} #{c['compare']}: {c['error'][:80]}" for c in failed))
 
 
 # -- main --------------------------------------------------------------------------------------------------------
 METHOD = f"""\
-`python app.py` (FastAPI + Gradio, PCM WebSocket at /lab/pcm) on a loopback port, history in a temporary JSONL,
-HF_HUB_OFFLINE=1; headless Debian Chromium through Playwright (autoplay allowed, no GPU). Each compare is a real
-click on the page: scenario first-click = hibari + hibari-whole, the page's default text and cap; scenario
-pocket-random = pocket-tts-cpu with "random weights" ticked (real size, random weights: latency only, the audio is
-noise), cap {SCENARIOS[1].max_audio_s:g} s. {WARM_RUNS} warm runs per preset after a cold run (the cold run only on
-a preset's first build; later compares reuse the built variant, so all their runs are warm). The first warm run of
-each preset is the heard one. The four (scenario, transport) pairs are interleaved compare by compare; before the
-next compare the script waits until the last clip finished playing. Figures come from the run records the
-server wrote: model side ttfb_ms, first_audible_ms, first_audible_s, rtf, steady_rtf, underruns; browser side
-received_ms, heard_ttfb_ms, browser_underruns, browser_gap_s (PCM: Web Audio schedule, 60 ms jitter buffer;
-gradio: Gradio's <audio>, heard at its first 'playing' event, received at the first HLS segment's Resource Timing
-entry). heard floor = max(first_audible_ms, ttfb_ms + 1000 * first_audible_s): the earliest any player could play
-the first audible sample. transport share = heard_ttfb_ms - heard floor; delivery = received_ms - ttfb_ms. A heard
-run without a browser report is counted as missing, never filled in. Spreads: min-max (p10-p90 from 10 values).
-After the page, the server and browser are stopped and the CLI runs on the same machine:
-python -m lab.bench --weights random --runs {CLI_RUNS} --text <the page's default text>, once per scenario with that
-scenario's presets and cap (hibari + hibari-whole with the page's default cap, pocket-tts-cpu with
-{SCENARIOS[1].max_audio_s:g} s), so that page and CLI make the same request: the default text is about 7 s of
-hibari audio, and a 6 s cap would cut it in the CLI only. hibari keeps its own voice under --weights random. Page against CLI: the
-PCM compares' warm runs (heard or not) against the CLI's warm runs; "within spread" = the two spreads overlap.
+Two trees (--base, checked out with git worktree; the working tree), each `python app.py` on a loopback port with
+its own history (HF_HUB_OFFLINE=1). Headless Debian Chromium through Playwright (autoplay allowed, no GPU); a fresh
+browser context and page per compare, so every click is a page's first. tap.js is injected before the page's
+scripts: the click is the `click` event's timeStamp on #compare-btn or #ab-play (performance clock); the sound is
+the first audible sample rendered after it (an AudioWorklet fed by every connection to an AudioDestinationNode,
+and by a captureStream() copy of each <audio> element that plays; RMS over a 10 ms window sliding by 1 ms at or
+above -50 dBFS after >= 300 ms below; context time mapped to the performance clock by getOutputTimestamp, so the
+output latency is counted). Scenarios: first-click (the page's pre-ticked presets, default text, cap and runs),
+ab (Blind A/B, as it streams), pages (current tree: N pages click within a few ms, short text, one run each, served
+one after another by the line). Each scenario over both values of the transport radio, compares interleaved tree
+by tree. One warm-up compare per tree first (builds), not counted. After each compare the script waits until no
+sound is to come and until the server scored its runs' quality (so that no scoring shares the CPU with the next
+compare). Model figures (ttfb_ms, first_audible_s/ms, heard_ttfb_ms: the page's heard from the run's request) and
+the page's own click_to_request_ms / click_to_heard_ms (where the tree records them) come from the history records;
+heard runs are matched to the tap's clips in the order they were requested (by compare_id where recorded). Goals,
+over each compare's first heard run: click->sound - TTFB - 1000*first_audible_s median <= {GOAL_MEDIAN_MS:.0f} ms and
+p95 <= {GOAL_P95_MS:.0f} ms; click->request median <= {GOAL_REQUEST_MS:.0f} ms; |click_to_heard_ms - click->sound| median
+and max <= {GOAL_AGREE_MS:.0f} ms. The second clip of a compare starts after the first finished playing: its zero is the
+end of the first clip as rendered (after_previous_ms), reported apart, not in the goals.
 """
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--compares", type=int, default=5, help="compares per (scenario, transport) (default 5)")
-    p.add_argument("--out", help="results folder (default benchmarks/browser/<commit>/)")
-    p.add_argument("--skip-cli", action="store_true", help="no CLI run (a trial of the page alone)")
-    p.add_argument("--keep-tmp", action="store_true", help="keep the server's history and log folder")
+    p.add_argument("--base", default=DEFAULT_BASE, help=f"the previous tree's commit (default {DEFAULT_BASE})")
+    p.add_argument("--trees", default="current,base", help="which trees: current,base (default), current or base")
+    p.add_argument("--compares", type=int, default=10, help="first-click compares per tree and transport (10)")
+    p.add_argument("--ab-plays", type=int, default=3, help="blind pairs per tree and transport (3)")
+    p.add_argument("--pages", type=int, default=8, help="pages clicking at once in the pages scenario (8; 0: none)")
+    p.add_argument("--pages-rounds", type=int, default=2, help="rounds of the pages scenario per transport (2)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of " + ", ".join(SCENARIOS))
+    p.add_argument("--transports", default=",".join(TRANSPORTS), help="comma list of " + ", ".join(TRANSPORTS))
+    p.add_argument("--quick", action="store_true", help="one of each (a trial)")
+    p.add_argument("--out", help="results folder (default benchmarks/browser/<current commit>/)")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the servers' histories and logs")
     args = p.parse_args(argv)
-    env = machine_facts()
-    out = args.out or os.path.join(ROOT, "benchmarks", "browser", env["commit"])
-    os.makedirs(out, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="lab-browser-bench-")
+    if args.quick:
+        args.compares, args.ab_plays, args.pages_rounds = 1, 1, 1
+    roles = [t.strip() for t in args.trees.split(",") if t.strip()]
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+    if not set(roles) <= {"current", "base"} or not set(scenarios) <= set(SCENARIOS) or not set(transports) <= set(
+            TRANSPORTS):
+        p.error("--trees, --scenarios or --transports names something unknown")
+
+    tmp = tempfile.mkdtemp(prefix="lab-click-bench-")
     started_s = time.time()
 
     def log(line: str) -> None:
         print(f"[{time.time() - started_s:6.0f} s] {line}", flush=True)
 
+    env = machine_facts()
+    trees = []
+    if "current" in roles:
+        trees.append(current_tree())
+    if "base" in roles:
+        trees.append(base_tree(args.base, tmp))
+    env["trees"] = [{"role": t.role, "commit": t.commit, "dirty": t.dirty} for t in trees]
+    out = args.out or os.path.join(ROOT, "benchmarks", "browser", current_tree().commit)
+    os.makedirs(out, exist_ok=True)
     log(f"{title_line(env)}; load average {env['loadavg_at_start']}; temporary files in {tmp}")
-    compares, text, default_cap_s = page_phase(args.compares, tmp, log)
-    cli = None if args.skip_cli else run_cli(text, default_cap_s, tmp, log)
-    env["loadavg_at_end"] = os.getloadavg()
-    results = assemble(env, compares, cli, text, time.time() - started_s)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    waterfall_chart(results["summary"], env, os.path.join(out, "waterfall.png"))
-    stalls_chart(results["summary"], env, os.path.join(out, "stalls.png"))
+    results = {"env": env, "method": METHOD, "args": vars(args), "compares": [], "warmup": [], "rows": []}
+    servers = []
+    try:
+        servers = [Server(t, os.path.join(tmp, f"server-{t.role}")) for t in trees]
+        for s in servers:
+            s.wait_serving()
+            log(f"{s.tree.role} tree {s.tree.commit} serves {s.url}")
+        asyncio.run(run_all(servers, args, scenarios, transports, results, out, env, log))
+    except KeyboardInterrupt:
+        log("interrupted: writing what was measured")
+    finally:
+        for s in servers:
+            s.stop()
+        for t in trees:
+            remove_tree(t)
+        env["loadavg_at_end"] = os.getloadavg()
+        env["wall_s"] = time.time() - started_s
+        save(results, out, env)
+        if not args.keep_tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
     print_tables(results)
-    log(f"wrote {out}/results.json, waterfall.png, stalls.png")
-    if not args.keep_tmp:
-        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"wrote {out}/results.json, waterfall.png, click_to_sound.png")
     return 0
 
 
-def page_phase(compares: int, tmp: str, log) -> tuple[list[dict], str, float]:
-    from playwright.sync_api import sync_playwright
-
-    app = AppProcess(tmp)     # the real presets/
-    log(f"app.py serves {app.url}")
-    try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                return run_compares(browser, app.url, app.history, compares, log)
-            finally:
-                browser.close()
-    except Exception:
-        log(f"failed; the server's log ends:\n{open(app.log_path).read()[-3000:]}")
-        raise
-    finally:
-        app.stop()
-
-
-def assemble(env: dict, compares: list[dict], cli: dict | None, text: str, wall_s: float) -> dict:
-    heard, server_runs = [], []
-    for c in compares:
-        for r in c["records"]:
-            if r.get("cancelled") or r.get("source") != "app":
+def plan(args, scenarios: list[str], transports: list[str], servers: list[Server]) -> list[tuple]:
+    """(scenario, transport, server, index) in the order they run: round by round, scenario by scenario,
+    transport by transport, tree by tree."""
+    counts = {"first-click": args.compares, "ab": args.ab_plays, "pages": args.pages_rounds if args.pages else 0}
+    steps = []
+    for i in range(max(counts[s] for s in scenarios)):
+        for scenario in scenarios:
+            if i >= counts[scenario]:
                 continue
-            server_runs.append(server_row(r, c, "page"))
-            if r.get("heard"):
-                heard.append(heard_row(r, c))
-    cli_runs = [server_row(r, None, "cli") for r in (cli or {}).get("runs", []) if not r.get("cancelled")]
-    pcm_runs = [r for r in server_runs if r["transport"] == "pcm"]
-    summary = heard_summary(heard)
-    return {
-        "env": env, "method": METHOD, "text": text, "wall_s": wall_s,
-        "compares": [{k: v for k, v in c.items() if k != "records"} for c in compares],
-        "heard_runs": heard, "server_runs": server_runs + cli_runs, "summary": summary,
-        "page_vs_cli": page_vs_cli(pcm_runs, cli_runs) if cli else None,
-        "cli": {k: v for k, v in cli.items() if k != "runs"} if cli else None,
-        "goals": goals(heard),
-        "missing_reports": [{k: h[k] for k in ("transport", "preset", "round")} for h in heard if h["report_missing"]],
-    }
+            for transport in transports:
+                for server in servers:
+                    if scenario == "pages" and server.tree.role != "current":
+                        continue
+                    steps.append((scenario, transport, server, i))
+    return steps
+
+
+async def run_all(servers: list[Server], args, scenarios, transports, results: dict, out: str, env: dict,
+                  log) -> None:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            for server in servers:   # the builds and the quality models' first load, not counted
+                log(f"warm-up compare on the {server.tree.role} tree {server.tree.commit} ...")
+                entry = await attempt(run_compare(browser, server, "first-click", "pcm", -1, log), server)
+                results["warmup"].append(entry)
+                log(f"warm-up: {describe(entry)}")
+            steps = plan(args, scenarios, transports, servers)
+            for n, (scenario, transport, server, i) in enumerate(steps, 1):
+                if scenario == "pages":
+                    entry = await attempt(run_pages(browser, server, transport, i, args.pages, log), server)
+                else:
+                    entry = await attempt(run_compare(browser, server, scenario, transport, i, log), server)
+                for k, v in {"tree": server.tree.commit, "tree_role": server.tree.role, "scenario": scenario,
+                             "transport": transport, "compare": i}.items():
+                    entry.setdefault(k, v)
+                results["compares"].append({k: v for k, v in entry.items() if k != "rows"})
+                results["rows"].extend(entry.get("rows", []))
+                log(f"{n}/{len(steps)} {server.tree.role} {server.tree.commit} {scenario} {transport} #{i + 1}: "
+                    f"{describe(entry)}")
+                if n % 5 == 0:
+                    save(results, out, env, charts=False)
+        finally:
+            await browser.close()
+
+
+async def attempt(job, server: Server) -> dict:
+    """A compare that fails is said and kept in the results (error), and the run goes on."""
+    try:
+        return await job
+    except Exception as e:   # playwright's TimeoutError among them
+        return {"error": f"{type(e).__name__}: {e}".split("\n")[0], "server_log_tail": server.log_tail(1500),
+                "rows": []}
+
+
+def save(results: dict, out: str, env: dict, charts: bool = True) -> None:
+    results["goals"] = goals(results["rows"])
+    results["later_clips"] = later_clips(results["rows"])
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    if charts and results["rows"]:
+        waterfall_chart(results["rows"], env, os.path.join(out, "waterfall.png"))
+        click_to_sound_chart(results["rows"], env, os.path.join(out, "click_to_sound.png"))
 
 
 if __name__ == "__main__":
