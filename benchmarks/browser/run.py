@@ -319,6 +319,9 @@ async def wait_scored(server: Server, since: int, timeout_s: float = QUALITY_WAI
     return time.monotonic() - started
 
 
+WAIT_FOR_SCORES = True   # --click-while-scoring: click as a person would, while the last runs are being scored
+
+
 def is_run(r: dict) -> bool:
     return "quality_of" not in r and "preset" in r and not r.get("cancelled")
 
@@ -516,7 +519,7 @@ async def run_compare(browser, server: Server, scenario: str, transport: str, co
         entry["tap"] = compact(snap)
     finally:
         await close_page(page)
-    entry["scored_wait_s"] = await wait_scored(server, since)
+    entry["scored_wait_s"] = await wait_scored(server, since, QUALITY_WAIT_S if WAIT_FOR_SCORES else 0)
     heard = heard_of(server.records()[since:], source)
     clips = tap_clips(snap, button, [r.get("audio_s") for r in heard])
     entry["rows"] = [heard_row(tree, scenario, transport, compare, None, i, rec, clip)
@@ -572,7 +575,7 @@ async def run_pages(browser, server: Server, transport: str, compare: int, pages
     finally:
         for p in pages:
             await close_page(p)
-    entry["scored_wait_s"] = await wait_scored(server, since)
+    entry["scored_wait_s"] = await wait_scored(server, since, QUALITY_WAIT_S if WAIT_FOR_SCORES else 0)
     clicks = [tap_click(snap, "compare-btn") for snap in snaps]
     stamps = [c["epoch_ms"] for c in clicks if c]
     entry["click_spread_ms"] = max(stamps) - min(stamps) if stamps else None
@@ -915,7 +918,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one of each (a trial)")
     p.add_argument("--out", help="results folder (default benchmarks/browser/<current commit>/)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the servers' histories and logs")
+    p.add_argument("--click-while-scoring", action="store_true", help="the next compare does not wait for the "
+                   "server's quality scores of the last one: a person clicks again once the voice has ended, whatever "
+                   "the server still does")
     args = p.parse_args(argv)
+    global WAIT_FOR_SCORES
+    WAIT_FOR_SCORES = not args.click_while_scoring
     if args.quick:
         args.compares, args.ab_plays, args.pages_rounds = 1, 1, 1
     roles = [t.strip() for t in args.trees.split(",") if t.strip()]
