@@ -1,5 +1,6 @@
 """PocketTTS engine on tiny in-process weights (CPU): streaming, exactness against the model's own
 generate() and whole-utterance decode, seeding, end of speech, cancel, compile."""
+import os
 import threading
 import time
 
@@ -182,6 +183,20 @@ def test_threads_axis_sets_torch_threads_for_each_request(engine):
         # the next variant's request sets its own count back: the setting is per process
         record, _ = session.run_once(engine, engine.spec, Request(text=TEXT, max_audio_s=0.5))
         assert record["threads"] == torch.get_num_threads() == pocket_tts.tc.AUTO_THREADS
+    finally:
+        one.close()
+
+
+def test_prefill_takes_every_core_only_while_they_are_free(monkeypatch):
+    from lab import session
+
+    one = pocket_tts.build(tiny_spec(threads="1"), lambda stage, seconds: None)
+    try:
+        for load, prefill_threads in ((0.0, pocket_tts.tc.ALL_THREADS), (pocket_tts.tc.ALL_THREADS, 1)):
+            monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+            record, _ = session.run_once(one, one.spec, Request(text=TEXT, max_audio_s=0.5))
+            assert record["prefill_threads"] == prefill_threads
+            assert record["threads"] == torch.get_num_threads() == 1   # the frames, and what the request leaves
     finally:
         one.close()
 

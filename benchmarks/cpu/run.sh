@@ -16,3 +16,6 @@ python benchmarks/cpu/quality/run.py
 #    generate(), in one process, taking turns; and OpenMP's wait policy (fresh processes)
 python benchmarks/cpu/axes.py --out "benchmarks/cpu/$(git rev-parse --short HEAD)"
 python benchmarks/cpu/omp_wait.py --out "benchmarks/cpu/$(git rev-parse --short HEAD)/omp_wait.json"
+# 5) issue 29: the default CPU presets against an earlier commit, taking turns (exit 1 if one is slower beyond the
+#    spread); BASE is the commit to guard against
+python benchmarks/cpu/regression.py --base "${BASE:-HEAD~1}"

@@ -152,6 +152,7 @@ class PocketTTSEngine(Engine):
         self.stand_in = None if processor is not None else tc.ByteTokenizer(
             vocab_size=min(self._placeholder_ids()), bos_id=None)
         self._latents: list[torch.Tensor] = []  # the latest request's normalised latents, one (1, latent_dim) a frame
+        self.prefill_threads = 0   # the CPU threads the latest request's prefill ran on (tc.prefill_threads)
 
     def _placeholder_ids(self) -> list[int]:
         c = self.model.config
@@ -224,7 +225,8 @@ class PocketTTSEngine(Engine):
         prompt_ids, frames_after_eos = self.build_prompt(request)
         max_frames = self.max_frames(request, prompt_ids)
         kv.reserve(prompt_ids.shape[1] + max_frames)
-        hidden = self.prefill(self.model, prompt_ids, kv)
+        with tc.prefill_threads() as self.prefill_threads:
+            hidden = self.prefill(self.model, prompt_ids, kv)
         timeline.mark("prefill")
 
         zeros = torch.zeros(1, cfg.latent_dim, device=self.device, dtype=dtype)

@@ -158,6 +158,27 @@ def use_threads(spec: VariantSpec) -> int:
     return threads
 
 
+# Every core the process may use (OMP_NUM_THREADS where it is set): what a prompt's prefill takes where they are free.
+ALL_THREADS = torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def prefill_threads():
+    """Every core for a prompt's prefill, in the calling thread, when the machine's load leaves them free; the
+    thread's count again after it. Yields the count it runs on. The prefill is large matrix products before the first
+    chunk, with nothing else of the request beside it, so a free core shortens the TTFB; where the other cores are
+    busy it is slower on them all, and the frames (small products) keep the spec's count either way."""
+    threads = torch.get_num_threads()
+    if threads >= ALL_THREADS or os.getloadavg()[0] > ALL_THREADS - 0.5:
+        yield threads
+        return
+    torch.set_num_threads(ALL_THREADS)
+    try:
+        yield ALL_THREADS
+    finally:
+        torch.set_num_threads(threads)
+
+
 def build_report(spec: VariantSpec, baseline_bytes: int, modules: list[torch.nn.Module], **fields):
     """A build's BuildReport with its size figures taken the same way for every torch engine. memory_bytes: on a GPU,
     what the variant keeps allocated since `baseline_bytes` (weights, quantization state, static caches, graph
