@@ -517,7 +517,7 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
                     C["live"].append(gr.Markdown(elem_id=f"live-{i}"))
                     C["quality"].append(gr.Markdown(elem_id=f"quality-{i}"))
         C["chart_main"] = chart("TTFB, RTF (warm median, bars = spread, hollow = cold) and TTFB phases", "chart-main")
-        C["chart_heard"] = chart("Heard in the browser: model TTFB → first audible → sent → received → heard",
+        C["chart_heard"] = chart("From the click: request → model TTFB → first audible → sent → received → heard",
                                  "chart-heard")
         C["chart_stalls"] = chart("Underruns and stall", "chart-stalls")
         C["summary"] = gr.Dataframe(label="Per preset: warm median, spread, tails, cold apart", elem_id="summary",

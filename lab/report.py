@@ -77,6 +77,10 @@ RUN_FIGURES = (
     Figure("sent_ms", "sent", "ms", 1),
     Figure("received_ms", "received", "ms", 1),
     Figure("heard_ttfb_ms", "heard TTFB", "ms", 1, spread=True),
+    # From the person's click (docs/METRICS.md, "From the click"): what a listener feels.
+    Figure("click_to_request_ms", "click → request", "ms", 1, spread=True),
+    Figure("click_to_received_ms", "click → received", "ms", 1),
+    Figure("click_to_heard_ms", "click → heard", "ms", 1, spread=True, tails=True),
     Figure("browser_underruns", "browser stalls", "", 0),
     Figure("browser_gap_s", "browser gap", "s", 3),
 )
@@ -371,33 +375,56 @@ def stall_chart(runs: list[dict], title: str = "", path: str | None = None):
     return _save(fig, path)
 
 
-# The heard run of each preset, stage by stage, from the request: what the page's waterfall shows.
-HEARD_STAGES = ("ttfb_ms", "first_audible_ms", "sent_ms", "received_ms", "heard_ttfb_ms")
+# The heard run of each preset, stage by stage: what the page's waterfall shows. From the click where the run has
+# one (the model's stamps shifted by click -> request; received and heard on the page's own clock), else from the
+# run's request.
+HEARD_STAGES = (("click → request", "click_to_request_ms", None), ("model TTFB", "ttfb_ms", "click_to_request_ms"),
+                ("first audible ready", "first_audible_ms", "click_to_request_ms"),
+                ("sent", "sent_ms", "click_to_request_ms"), ("received", "received_ms", "click_to_received_ms"),
+                ("heard", "heard_ttfb_ms", "click_to_heard_ms"))
+
+
+def _stages(record: dict) -> list[float | None]:
+    """One heard run's stage times in ms, from its click when it has one, else from its request."""
+    click = record.get("click_to_request_ms")
+    out = []
+    for _, from_request, from_click in HEARD_STAGES:
+        if click is None:
+            out.append(record.get(from_request) if from_click is not None else None)
+        elif from_click is None or from_click == "click_to_request_ms":
+            value = record.get(from_request)
+            out.append(None if value is None else value + (click if from_click else 0.0))
+        else:
+            out.append(record.get(from_click))
+    return out
 
 
 def heard_chart(runs: list[dict], title: str = "", path: str | None = None):
-    """For each preset, its heard runs stage by stage (median, spread as whiskers): model TTFB, first audible
-    sample ready, sent on the socket, received in the browser, heard. None when no heard run has a browser report."""
+    """For each preset, its heard runs stage by stage (median, spread as whiskers): from the click, the request,
+    the model's first chunk, the first audible sample ready, sent on the socket, received in the browser, heard.
+    None when no heard run has a browser report."""
     heard = [r for r in runs if r.get("heard_ttfb_ms") is not None]
     if not heard:
         return None
-    rows = summary_rows(heard)
-    fig, ax = _pyplot().subplots(figsize=(10, 1.2 + 1.3 * len(rows)))
-    colours = ("#4c72b0", "#55a868", "#8172b3", "#dd8452", "#c44e52")
-    ticks, names = [], []
-    for i, row in enumerate(rows):
-        for j, (key, colour) in enumerate(zip(HEARD_STAGES, colours)):
-            s, y = row["warm"][key], i * (len(HEARD_STAGES) + 1) + j
+    presets = list(dict.fromkeys(r["preset"] for r in heard))
+    from_click = all(r.get("click_to_request_ms") is not None for r in heard)
+    # One panel a preset, each on its own scale: a later preset's click times hold the earlier ones' playback.
+    fig, axes = _pyplot().subplots(len(presets), 1, figsize=(10, 0.6 + 1.6 * len(presets)), squeeze=False)
+    colours = ("#937860", "#4c72b0", "#55a868", "#8172b3", "#dd8452", "#c44e52")
+    for ax, preset in zip(axes[:, 0], presets):
+        per_run = [_stages(r) for r in heard if r["preset"] == preset]
+        for j, ((name, _, _), colour) in enumerate(zip(HEARD_STAGES, colours)):
+            s = summarize([stages[j] for stages in per_run])
             if s["median"] is not None:
-                ax.barh(y, s["median"], color=colour, xerr=[[s["median"] - s["lo"]], [s["hi"] - s["median"]]],
+                ax.barh(j, s["median"], color=colour, xerr=[[s["median"] - s["lo"]], [s["hi"] - s["median"]]],
                         capsize=2)
-                ax.text(s["hi"], y, f" {s['median']:.0f}", va="center", fontsize=7)
-            ticks.append(y)
-            names.append(f"{row['preset']}: {FIGURES[key].name}" if j == 0 else FIGURES[key].name)
-    ax.set_yticks(ticks, names, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("ms from the request (heard runs: median, whiskers = spread)", fontsize=8)
-    _title(fig, rows, title)
+                ax.text(s["hi"], j, f" {s['median']:.0f}", va="center", fontsize=7)
+        ax.set_yticks(range(len(HEARD_STAGES)), [f"{preset}: {HEARD_STAGES[0][0]}"] +
+                      [name for name, _, _ in HEARD_STAGES[1:]], fontsize=7)
+        ax.invert_yaxis()
+    axes[-1, 0].set_xlabel(f"ms from the {'click' if from_click else 'request'} (heard runs: median, whiskers = "
+                           f"spread; a later preset's clicks hold the earlier ones' playback)", fontsize=8)
+    _title(fig, summary_rows(heard), title)
     return _save(fig, path)
 
 
