@@ -209,8 +209,8 @@ def table(rows: list[dict], builds: dict) -> str:
         lines.append({**line, **{f.label: f.text(b.get(f.key)) for f in BUILD_FIGURES[:2]}})
     if not lines:
         return "no runs"
-    head = list(lines[0])
-    cells = [head] + [["-" if line[h] is None else str(line[h]) for h in head] for line in lines]
+    head = list(dict.fromkeys(h for line in lines for h in line))   # presets of other families have other columns
+    cells = [head] + [["-" if line.get(h) is None else str(line[h]) for h in head] for line in lines]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
     notes = sorted({WEIGHTS_NOTE[r["weights"]] for r in rows if r["weights"] in WEIGHTS_NOTE})

@@ -15,6 +15,21 @@ RUN_FIELDS = {"preset", "run", "cold", "ttfb_ms", "phases_ms", "rtf", "steady_rt
               "stall_s", "peak_mem_bytes", "weights"}
 
 
+def test_a_mixed_family_comparison_prints_every_presets_row(tmp_path):
+    """The first thing a newcomer tries: tiny CSM, tiny Pocket TTS and hibari in one comparison. The families'
+    rows have different columns (hibari, real speech, has no "n/a" quality), and the table printed them all."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lab.bench", "--presets", "csm-cpu", "pocket-tts-cpu", "hibari", "--weights", "tiny",
+         "--runs", "1", "--text", "Two short words.", "--max-seconds", "0.5", "--out", str(tmp_path / "out"),
+         "--history", ""], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split()[0] for line in proc.stdout.splitlines() if line.split()[:1] in (["csm-cpu"],
+                                                                                       ["pocket-tts-cpu"], ["hibari"])]
+    assert rows == ["csm-cpu", "pocket-tts-cpu", "hibari"], proc.stdout
+    assert "n/a (tiny weights)" in proc.stdout
+
+
 def test_cli_writes_json_csv_chart_and_a_wav_per_preset_and_run(tmp_path):
     out, hist = tmp_path / "out", tmp_path / "history.jsonl"
     proc = subprocess.run(
