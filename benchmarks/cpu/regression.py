@@ -1,4 +1,4 @@
-"""Are the default CPU presets slower than on an earlier commit? This tree against `--base`, on this machine, taking turns.
+"""Are the default CPU presets slower than on an earlier commit? This tree against `--base`, taking turns.
 
     python benchmarks/cpu/regression.py --base <commit> [--rounds 3] [--presets hibari pocket-tts-cpu ...]
 
