@@ -167,7 +167,7 @@ def stream_run(engine, spec: VariantSpec, request: Request, cold: bool, run: int
     }
     if getattr(engine, "last_text", None) is not None:   # models that answer (minicpm_o): what it said
         record["reply_text"] = engine.last_text
-    if getattr(engine, "prefill_threads", None):   # a prefill that took more cores than the frames (pocket_tts)
+    if getattr(engine, "prefill_threads", None):   # what its prefill ran on, which may differ from threads (pocket_tts)
         record["prefill_threads"] = engine.prefill_threads
     return record, np.concatenate(parts)
 

@@ -1,4 +1,4 @@
-"""Are the default CPU presets slower than on an earlier commit? This tree against `--base`, on this machine, taking turns.
+"""Are the default CPU presets slower than on an earlier commit? This tree against `--base`, taking turns.
 
     python benchmarks/cpu/regression.py --base <commit> [--rounds 3] [--presets hibari pocket-tts-cpu ...]
 
@@ -81,6 +81,7 @@ def bench(tree: str, preset: str, weights: str, args, out: str) -> dict:
     row.update({key: [r[key] for r in warm if r.get(key) is not None] for key in FIGURES})
     row["phases_ms"] = [r.get("phases_ms") for r in warm]
     row["threads"] = warm[0].get("threads")
+    row["prefill_threads"] = [r.get("prefill_threads") for r in warm]   # Pocket TTS: every core or the spec's
     row["cold_ttfb_ms"] = next((r["ttfb_ms"] for r in results["runs"] if r.get("cold")), None)
     row["build"] = {k: results["builds"].get(name, {}).get(k) for k in ("load_s", "warmup_s")}
     row["commit"] = results["env"].get("commit")
@@ -144,6 +145,9 @@ def chart(results: dict, path: str) -> None:
             ax.bar(xs, heights, 0.38, yerr=[lows, highs], capsize=3, color=color,
                    label=f"{tree} {results[tree + '_commit']}")
         for i, preset in enumerate(presets):
+            if not results["summary"][preset].get("base"):
+                ax.annotate(f"not at\n{results['base_commit']}", (i - 0.2, 0), textcoords="offset points",
+                            xytext=(0, 3), ha="center", fontsize=7, color="#555555")
             c = results["summary"][preset]["compare"].get(key)
             s = (results["summary"][preset].get("current") or {}).get(key)
             if c and s:
