@@ -322,6 +322,13 @@ async def wait_scored(server: Server, since: int, timeout_s: float = QUALITY_WAI
 WAIT_FOR_SCORES = True   # --click-while-scoring: click as a person would, while the last runs are being scored
 
 
+def waits_for_scores(server: Server) -> bool:
+    """Whether the next compare waits for this server's scores. A tree whose scorer pauses itself while any run loop
+    holds it (lab.quality.Worker in its own process) needs no wait with --click-while-scoring; an earlier tree's
+    scorer, a thread of its server, would take the cores from the other tree's next compare, so it is waited for."""
+    return WAIT_FOR_SCORES or server.tree.role == "base"
+
+
 def is_run(r: dict) -> bool:
     return "quality_of" not in r and "preset" in r and not r.get("cancelled")
 
@@ -519,7 +526,7 @@ async def run_compare(browser, server: Server, scenario: str, transport: str, co
         entry["tap"] = compact(snap)
     finally:
         await close_page(page)
-    entry["scored_wait_s"] = await wait_scored(server, since, QUALITY_WAIT_S if WAIT_FOR_SCORES else 0)
+    entry["scored_wait_s"] = await wait_scored(server, since, QUALITY_WAIT_S if waits_for_scores(server) else 0)
     heard = heard_of(server.records()[since:], source)
     clips = tap_clips(snap, button, [r.get("audio_s") for r in heard])
     entry["rows"] = [heard_row(tree, scenario, transport, compare, None, i, rec, clip)
@@ -575,7 +582,7 @@ async def run_pages(browser, server: Server, transport: str, compare: int, pages
     finally:
         for p in pages:
             await close_page(p)
-    entry["scored_wait_s"] = await wait_scored(server, since, QUALITY_WAIT_S if WAIT_FOR_SCORES else 0)
+    entry["scored_wait_s"] = await wait_scored(server, since, QUALITY_WAIT_S if waits_for_scores(server) else 0)
     clicks = [tap_click(snap, "compare-btn") for snap in snaps]
     stamps = [c["epoch_ms"] for c in clicks if c]
     entry["click_spread_ms"] = max(stamps) - min(stamps) if stamps else None
@@ -919,8 +926,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="results folder (default benchmarks/browser/<current commit>/)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the servers' histories and logs")
     p.add_argument("--click-while-scoring", action="store_true", help="the next compare does not wait for the "
-                   "server's quality scores of the last one: a person clicks again once the voice has ended, whatever "
-                   "the server still does")
+                   "current tree's quality scores of the last one: a person clicks again once the voice has ended, "
+                   "whatever the server still does (the base tree's scores are still waited for: its scorer is a "
+                   "thread of its server and would take the cores from the next compare)")
     args = p.parse_args(argv)
     global WAIT_FOR_SCORES
     WAIT_FOR_SCORES = not args.click_while_scoring
