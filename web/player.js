@@ -663,6 +663,8 @@
     var serverMs = toServerMs(clickMs);
     var sendMs = performance.now();
     var sendServerMs = toServerMs(sendMs);
+    // Over Gradio's transport the voice comes with Gradio's own event: nothing to wait for before it.
+    lab.voiceOverSocket = inputs.transport !== "gradio";
     var sent = !inputs.user_audio && sendJson({
       type: "start", kind: kind, id: id, inputs: inputs, t_click_ms: clickMs, t_send_ms: sendMs,
       t_click_s: serverMs === null ? null : serverMs / 1000,
@@ -680,7 +682,7 @@
   var awaitingVoice = {}; // comparison id -> resolve
   lab.afterVoice = function (listenerField, value) {
     var id = String(listenerField).split(":")[1];
-    if (!id || String(listenerField).split(":")[2] !== "socket") return value;
+    if (!id || String(listenerField).split(":")[2] !== "socket" || !lab.voiceOverSocket) return value;
     return new Promise(function (resolve) {
       var done = function () { delete awaitingVoice[id]; resolve(value); };
       awaitingVoice[id] = done;
