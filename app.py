@@ -200,8 +200,7 @@ def on_command(listener: str, message: dict) -> None:
     """A page's command over its socket (on the server's event loop: it returns at once). A click's start plans
     and runs in a thread of its own; Stop ends this page's comparisons at their next frame."""
     if message.get("type") == "stop":
-        for comparison in COMPARISONS.of_listener(listener):
-            comparison.cancel.set()
+        COMPARISONS.stop(listener)
         return
     start = STARTS.get(message.get("kind"))
     comparison_id = str(message.get("id") or "")[:64]
@@ -304,8 +303,9 @@ def slots_for(specs, transport) -> dict:
     return {**shown, **players}
 
 
-def stop(request: gr.Request):
+def stop(listener_field, request: gr.Request):
     n = SESSIONS.cancel(request.session_hash if request is not None else "api")
+    n += COMPARISONS.stop(str(listener_field or "").split(":")[0])
     # A build in progress cannot be interrupted: generation stops at once, a load or compile runs to its end.
     return status_html(0, 1, "stopped: generation was cancelled (a build in progress finishes first); finished "
                              "runs are kept in History" if n else "nothing was running", "warn")
@@ -424,7 +424,7 @@ def click_js(kind: str, names: tuple[str, ...]) -> str:
   return window.labAudio.afterVoice(args[0], args); }}"""
 
 
-STOP_JS = "() => { if (window.labAudio) window.labAudio.stop(); return []; }"
+STOP_JS = "(listener) => { if (window.labAudio) window.labAudio.stop(); return [listener]; }"
 
 SWEEP_TEXT = "Streaming speech should start at once and keep pace with the listener, even on a busy machine tonight."
 
@@ -544,7 +544,7 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
         show_progress="hidden", api_name="quality")
     # Stop sets the comparison's cancel flag: generation ends at its next frame, and the comparison's own handler
     # then says what stopped and keeps what finished (Gradio's `cancels` would cut it off before it could say so).
-    stop_btn.click(stop, None, C["stop_note"], api_name="stop", queue=False, js=STOP_JS)
+    stop_btn.click(stop, listener, C["stop_note"], api_name="stop", queue=False, js=STOP_JS)
     random_weights.change(weights_notice, random_weights, C["unavailable"], api_visibility="private")
     for g in groups:
         g.change(on_pick, [order, *groups], [order, user_audio], api_visibility="private")

@@ -54,7 +54,23 @@ def test_a_click_and_the_page_event_are_one_comparison_started_once():
     assert event is clicked and clicked.wait_planned() is None and starts == ["abc"]
     assert clicked.started_by == "click" and clicked.t_click_s == 12.5
     assert [e for e in event.run.follow(tick_s=0.01) if e is not None] == [0, 1, 2]
-    assert comparisons.of_listener("page-1") == []       # finished: Stop has nothing to cancel
+    assert comparisons.stop("page-1") == 0       # finished and never stopped: Stop has nothing to say it stopped
+
+
+def test_stop_over_the_socket_then_the_page_event_both_say_it_stopped():
+    comparisons = Comparisons()
+
+    def plan(c):
+        c.run = Background(counting(100_000, c.cancel, gap_s=0.001), cancel=c.cancel)
+
+    c = comparisons.begin("s", "page-2", plan, "click")
+    assert c.wait_planned(5) is None
+    assert comparisons.stop("page-2") == 1 and c.cancel.is_set()     # the socket's stop
+    [e for e in c.run.follow(tick_s=0.01)]                           # the run loop ends at its next frame
+    assert c.finished
+    assert comparisons.stop("page-2") == 1     # Gradio's Stop event, after the run ended: it was stopped just now
+    assert comparisons.stop("page-3") == 0 and comparisons.stop("") == 0
+    assert comparisons.stop("page-2", within_s=0.0) == 0
 
 
 def test_the_event_waits_for_a_click_that_arrives_a_moment_later():

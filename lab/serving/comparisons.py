@@ -121,9 +121,22 @@ class Comparisons:
                 self._cond.wait(left)
             return self._by_id[comparison_id]
 
-    def of_listener(self, listener: str) -> list[Comparison]:
+    def stop(self, listener: str, within_s: float = 10.0) -> int:
+        """Stops the listener's comparisons in flight, and returns how many it stopped, counting those a stop
+        raised in the last `within_s` seconds: the page's Stop comes twice, over its socket and as Gradio's event,
+        and whichever comes second must still say what was stopped."""
+        if not listener:
+            return 0
+        now = time.perf_counter()
         with self._lock:
-            return [c for c in self._by_id.values() if c.listener == listener and not c.finished]
+            mine = [c for c in self._by_id.values() if c.listener == listener]
+        stopped = 0
+        for c in mine:
+            if not c.finished:
+                c.cancel.set()
+            if c.cancel.at is not None and now - c.cancel.at <= within_s:
+                stopped += 1
+        return stopped
 
     def _drop_old(self) -> None:
         now = time.monotonic()
