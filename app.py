@@ -157,7 +157,7 @@ def refused(e: LabError) -> dict:
 
 
 # The inputs of Compare and Play by name, in the order their Gradio events list them after the listener: the page
-# sends the same values over its socket on the click (RESET_PLAYERS below), so both starts plan from one dict.
+# sends the same values over its socket on the click (click_js below), so both starts plan from one dict.
 COMPARE_INPUTS = ("order", "text", "seed", "max_audio_s", "runs", "random_weights", "user_audio", "transport",
                   *(f"presets {family}" for family in FAMILY_ORDER))
 AB_INPUTS = ("first", "second", "text", "seed", "random_weights", "mode")
@@ -198,9 +198,10 @@ STARTS = {"compare": (start_compare, COMPARE_INPUTS), "ab": (start_ab, AB_INPUTS
 
 def on_command(listener: str, message: dict) -> None:
     """A page's command over its socket (on the server's event loop: it returns at once). A click's start plans
-    and runs in a thread of its own; Stop ends this page's comparisons at their next frame."""
+    and runs in a thread of its own; Stop ends this page's comparisons at their next frame (or the one of `id`, a
+    click's start that its Gradio event replaced)."""
     if message.get("type") == "stop":
-        COMPARISONS.stop(listener)
+        COMPARISONS.stop(listener, str(message.get("id") or "")[:64])
         return
     start = STARTS.get(message.get("kind"))
     comparison_id = str(message.get("id") or "")[:64]
@@ -218,7 +219,7 @@ HUB.on_command = on_command
 def joined(kind: str, request: gr.Request | None, listener_field: str, values: tuple):
     """The comparison this Gradio event belongs to: the one its click started over the socket, or, for a client
     that has none (an API client, a page whose socket is down), one started here from the event's own values.
-    `listener_field` is "listener:comparison id:socket" from the page (RESET_PLAYERS), or empty."""
+    `listener_field` is "listener:comparison id:socket" from the page (click_js), or empty."""
     listener, comparison_id, via = (str(listener_field or "") + "::").split(":")[:3]
     comparison = COMPARISONS.get(comparison_id, CLICK_WAIT_S if via == "socket" and HUB.connected(listener) else 0)
     if comparison is None:
@@ -413,15 +414,30 @@ def environment_md() -> str:
 
 
 # -- the page ----------------------------------------------------------------------------------------------------
-# Before a compare or a blind pair: every player back to 0, and the click's start sent over the page's socket with
-# the event's own values by name; the listener field becomes "listener:comparison id:socket" (web/player.js).
+# Gradio's event for a compare or a blind pair first hands the click's start its values (web/player.js's lab.start:
+# the click itself started it when the form's last change events had these values); the listener field becomes
+# "listener:comparison id:socket". The event goes once the click's first voice is scheduled.
 def click_js(kind: str, names: tuple[str, ...]) -> str:
     return f"""(...args) => {{
-  document.querySelectorAll('audio').forEach(a => {{ a.pause(); a.currentTime = 0; }});
-  if (!window.labAudio) return args;
-  window.labAudio.reset();
+  if (!window.labAudio) {{ document.querySelectorAll('audio').forEach(a => {{ a.pause(); a.currentTime = 0; }}); return args; }}
   args[0] = window.labAudio.start({kind!r}, {list(names)!r}, args.slice(1));
   return window.labAudio.afterVoice(args[0], args); }}"""
+
+
+def remember_js(kind: str, names: tuple[str, ...]) -> str:
+    """The page keeps the form's values as they change (in the browser only), so a click can send its start before
+    Gradio's own click handling runs."""
+    return f"(...args) => window.labAudio ? window.labAudio.remember({kind!r}, {list(names)!r}, args) : []"
+
+
+def remember(demo, kind: str, names: tuple[str, ...], inputs: list, event) -> None:
+    """Wires the page's side of a click's early start: the form's values as they change, and the end of the click's
+    Gradio event (until then Gradio takes no other click, so the page sends no start either)."""
+    for component in inputs:
+        component.change(None, inputs, None, js=remember_js(kind, names), api_visibility="private")
+    demo.load(None, inputs, None, js=remember_js(kind, names), api_visibility="private")
+    event.then(None, None, None, js=f"() => window.labAudio ? window.labAudio.ended({kind!r}) : []",
+               api_visibility="private")
 
 
 STOP_JS = "(listener) => { if (window.labAudio) window.labAudio.stop(); return [listener]; }"
@@ -535,16 +551,18 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
                          label="Options and what they need (here = available on this machine)")
 
     compare_outputs = [c for name, v in C.items() if name != "unavailable" for c in (v if isinstance(v, list) else [v])]
-    go.click(compare, [listener, order, text, seed, max_audio_s, runs, random_weights, user_audio,
+    compared = go.click(compare, [listener, order, text, seed, max_audio_s, runs, random_weights, user_audio,
                                        transport, *groups], compare_outputs, js=click_js("compare", COMPARE_INPUTS),
                              # every click starts at once and waits in LINE, which shows its place; no spinner: an
                              # animation re-drawn every frame costs the 2-core machine the model runs on
-                             concurrency_limit=None, show_progress="hidden", api_name="compare").then(
-        fill_quality, None, [C[name] for name in QUALITY_FIELDS] + C["quality"], concurrency_limit=None,
+                             concurrency_limit=None, show_progress="hidden", api_name="compare")
+    compared.then(fill_quality, None, [C[name] for name in QUALITY_FIELDS] + C["quality"], concurrency_limit=None,
         show_progress="hidden", api_name="quality")
     # Stop sets the comparison's cancel flag: generation ends at its next frame, and the comparison's own handler
     # then says what stopped and keeps what finished (Gradio's `cancels` would cut it off before it could say so).
     stop_btn.click(stop, listener, C["stop_note"], api_name="stop", queue=False, js=STOP_JS)
+    remember(demo, "compare", COMPARE_INPUTS, [order, text, seed, max_audio_s, runs, random_weights, user_audio,
+                                               transport, *groups], compared)
     random_weights.change(weights_notice, random_weights, C["unavailable"], api_visibility="private")
     for g in groups:
         g.change(on_pick, [order, *groups], [order, user_audio], api_visibility="private")
@@ -581,9 +599,10 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
         trial = gr.State(None)
         ab_tally = gr.Dataframe(tally_table, label="Tally per pair: share of decided votes for the first preset, "
                                 "binomial 95% interval (Wilson)", interactive=False, elem_id="ab-tally")
-        ab_go.click(ab_play, [listener, ab_first, ab_second, ab_text, ab_seed, ab_random, ab_mode],
+        played = ab_go.click(ab_play, [listener, ab_first, ab_second, ab_text, ab_seed, ab_random, ab_mode],
                     [player_a, player_b, ab_msg, trial, vote_a, vote_same, vote_b], js=click_js("ab", AB_INPUTS),
                     concurrency_limit=None, api_name="ab_play", show_progress_on=[ab_msg])
+        remember(demo, "ab", AB_INPUTS, [ab_first, ab_second, ab_text, ab_seed, ab_random, ab_mode], played)
         for button, choice in ((vote_a, "A"), (vote_b, "B"), (vote_same, "same")):
             button.click(lambda t, c=choice: ab_vote(c, t), [trial], [ab_msg, trial, ab_tally, vote_a, vote_same,
                                                                         vote_b], api_name=f"vote_{choice.lower()}")

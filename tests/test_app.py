@@ -263,6 +263,14 @@ def assert_heard_after_received_after_model(server, since_s: float, names):
         assert r["click_to_heard_ms"] >= r["click_to_received_ms"] > 0, name
 
 
+def assert_the_click_sent_each_start(page, clicks: int):
+    """Each click sent its start itself, before Gradio's click handling, with the form's values as Gradio then sent
+    them: its event kept the click's comparison (a form mirror out of date would have it replaced)."""
+    log = page.evaluate("labAudio.log")
+    assert sum("kept the click's start" in line for line in log) == clicks, log
+    assert not any("replaced" in line for line in log), log
+
+
 def test_browser_first_click_plays_two_real_voices_over_pcm_and_done_comes_after_the_audio(browser, server):
     page = open_page(browser, server)
     pick(page, "hibari", "hibari-whole")      # the CPU default first click
@@ -289,7 +297,25 @@ def test_browser_first_click_plays_two_real_voices_over_pcm_and_done_comes_after
         page.wait_for_selector("#chart-heard img", timeout=30_000)    # the waterfall of the heard runs
         # The guardrail scores both real voices after the runs and the page fills it in; Compare stays clickable.
         page.wait_for_selector("#quality-1:has-text('WER')", timeout=240_000)   # a hang bound: the scorer runs at nice 19
+    assert_the_click_sent_each_start(page, 2)     # after the fields were filled: the mirror followed them
     page.screenshot(path=str(server["tmp"] / "compare.png"), full_page=True)
+    page.close()
+
+
+def test_browser_a_click_whose_form_mirror_is_stale_is_replaced_by_its_events_values(browser, server):
+    page = open_page(browser, server)
+    pick(page, "hibari")
+    page.fill("#runs input", "1")
+    # As if a change event had not reached the page's mirror yet: the click starts with these values, and Gradio's
+    # event, with the form's real ones, replaces that comparison.
+    page.evaluate("() => labAudio.remember('compare', ['order', 'text', 'runs'], ['hibari', 'A stale sentence.', 1])")
+    since = time.time()
+    page.click("#compare-btn")
+    page.wait_for_selector("#overall:has-text('done:')", timeout=180_000)
+    log = page.evaluate("labAudio.log")
+    assert any("replaced" in line for line in log), log
+    heard = [r for r in history_records(server) if r.get("heard") and r["time"] > since and not r.get("cancelled")]
+    assert [r["text"] for r in heard] == [page.input_value("#text textarea")], heard
     page.close()
 
 
@@ -346,6 +372,7 @@ def test_browser_blind_pair_as_it_streams_starts_on_the_click_and_is_measured_fr
     sides = page.evaluate("() => [6, 7].map(i => window.labAudio.state(i))")
     assert [s["label"] for s in sides] == ["A", "B"] and all(s["received_s"] > 0.5 for s in sides), sides
     assert "hibari" not in page.inner_text("#pcm-slot-6") + page.inner_text("#pcm-slot-7")   # still blind
+    assert_the_click_sent_each_start(page, 1)
     page.close()
 
 

@@ -121,7 +121,7 @@
 
   function onText(msg, arrival) {
     if (msg.type === "pong") onPong(msg);
-    else if (msg.type === "run") startRun(msg);
+    else if (msg.type === "run" && !replaced[msg.comparison_id]) startRun(msg);
     else if (msg.type === "end") endRun(msg);
     else if (msg.type === "done") voiceArrived(msg.comparison_id);
   }
@@ -642,29 +642,57 @@
   }
 
   // -- clicks: a Compare or Play click starts its comparison over the socket ---------------------------------
-  var CLICK_BUTTONS = "#compare-btn, #ab-play";
+  // The start goes from the click itself (this listener runs in the capture phase, before Gradio's own click
+  // handling, which takes tens of ms on a busy machine), with the form's values as Gradio's change events last
+  // reported them (lab.remember). Gradio's event then brings the values it sends: lab.start keeps the click's
+  // comparison when they are the same, and replaces it when they are not.
+  var CLICK_KINDS = { "compare-btn": "compare", "ab-play": "ab" };
   var CLICK_MAX_AGE_MS = 2000; // a start without a click this recent (a script, a key) is stamped when it is sent
+  var forms = {}; // kind -> {names, values}: the form as Gradio's change events last reported it
+  var early = {}; // kind -> {field, key, t_ms}: the start a click sent before Gradio's event
+  var replaced = {}; // comparison id -> true: a click's start its Gradio event replaced (its runs are not played)
+  // kind -> true from Gradio's event start to its end (lab.ended): Gradio takes no click meanwhile (its "once"
+  // trigger mode), so neither does the early start
+  var pending = {};
+  lab.ended = function (kind) { delete pending[kind]; return []; };
+  lab.remember = function (kind, names, values) {
+    forms[kind] = { names: names, values: values.slice() };
+    return [];
+  };
   document.addEventListener("click", function (event) {
-    var button = event.target && event.target.closest ? event.target.closest(CLICK_BUTTONS) : null;
-    if (button) lab.lastClick = { id: button.id, t_ms: event.timeStamp, dispatched_ms: performance.now() };
+    var button = event.target && event.target.closest ? event.target.closest("#compare-btn, #ab-play") : null;
+    if (!button || button.disabled) return;
+    var kind = CLICK_KINDS[button.id];
+    lab.lastClick = { id: button.id, t_ms: event.timeStamp, dispatched_ms: performance.now() };
+    var form = forms[kind];
+    delete early[kind];
+    if (!form || pending[kind]) return;
+    var field = sendStart(kind, form.names, form.values, event.timeStamp);
+    early[kind] = { field: field, key: JSON.stringify(form.values), t_ms: event.timeStamp };
   }, true);
 
-  // Sends the click's start with the event's values by name (inputs as Gradio will send them), and returns what
-  // the Gradio event carries in the listener field: "listener:comparison id:socket" ("listener:id:" when it could
-  // not be sent, e.g. with a recording to upload: the server then starts it from the event).
-  lab.start = function (kind, names, values) {
+  function stopPlayers() {
+    document.querySelectorAll("audio").forEach(function (a) {
+      try { a.pause(); a.currentTime = 0; } catch (e) { /* no media */ }
+    });
+    lab.reset();
+  }
+
+  // Players back to 0, then the start with the values by name (inputs as Gradio sends them); returns what the
+  // Gradio event carries in the listener field: "listener:comparison id:socket" ("listener:id:" when it could not
+  // be sent, e.g. with a recording to upload: the server then starts it from the event).
+  function sendStart(kind, names, values, clickMs) {
+    stopPlayers();
     var id = randomId();
-    var now = performance.now();
-    var clickMs = lab.lastClick && now - lab.lastClick.t_ms < CLICK_MAX_AGE_MS ? lab.lastClick.t_ms : now;
-    lab.lastClick = null;
     lab.clicks[id] = clickMs;
     var inputs = {};
     names.forEach(function (name, i) { inputs[name] = values[i] === undefined ? null : values[i]; });
     var serverMs = toServerMs(clickMs);
     var sendMs = performance.now();
     var sendServerMs = toServerMs(sendMs);
-    // Over Gradio's transport the voice comes with Gradio's own event: nothing to wait for before it.
-    lab.voiceOverSocket = inputs.transport !== "gradio";
+    // Over Gradio's transport the voice comes with Gradio's own event, and a pre-buffered pair plays once both
+    // sides are made: nothing to wait for before the event.
+    lab.voiceOverSocket = inputs.transport !== "gradio" && inputs.mode !== "prebuffered";
     var sent = !inputs.user_audio && sendJson({
       type: "start", kind: kind, id: id, inputs: inputs, t_click_ms: clickMs, t_send_ms: sendMs,
       t_click_s: serverMs === null ? null : serverMs / 1000,
@@ -672,6 +700,27 @@
     });
     note(kind + " " + id + (sent ? " started over the socket" : " left to the page's event"));
     return lab.listenerId + ":" + id + ":" + (sent ? "socket" : "");
+  }
+
+  // Gradio's event for a click (its js, with the values it will send): the click's own start when it had these
+  // values, else a new one (the one the click sent, with other values, is stopped).
+  lab.start = function (kind, names, values) {
+    var now = performance.now();
+    var click = lab.lastClick && now - lab.lastClick.t_ms < CLICK_MAX_AGE_MS ? lab.lastClick : null;
+    lab.lastClick = null;
+    var sent = early[kind];
+    delete early[kind];
+    pending[kind] = true;
+    if (sent && click && sent.t_ms === click.t_ms) {
+      if (sent.key === JSON.stringify(values)) {
+        note(kind + " kept the click's start");
+        return sent.field;
+      }
+      note(kind + ": the form changed after its last change event; the click's start is replaced");
+      replaced[sent.field.split(":")[1]] = true;
+      sendJson({ type: "stop", id: sent.field.split(":")[1] });
+    }
+    return sendStart(kind, names, values, click ? click.t_ms : now);
   };
   lab.stop = function () { sendJson({ type: "stop" }); };
 

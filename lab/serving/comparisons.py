@@ -121,15 +121,16 @@ class Comparisons:
                 self._cond.wait(left)
             return self._by_id[comparison_id]
 
-    def stop(self, listener: str, within_s: float = 10.0) -> int:
-        """Stops the listener's comparisons in flight, and returns how many it stopped, counting those a stop
-        raised in the last `within_s` seconds: the page's Stop comes twice, over its socket and as Gradio's event,
-        and whichever comes second must still say what was stopped."""
+    def stop(self, listener: str, comparison_id: str = "", within_s: float = 10.0) -> int:
+        """Stops the listener's comparisons in flight (only the one of `comparison_id`, if given), and returns how
+        many it stopped, counting those a stop raised in the last `within_s` seconds: the page's Stop comes twice,
+        over its socket and as Gradio's event, and whichever comes second must still say what was stopped."""
         if not listener:
             return 0
         now = time.perf_counter()
         with self._lock:
-            mine = [c for c in self._by_id.values() if c.listener == listener]
+            mine = [c for c in self._by_id.values()
+                    if c.listener == listener and (not comparison_id or c.id == comparison_id)]
         stopped = 0
         for c in mine:
             if not c.finished:
