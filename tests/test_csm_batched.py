@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from lab import engines, session
+from lab.audio import ChunkEmitter
 from lab.errors import Cancelled, LabError
 from lab.manager import ModelManager
-from lab.metrics import Timeline, figures
+from lab.measure.metrics import Timeline, figures
 from lab.request import Request
 from lab.spec import VariantSpec
-from lab.streaming import ChunkEmitter
 
 from conftest import TINY_CSM
 
@@ -237,21 +237,21 @@ def test_a_comparison_of_batching_presets_does_not_wait_in_the_line(batched, csm
 
 
 def test_the_cli_sweeps_streams_through_a_batching_preset_and_refuses_a_bad_list(batched, tmp_path, capsys):
-    from lab import bench
+    from lab import cli
 
     manager = ModelManager(builder=lambda spec, progress: batched)
-    results = bench.sweep([batched.spec], Request(TEXT, max_audio_s=0.8), [1, 3], None, str(tmp_path), manager)
+    results = cli.sweep([batched.spec], Request(TEXT, max_audio_s=0.8), [1, 3], None, str(tmp_path), manager)
     assert [lvl["streams"] for lvl in results["levels"]] == [1, 3]
     assert all(lvl["audio_s"] == pytest.approx(0.8 * lvl["streams"]) for lvl in results["levels"])
     assert (tmp_path / "sweep.json").exists()
-    assert bench.main(["--presets", "csm-cpu", "--streams", "1,x"]) == 2
+    assert cli.main(["--presets", "csm-cpu", "--streams", "1,x"]) == 2
     assert "--streams: '1,x' is not a comma list" in capsys.readouterr().err
 
 
 def test_triton_attention_streams_the_sdpa_codes_and_serves_every_stacks_decode_steps(batched, monkeypatch):
-    """attention: triton (lab.fused.rows_attention, under Triton's interpreter here): each stream's greedy codes are
+    """attention: triton (fused.rows_attention, under Triton's interpreter here): each stream's greedy codes are
     SDPA's, and the backbone, the depth decoder and the codec's transformer all run their decode steps through it."""
-    fused = pytest.importorskip("lab.fused", reason="Triton is not installed")
+    fused = pytest.importorskip("lab.engines.fused", reason="Triton is not installed")
     requests = [Request(t, max_audio_s=0.8, seed=i) for i, t in enumerate([TEXT, *OTHERS[:2]])]
     sdpa = [drain(t)[0] for t in crowd(batched, requests, 2)]
     engine = engines.build(TINY_CSM.replace(name="csm-tiny-batched-triton", max_streams=4, attention="triton"))
@@ -278,7 +278,7 @@ def test_triton_attention_streams_the_sdpa_codes_and_serves_every_stacks_decode_
     (3, 8, 2, 1, 40, 32, None), (2, 4, 4, 2, 70, 16, None), (5, 32, 8, 1, 100, 64, None), (6, 4, 2, 2, 200, 16, 30)])
 def test_rows_attention_matches_a_float64_reference_with_per_row_masks(rows, heads, kv_heads, tokens, slots, head_dim,
                                                                        window):
-    fused = pytest.importorskip("lab.fused", reason="Triton is not installed")
+    fused = pytest.importorskip("lab.engines.fused", reason="Triton is not installed")
     g = torch.Generator().manual_seed(rows * slots)
     q = torch.randn(rows, heads, tokens, head_dim, generator=g)
     k, v = (torch.randn(rows, kv_heads, slots, head_dim, generator=g) for _ in range(2))

@@ -2,7 +2,7 @@
 frame boundary (continuous batching). `max_streams > 1` in a csm spec builds this engine.
 
 The step is `CsmEngine._frame`, unchanged: it is written over a batch of rows, and here each row is one stream,
-over caches with one row per stream, each at its own position (lab.kv.RowKV). The codec decodes that frame for
+over caches with one row per stream, each at its own position (lab.engines.kv.RowKV). The codec decodes that frame for
 every row in the same step, with per-row streaming state, so no stream waits for another's chunk. What this module
 adds is the scheduler around the step, in one thread of its own:
 
@@ -30,15 +30,16 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from lab.engines import AudioChunk
-from lab.engines import torch_common as tc
+from lab.audio import AudioChunk, ChunkEmitter, frames_for
+from lab.engines.codec import StreamingMimiDecoder
 from lab.engines.csm import COMPILED, FRAME_RATE_HZ, CsmEngine
+from lab.engines.csm import build as build_csm
+from lab.engines.kv import GrowingKV, RowKV, static_kv_for
+import lab.engines.torch_common as tc
 from lab.errors import Cancelled, LabError
-from lab.kv import GrowingKV, RowKV, static_kv_for
-from lab.metrics import Timeline
+from lab.measure.metrics import Timeline
 from lab.request import Request
 from lab.spec import VariantSpec
-from lab.streaming import ChunkEmitter, StreamingMimiDecoder, frames_for
 
 # KV room per stream: 1024 positions hold a prompt of up to 250 tokens and 60 s of audio (750 frames).
 BATCHED_POSITIONS = 1024
@@ -125,7 +126,7 @@ class BatchedCsmEngine(CsmEngine):
         self.cache_positions = min(self.config.max_position_embeddings, BATCHED_POSITIONS)
         self.rows_asked = rows or spec.max_streams
         self.rows = self.rows_asked if self.device.type != "cuda" else min(self.rows_asked, self._rows_that_fit())
-        # lab.fused.rows_attention (attention: triton) skips the slots no stream has reached, so a shorter view saves
+        # fused.rows_attention (attention: triton) skips the slots no stream has reached, so a shorter view saves
         # it nothing; and with inductor a view shorter than its buffer measured slower (58.4 against 45.1 ms at 1024
         # rows, docs/GPU.md). One length there: a third of the graphs to compile and capture.
         self.length_buckets = (self.cache_positions,) if spec.attention == "triton" else tuple(
@@ -141,7 +142,7 @@ class BatchedCsmEngine(CsmEngine):
         if spec.attention == "triton":
             # Every stream's decode step attends through one Triton program per (row, kv head) over that row's mask:
             # SDPA's choice here (cuDNN's flash kernel) works in tiles of 64 queries for the 1-4 a decode step has.
-            from lab import fused
+            from lab.engines import fused
 
             fused.use_rows_attention(*self.attention_stacks())
         self.hidden_rows = torch.zeros(self.rows, self.config.hidden_size, dtype=width, device=self.device)
@@ -494,3 +495,7 @@ def per_stream_bytes(config, positions: int = BATCHED_POSITIONS, dtype_bytes: in
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * positions * dtype_bytes
 
+
+def build(spec: VariantSpec, progress) -> BatchedCsmEngine:
+    """CSM's build (lab.engines.csm.build: load, warm-up, report) with this engine's class: max_streams > 1."""
+    return build_csm(spec, progress, BatchedCsmEngine)
