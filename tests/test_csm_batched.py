@@ -1,5 +1,6 @@
 """The batched CSM engine (max_streams > 1) on tiny weights, float32, on the CPU: many streams through one step, each
 what it would be alone. The GPU run of the same checks, with the graphed step, is benchmarks/gpu/concurrency.py."""
+import dataclasses
 import threading
 import time
 
@@ -8,7 +9,6 @@ import pytest
 import torch
 
 from lab import engines, session
-from lab.audio import ChunkEmitter
 from lab.errors import Cancelled, LabError
 from lab.manager import ModelManager
 from lab.measure.metrics import Timeline, figures
@@ -77,10 +77,8 @@ def test_each_streams_audio_equals_its_own_whole_utterance_decode_and_streams_be
 
 def test_a_burst_at_an_idle_engine_is_prefilled_at_once(batched, monkeypatch):
     """Arrivals that keep coming (here 10 ms apart, inside a quiet period of 100 ms) gather into one admission, also
-    when they come just as the streams before them end."""
-    from lab.engines import csm_batched
-
-    monkeypatch.setattr(csm_batched, "ADMIT_QUIET_S", 0.1)
+    when they come just as the streams before them end: the scheduler's policy reaches the real engine."""
+    monkeypatch.setattr(batched.scheduler, "policy", dataclasses.replace(batched.scheduler.policy, quiet_s=0.1))
     admissions = []
     admit = batched._admit
     monkeypatch.setattr(batched, "_admit", lambda tickets: admissions.append(len(tickets)) or admit(tickets))
@@ -94,32 +92,6 @@ def test_a_burst_at_an_idle_engine_is_prefilled_at_once(batched, monkeypatch):
         for t in tickets:
             drain(t)
     assert admissions == [4, 4]
-
-
-def test_admissions_are_capped_only_while_a_stream_is_playing(batched):
-    """While a stream plays, a crowd's prefill joins a few prompts at a time (each admission delays the playing
-    streams' next frame); before anyone plays, every waiting request that has a slot joins at once."""
-    from lab.engines import csm_batched
-
-    per_prompt = csm_batched.ADMIT_MAX_POSITIONS // 3 + 1    # two fit under the cap, three do not
-    with batched.wake:   # the scheduler cannot take these fake tickets meanwhile
-        saved = list(batched.slots), batched.waiting.copy()
-        try:
-            playing = csm_batched.Ticket(Request("x"), Timeline(), None, 1, 1)
-            playing.emitter = ChunkEmitter(batched.spec, playing.timeline, batched.sample_rate)
-            batched.slots[:] = [playing, None, None, None]
-            for index in (1, 0):
-                playing.emitter.index = index           # 1: it has sent its first chunk
-                batched.waiting.clear()
-                batched.waiting.extend(csm_batched.Ticket(Request("y"), Timeline(), None, per_prompt, 1)
-                                       for _ in range(3))
-                admitted = len(batched._admissible(3))
-                assert admitted == (2 if index else 3)
-                assert len(batched.waiting) == 3 - admitted
-        finally:
-            batched.slots[:] = saved[0]
-            batched.waiting.clear()
-            batched.waiting.extend(saved[1])
 
 
 def test_more_requests_than_slots_wait_their_turn_and_each_ends_complete(batched):
@@ -147,7 +119,7 @@ def test_a_cancelled_stream_frees_its_slot_and_its_neighbours_are_undisturbed(ba
     for i in (0, 2):
         np.testing.assert_array_equal(drain(tickets[i])[0], solo[i])
     assert tickets[1].frames < 20 and all(t < stopped_at + 1.0 for t in tickets[1].timeline.frames)
-    assert tickets[1].row not in [t.row for t in batched.slots if t is not None]
+    assert tickets[1].row not in [t.row for t in batched.scheduler.slots if t is not None]
 
 
 def test_a_consumer_that_goes_away_frees_its_slot(batched):

@@ -172,7 +172,7 @@ def test_the_check_sees_an_import_inside_a_function_and_an_upward_arrow(tmp_path
 
 
 @pytest.mark.parametrize("module", ["web.pcm", "lab.audio", "lab.engines", "lab.serving.line",
-                                    "lab.serving.comparisons", "lab.serving.background"])
+                                    "lab.serving.comparisons", "lab.serving.background", "lab.serving.scheduler"])
 def test_the_page_s_audio_the_serving_core_and_the_engine_registry_load_no_torch(module):
     loaded = subprocess.run([sys.executable, "-c", f"import sys, {module}; print('torch' in sys.modules)"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
