@@ -3,7 +3,8 @@
     python benchmarks/cpu/refactor.py --base-tree /tmp/old-checkout [--rounds 2] --out DIR
 
 Each round runs the same `python -m lab.bench` command in both trees (a fresh process each; the tree that goes
-first swaps every round): tiny CSM, tiny Pocket TTS and hibari, one cold and `--runs` warm runs each. Per process it
+first swaps every round): tiny CSM, tiny Pocket TTS, hibari and tiny batched CSM (tests/presets/csm-tiny-batched.yaml,
+through the batched engine's scheduler), one cold and `--runs` warm runs each. Per process it
 keeps what a user gets: the exit code, the printed table's columns and rows, the result files, each run's audio
 length and a hash of its WAV, the record fields and the build report fields. Timings are kept but not compared
 (the machine is shared). The verdict compares every round of both trees: the same outputs, or the differences named.
@@ -23,6 +24,8 @@ import wave
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRESETS = ["csm-cpu", "pocket-tts-cpu", "hibari"]
+PRESET_FILES = ["tests/presets/csm-tiny-batched.yaml"]
+ROW_LABELS = PRESETS + [os.path.basename(path)[:-len(".yaml")] for path in PRESET_FILES]
 TEXT = "The quick brown fox jumps over the lazy dog."
 LOCK = "/tmp/BENCH_LOCK"   # another session times a browser benchmark while it exists
 
@@ -35,7 +38,7 @@ def table_of(stdout: str) -> dict:
     """The printed table's header columns and each preset's row label, as the CLI printed them."""
     lines = stdout.splitlines()
     header = next((line.split() for line in lines if line.split()[:1] == ["preset"]), [])
-    rows = [line.split()[0] for line in lines if line.split()[:1] in ([p] for p in PRESETS)]
+    rows = [line.split()[0] for line in lines if line.split()[:1] in ([p] for p in ROW_LABELS)]
     return {"columns": header, "rows": rows}
 
 
@@ -50,7 +53,8 @@ def run_cli(tree: str, runs: int, max_seconds: float) -> dict:
     while os.path.exists(LOCK):
         time.sleep(20)
     out = tempfile.mkdtemp(prefix="h25-layers-refactor-")
-    command = [sys.executable, "-m", "lab.bench", "--presets", *PRESETS, "--weights", "tiny", "--runs", str(runs),
+    command = [sys.executable, "-m", "lab.bench", "--presets", *PRESETS, "--preset-file", *PRESET_FILES,
+               "--weights", "tiny", "--runs", str(runs),
                "--max-seconds", str(max_seconds), "--text", TEXT, "--out", out, "--history", ""]
     t0 = time.perf_counter()
     proc = subprocess.run(command, cwd=tree, capture_output=True, text=True, timeout=1800,
