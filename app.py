@@ -2,7 +2,7 @@
 
 Compare: pick presets, hear each one stream into its own player, read TTFB/RTF side by side. Blind A/B: two
 presets, same text and seed, vote, then see the names. History: every run this server made. This file lays out the
-page and wires its events; the run loop is lab.session's (the CLI's too), the figures are lab.report's, and what
+page and wires its events; the run loop is lab.session's (the CLI's too), the figures are lab.measure.report's, and what
 each event changes on the page is web.view's.
 """
 from __future__ import annotations
@@ -17,14 +17,15 @@ import threading
 import gradio as gr
 import pandas as pd
 
-from lab import ab, availability, concurrency, env, history, presets, quality, report, session
+from lab import ab, availability, concurrency, env, presets, session
+from lab.audio import pcm16
 from lab.errors import LabError
 from lab.manager import ModelManager
+from lab.measure import history, quality, report
 from lab.request import MAX_USER_AUDIO_BYTES, read_audio_file, validate_inputs, validate_user_audio
 from lab.serving.background import Background
 from lab.serving.comparisons import Comparisons
 from lab.serving.line import Cancel, ModelLine, Sessions
-from lab.streaming import pcm16
 from web import listen, server
 from web.pcm import PcmHub
 from web.view import SLOT_FIELDS, CompareView, status_html
@@ -390,7 +391,7 @@ def history_view(picked, weights, kind, text_contains):
     records = quality.merged(history.read(HISTORY))
     names = sorted({*CATALOG.statuses[False], *(r["preset"] for r in records if "preset" in r)})
     chosen = history.filter_runs(records, picked or None, weights or None, kind or "all", text_contains or "")
-    exports = history.export(chosen, HISTORY_EXPORT_DIR, f"history: {len(chosen)} runs")
+    exports = report.export_history(chosen, HISTORY_EXPORT_DIR, f"history: {len(chosen)} runs")
     kept = f"; ⚠️ {HISTORY.problem}" if HISTORY.problem else ""
     note = f"{len(chosen)} of {len(records)} records (file: `{HISTORY.shown}`{html.escape(kept)})"
     newest_first = [{"when": datetime.datetime.fromtimestamp(r.get("time", 0)).strftime("%Y-%m-%d %H:%M:%S"),

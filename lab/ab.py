@@ -1,6 +1,6 @@
 """Blind A/B listening: which preset plays as A, persisted votes, and a tally per pair with a 95% interval.
 
-A vote is one JSONL line (through lab.history's crash-safe append). The tally asks one question per pair:
+A vote is one JSONL line (through lab.measure.history's crash-safe append). The tally asks one question per pair:
 of the votes that picked a side, what share preferred the first preset (names sorted)? Its 95% interval is
 Wilson's score interval for a binomial proportion; "same" votes are counted and shown but pick no side.
 """
@@ -10,8 +10,8 @@ import math
 import random
 import time
 
-from lab import history
 from lab.errors import LabError
+from lab.measure import history
 
 CHOICES = ("A", "B", "same")
 Z_95 = 1.959963984540054   # two-sided 95% normal quantile

@@ -14,7 +14,7 @@ import numpy as np
 import dataclasses
 
 from lab.errors import LabError
-from lab.metrics import PHASES, Timeline, figures, summarize
+from lab.measure.metrics import PHASES, Timeline, figures, summarize
 from lab.request import Request
 
 

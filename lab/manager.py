@@ -12,7 +12,7 @@ from collections import OrderedDict
 from typing import Callable
 
 from lab import engines, machine
-from lab.engines import Engine, Progress
+from lab.engines.base import Engine, Progress
 from lab.spec import VariantSpec
 
 

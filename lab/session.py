@@ -22,10 +22,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from lab import env, history
-from lab.engines import AudioChunk, BuildReport
+from lab import env
+from lab.audio import AudioChunk
+from lab.engines.base import BuildReport
 from lab.errors import Cancelled, LabError
-from lab.metrics import Timeline, figures
+from lab.measure import history
+from lab.measure.metrics import Timeline, figures
 from lab.request import Request
 from lab.serving.background import Background
 from lab.serving.line import Cancel
@@ -232,7 +234,7 @@ def run_presets(manager, specs: list[VariantSpec], request: Request, runs: int, 
     freshly built engine is its cold one (engine.served). One failing preset does not stop the others; a cancel
     stops everything. Every finished or cancelled run is appended to `history_path`, stamped with `source` and the
     commit; a history that cannot be written is said once (NotSaved) and the runs go on. `lock` (the page's line)
-    is held for the whole loop unless every spec batches. With a `quality` worker (lab.quality.Worker), each
+    is held for the whole loop unless every spec batches. With a `quality` worker (lab.measure.quality.Worker), each
     finished run of real speech is handed to it after RunDone; the loop holds the worker throughout, so no score
     runs beside a timed run."""
     cancel = cancel or Cancel()

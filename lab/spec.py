@@ -54,7 +54,7 @@ class VariantSpec:
     dtype: str = "float32"
     attention: str = "sdpa"
     compile: str = "off"
-    kernels: str = "torch"          # csm: the one-token steps' layers through the model's modules or lab/fused.py
+    kernels: str = "torch"          # csm: the one-token steps' layers through the model's modules or engines/fused.py
     quantization: str = "none"
     prefill: str = "batched"
     first_chunk_frames: int = 1     # frames decoded before the first chunk is sent
@@ -232,8 +232,8 @@ def _validate_batched(spec: VariantSpec, where: str) -> None:
                               f"bitsandbytes cannot be captured; use quantization: none")
     if spec.attention not in ("sdpa", "eager", "triton"):
         raise LabError(where, f"max_streams with attention: {spec.attention}: each stream attends over its own row "
-                              f"through a mask, and flash kernels take no mask; use attention: triton (lab/fused.py's "
-                              f"kernel for that) or sdpa")
+                              f"through a mask, and flash kernels take no mask; use attention: triton "
+                              f"(lab/engines/fused.py's kernel for that) or sdpa")
     if spec.prefill != "batched":
         raise LabError(where, "max_streams with prefill: per-segment: arriving prompts are prefilled together in one "
                               "padded batch; use prefill: batched")

@@ -6,7 +6,7 @@ import sys
 # Never reach for a hub in tests: a pretrained load must fail fast with the lab's own message.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# Without a GPU, lab/fused.py's Triton kernels run through Triton's CPU interpreter (set before triton is imported).
+# Without a GPU, lab/engines/fused.py's Triton kernels run through Triton's CPU interpreter (set before triton loads).
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():

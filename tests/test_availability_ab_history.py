@@ -5,9 +5,10 @@ import random
 import numpy as np
 import pytest
 
-from lab import ab, availability, env, history, machine, presets, report
+from lab import ab, availability, env, machine, presets
 from lab.errors import LabError
-from lab.metrics import Timeline
+from lab.measure import history, report
+from lab.measure.metrics import Timeline
 from lab.request import validate_inputs
 from lab.session import cancelled_record
 from lab.spec import VariantSpec

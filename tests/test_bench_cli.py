@@ -7,8 +7,9 @@ import wave
 
 import pytest
 
-from lab import bench, env, history, machine, presets
+from lab import cli, env, machine, presets
 from lab.errors import LabError
+from lab.measure import history
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_FIELDS = {"preset", "run", "cold", "ttfb_ms", "phases_ms", "rtf", "steady_rtf", "audio_s", "underruns",
@@ -62,7 +63,7 @@ def test_cli_writes_json_csv_chart_and_a_wav_per_preset_and_run(tmp_path):
     (["--presets", "hibari", "--text", "<b>🎉</b>"], "nothing to speak"),
 ])
 def test_cli_bad_input_is_one_clear_error(args, expect, capsys):
-    assert bench.main(args) == 2
+    assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert expect in err and "Traceback" not in err
 
@@ -77,7 +78,7 @@ def test_every_committed_preset_is_valid_and_runs_here_or_says_why():
 
 @pytest.mark.skipif(env.cuda_available(), reason="this machine has a GPU: csm-sdpa runs here")
 def test_cli_refuses_what_this_machine_cannot_run_before_building(capsys):
-    assert bench.main(["--presets", "csm-sdpa", "--weights", "random"]) == 2
+    assert cli.main(["--presets", "csm-sdpa", "--weights", "random"]) == 2
     assert "no GPU is visible" in capsys.readouterr().err
 
 

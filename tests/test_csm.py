@@ -7,8 +7,9 @@ import torch
 
 from lab import engines
 from lab.errors import Cancelled, LabError
-from lab.metrics import Timeline, figures
+from lab.measure.metrics import Timeline, figures
 from lab.request import ContextTurn, Request
+from lab.spec import VariantSpec
 
 TEXT = "Hello there, this is a streaming test."
 
@@ -102,7 +103,8 @@ def test_static_codec_state_streams_the_same_audio_as_a_whole_decode(csm_tiny):
     """The codec decode the CUDA graphs capture: conv state, transposed-conv overlap and the decoder
     transformer's keys in buffers allocated once. 2 s is 50 transformer positions, past the tiny codec's
     32-position attention window, so the window mask is exercised too."""
-    from lab.streaming import StreamingMimiDecoder, chunk_frames
+    from lab.audio import chunk_frames
+    from lab.engines.codec import StreamingMimiDecoder
 
     run(csm_tiny, Request(TEXT, max_audio_s=2.0))
     codes = csm_tiny.last_codes.T[None]                           # (1, codebooks, frames)
@@ -127,7 +129,7 @@ def test_transposed_conv_as_overlap_add_is_the_convs_own_result(cin, cout, kerne
     """Mimi's decoder's transposed convs (depthwise for the latents' upsampling, dense in SEANet; kernel a whole
     number of strides) as taps and their overlap-add. Grouped (but not depthwise) and a kernel of 7 run as the conv
     itself."""
-    from lab.streaming import conv_transpose
+    from lab.engines.codec import conv_transpose
 
     conv = torch.nn.ConvTranspose1d(cin, cout, kernel, stride, groups=groups, bias=bias)
     for steps in (1, 3):
@@ -166,7 +168,7 @@ def test_cancel_stops_generation_promptly(csm_tiny):
 
 
 def test_pretrained_weights_unreachable_say_so_and_suggest_random():
-    spec = engines.VariantSpec(family="csm", model="sesame/csm-1b-not-cached", weights="pretrained")
+    spec = VariantSpec(family="csm", model="sesame/csm-1b-not-cached", weights="pretrained")
     with pytest.raises(LabError) as e:
         engines.build(spec)
     assert e.value.where == "weights" and "weights: random" in e.value.message
@@ -214,7 +216,7 @@ def test_codes_stay_inside_the_codebook_even_when_special_ids_score_highest():
     with torch.no_grad():
         model.lm_head.weight[64:] = 10.0
         model.depth_decoder.codebooks_head.weight[:, :, 64:] = 10.0
-    engine = csm.CsmEngine(engines.VariantSpec(family="csm", weights="tiny"), model, None)
+    engine = csm.CsmEngine(VariantSpec(family="csm", weights="tiny"), model, None)
     chunks = list(engine.stream(Request(TEXT, max_audio_s=0.5), Timeline()))
     assert chunks and int(engine.last_codes.max()) < 64
 
@@ -259,7 +261,7 @@ def test_end_of_speech_stops_generation_at_the_next_chunk_boundary():
 
     model.lm_head.register_forward_hook(favour_code_0)
     model.depth_decoder.codebooks_head.register_forward_hook(favour_code_0)
-    engine = csm.CsmEngine(engines.VariantSpec(family="csm", name="eos", weights="tiny"), model, None)
+    engine = csm.CsmEngine(VariantSpec(family="csm", name="eos", weights="tiny"), model, None)
     tl = Timeline()
     assert list(engine.stream(Request(TEXT, max_audio_s=5.0), tl)) == []
     assert len(tl.frames) == engine.spec.first_chunk_frames     # not the 62 frames that 5 s would allow

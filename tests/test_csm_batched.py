@@ -1,5 +1,6 @@
 """The batched CSM engine (max_streams > 1) on tiny weights, float32, on the CPU: many streams through one step, each
 what it would be alone. The GPU run of the same checks, with the graphed step, is benchmarks/gpu/concurrency.py."""
+import dataclasses
 import threading
 import time
 
@@ -10,10 +11,9 @@ import torch
 from lab import engines, session
 from lab.errors import Cancelled, LabError
 from lab.manager import ModelManager
-from lab.metrics import Timeline, figures
+from lab.measure.metrics import Timeline, figures
 from lab.request import Request
 from lab.spec import VariantSpec
-from lab.streaming import ChunkEmitter
 
 from conftest import TINY_CSM
 
@@ -77,10 +77,8 @@ def test_each_streams_audio_equals_its_own_whole_utterance_decode_and_streams_be
 
 def test_a_burst_at_an_idle_engine_is_prefilled_at_once(batched, monkeypatch):
     """Arrivals that keep coming (here 10 ms apart, inside a quiet period of 100 ms) gather into one admission, also
-    when they come just as the streams before them end."""
-    from lab.engines import csm_batched
-
-    monkeypatch.setattr(csm_batched, "ADMIT_QUIET_S", 0.1)
+    when they come just as the streams before them end: the scheduler's policy reaches the real engine."""
+    monkeypatch.setattr(batched.scheduler, "policy", dataclasses.replace(batched.scheduler.policy, quiet_s=0.1))
     admissions = []
     admit = batched._admit
     monkeypatch.setattr(batched, "_admit", lambda tickets: admissions.append(len(tickets)) or admit(tickets))
@@ -94,32 +92,6 @@ def test_a_burst_at_an_idle_engine_is_prefilled_at_once(batched, monkeypatch):
         for t in tickets:
             drain(t)
     assert admissions == [4, 4]
-
-
-def test_admissions_are_capped_only_while_a_stream_is_playing(batched):
-    """While a stream plays, a crowd's prefill joins a few prompts at a time (each admission delays the playing
-    streams' next frame); before anyone plays, every waiting request that has a slot joins at once."""
-    from lab.engines import csm_batched
-
-    per_prompt = csm_batched.ADMIT_MAX_POSITIONS // 3 + 1    # two fit under the cap, three do not
-    with batched.wake:   # the scheduler cannot take these fake tickets meanwhile
-        saved = list(batched.slots), batched.waiting.copy()
-        try:
-            playing = csm_batched.Ticket(Request("x"), Timeline(), None, 1, 1)
-            playing.emitter = ChunkEmitter(batched.spec, playing.timeline, batched.sample_rate)
-            batched.slots[:] = [playing, None, None, None]
-            for index in (1, 0):
-                playing.emitter.index = index           # 1: it has sent its first chunk
-                batched.waiting.clear()
-                batched.waiting.extend(csm_batched.Ticket(Request("y"), Timeline(), None, per_prompt, 1)
-                                       for _ in range(3))
-                admitted = len(batched._admissible(3))
-                assert admitted == (2 if index else 3)
-                assert len(batched.waiting) == 3 - admitted
-        finally:
-            batched.slots[:] = saved[0]
-            batched.waiting.clear()
-            batched.waiting.extend(saved[1])
 
 
 def test_more_requests_than_slots_wait_their_turn_and_each_ends_complete(batched):
@@ -147,7 +119,7 @@ def test_a_cancelled_stream_frees_its_slot_and_its_neighbours_are_undisturbed(ba
     for i in (0, 2):
         np.testing.assert_array_equal(drain(tickets[i])[0], solo[i])
     assert tickets[1].frames < 20 and all(t < stopped_at + 1.0 for t in tickets[1].timeline.frames)
-    assert tickets[1].row not in [t.row for t in batched.slots if t is not None]
+    assert tickets[1].row not in [t.row for t in batched.scheduler.slots if t is not None]
 
 
 def test_a_consumer_that_goes_away_frees_its_slot(batched):
@@ -237,21 +209,21 @@ def test_a_comparison_of_batching_presets_does_not_wait_in_the_line(batched, csm
 
 
 def test_the_cli_sweeps_streams_through_a_batching_preset_and_refuses_a_bad_list(batched, tmp_path, capsys):
-    from lab import bench
+    from lab import cli
 
     manager = ModelManager(builder=lambda spec, progress: batched)
-    results = bench.sweep([batched.spec], Request(TEXT, max_audio_s=0.8), [1, 3], None, str(tmp_path), manager)
+    results = cli.sweep([batched.spec], Request(TEXT, max_audio_s=0.8), [1, 3], None, str(tmp_path), manager)
     assert [lvl["streams"] for lvl in results["levels"]] == [1, 3]
     assert all(lvl["audio_s"] == pytest.approx(0.8 * lvl["streams"]) for lvl in results["levels"])
     assert (tmp_path / "sweep.json").exists()
-    assert bench.main(["--presets", "csm-cpu", "--streams", "1,x"]) == 2
+    assert cli.main(["--presets", "csm-cpu", "--streams", "1,x"]) == 2
     assert "--streams: '1,x' is not a comma list" in capsys.readouterr().err
 
 
 def test_triton_attention_streams_the_sdpa_codes_and_serves_every_stacks_decode_steps(batched, monkeypatch):
-    """attention: triton (lab.fused.rows_attention, under Triton's interpreter here): each stream's greedy codes are
+    """attention: triton (fused.rows_attention, under Triton's interpreter here): each stream's greedy codes are
     SDPA's, and the backbone, the depth decoder and the codec's transformer all run their decode steps through it."""
-    fused = pytest.importorskip("lab.fused", reason="Triton is not installed")
+    fused = pytest.importorskip("lab.engines.fused", reason="Triton is not installed")
     requests = [Request(t, max_audio_s=0.8, seed=i) for i, t in enumerate([TEXT, *OTHERS[:2]])]
     sdpa = [drain(t)[0] for t in crowd(batched, requests, 2)]
     engine = engines.build(TINY_CSM.replace(name="csm-tiny-batched-triton", max_streams=4, attention="triton"))
@@ -278,7 +250,7 @@ def test_triton_attention_streams_the_sdpa_codes_and_serves_every_stacks_decode_
     (3, 8, 2, 1, 40, 32, None), (2, 4, 4, 2, 70, 16, None), (5, 32, 8, 1, 100, 64, None), (6, 4, 2, 2, 200, 16, 30)])
 def test_rows_attention_matches_a_float64_reference_with_per_row_masks(rows, heads, kv_heads, tokens, slots, head_dim,
                                                                        window):
-    fused = pytest.importorskip("lab.fused", reason="Triton is not installed")
+    fused = pytest.importorskip("lab.engines.fused", reason="Triton is not installed")
     g = torch.Generator().manual_seed(rows * slots)
     q = torch.randn(rows, heads, tokens, head_dim, generator=g)
     k, v = (torch.randn(rows, kv_heads, slots, head_dim, generator=g) for _ in range(2))

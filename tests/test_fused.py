@@ -1,4 +1,4 @@
-"""lab/fused.py's Triton kernels (`kernels: triton`): each against a float64 reference on fresh random inputs, a
+"""lab/engines/fused.py's Triton kernels (`kernels: triton`): each against a float64 reference on fresh random inputs, a
 decoder stack against the torch layers, and the CSM frame step against the torch path's codes. Without a GPU they
 run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1); the H100 benchmark times them."""
 import pytest
@@ -7,12 +7,12 @@ from conftest import TINY_CSM
 
 from lab import env, machine
 from lab.engines import csm
+from lab.engines.kv import run_layers, static_kv_for
 from lab.errors import LabError
-from lab.kv import run_layers, static_kv_for
-from lab.metrics import Timeline
+from lab.measure.metrics import Timeline
 from lab.request import ContextTurn, Request
 
-fused = pytest.importorskip("lab.fused", reason="Triton is not installed")
+fused = pytest.importorskip("lab.engines.fused", reason="Triton is not installed")
 DEVICE = "cuda" if env.cuda_available() else "cpu"
 TEXT = "Hello there, this is a streaming test."
 

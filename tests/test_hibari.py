@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from lab.metrics import Timeline, figures
+from lab.measure.metrics import Timeline, figures
 from lab.request import Request
 
 
@@ -78,7 +78,7 @@ def test_hibari_trim_starts_at_the_voice_and_is_the_untrimmed_stream_from_the_cu
                                                                                       hibari_trim_engine):
     from lab import session
     from lab.engines.hibari import LEAD_MARGIN_S
-    from lab.metrics import audible_index
+    from lab.measure.metrics import audible_index
 
     text = "First sentence here. Second one follows."
     record, padded = session.run_once(hibari_engine, hibari_engine.spec, Request(text, seed=4))

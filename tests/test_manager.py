@@ -6,9 +6,10 @@ import weakref
 import pytest
 
 from lab import engines
+from lab.engines.base import BuildReport, Engine
 from lab.errors import LabError
 from lab.manager import ModelManager
-from lab.metrics import Timeline
+from lab.measure.metrics import Timeline
 from lab.request import Request
 from lab.spec import VariantSpec
 
@@ -91,9 +92,9 @@ def test_a_variant_that_is_streaming_is_not_evicted_under_it(csm_tiny):
 def test_a_variant_over_the_budget_alone_is_freed_before_the_next_one_builds():
     events = []
 
-    class Big(engines.Engine):
+    class Big(Engine):
         def __init__(self, name):
-            super().__init__(TINY, 24000, engines.BuildReport(memory_bytes=12))
+            super().__init__(TINY, 24000, BuildReport(memory_bytes=12))
             self.name = name
 
         def close(self):

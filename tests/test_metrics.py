@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from lab import history
-from lab.metrics import AUDIBLE_DBFS, PHASES, Timeline, audible_index, figures, summarize, underruns
+from lab.measure import history
+from lab.measure.metrics import AUDIBLE_DBFS, PHASES, Timeline, audible_index, figures, summarize, underruns
 
 
 def timeline(stamps: dict, chunks: list[tuple[float, float]]) -> Timeline:

@@ -14,7 +14,7 @@ from lab.engines import minicpm_o
 from lab.engines import torch_common as tc
 from lab.errors import Cancelled, LabError
 from lab.manager import ModelManager
-from lab.metrics import PHASES, Timeline, figures
+from lab.measure.metrics import PHASES, Timeline, figures
 from lab.request import ContextTurn, Request
 from lab.spec import from_dict
 from minicpm_standin import StandInMiniCPMO, StandInTokenizer
@@ -353,7 +353,7 @@ def write_pcm_wav(path, pcm: np.ndarray, rate: int):
 
 
 def test_bench_sends_a_wav_user_turn_and_keeps_what_the_model_said(gpu_host, tmp_path):
-    from lab import bench
+    from lab import cli
     from lab.request import read_audio_file
 
     path = tmp_path / "question.wav"
@@ -369,7 +369,7 @@ def test_bench_sends_a_wav_user_turn_and_keeps_what_the_model_said(gpu_host, tmp
         return engine
 
     request = Request("Answer me.", user_audio=samples, user_audio_sample_rate=rate)
-    results = bench.bench([preset("minicpm-o-sdpa-compile-batched")], request, runs=1, out_dir=str(tmp_path / "out"),
+    results = cli.bench([preset("minicpm-o-sdpa-compile-batched")], request, runs=1, out_dir=str(tmp_path / "out"),
                           manager=ModelManager(builder=build_with_standin), history_path=None, progress_bar=False)
     assert results["errors"] == {} and results["request"]["user_audio_s"] == pytest.approx(1.0)
     assert [r["reply_text"] for r in results["runs"]] == ["Hello there, this is a stand-in."] * 2
@@ -382,13 +382,13 @@ def test_bench_sends_a_wav_user_turn_and_keeps_what_the_model_said(gpu_host, tmp
     ("long", ["--presets", "hibari"], "--user-audio: is 31.0 s long"),
 ])
 def test_bench_refuses_a_bad_user_audio_argument_in_one_line(tmp_path, capsys, make, args, expect):
-    from lab import bench
+    from lab import cli
 
     path = tmp_path / "turn.wav"
     if make == "text":
         path.write_text("not audio")
     else:
         write_pcm_wav(path, np.zeros(int((31 if make == "long" else 1) * 16000), np.int16), 16000)
-    assert bench.main([*args, "--user-audio", str(path)]) == 2
+    assert cli.main([*args, "--user-audio", str(path)]) == 2
     err = capsys.readouterr().err
     assert expect in err and "Traceback" not in err

@@ -10,7 +10,7 @@ import torch
 
 from lab.engines import pocket_tts
 from lab.errors import Cancelled, LabError
-from lab.metrics import PHASES, Timeline
+from lab.measure.metrics import PHASES, Timeline
 from lab.request import Request
 from lab.spec import VariantSpec
 

@@ -1,4 +1,4 @@
-"""lab.quality, the offline guardrail: real hibari speech scored by Whisper tiny.en, DNSMOS and Silero VAD (all
+"""lab.measure.quality, the offline guardrail: real hibari speech scored by Whisper tiny.en, DNSMOS and Silero VAD (all
 loaded from their wheels, once for the session), a deliberately broken variant (real hibari audio damaged) caught,
 noise never given a number, a runaway caught, and the guardrail kept off the timed path."""
 import json
@@ -8,9 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from lab import bench, history, quality, report, session
+from lab import cli, session
 from lab.manager import ModelManager
-from lab.metrics import Timeline
+from lab.measure import history, quality, report
+from lab.measure.metrics import Timeline
 from lab.request import Request
 from lab.spec import VariantSpec
 
@@ -279,7 +280,7 @@ def test_the_scorer_ends_with_its_server_even_while_paused(tmp_path):
     script.write_text(
         "import os, time\n"
         "import numpy as np\n"
-        "from lab import quality\n"
+        "from lab.measure import quality\n"
         "worker = quality.Worker()\n"
         "rec = {'preset': 'x', 'time': 0, 'text': 'Hello.', 'sample_rate': 24000, 'weights': 'pretrained'}\n"
         "worker.prepare(rec)\n"
@@ -307,7 +308,7 @@ def scorer_state(pid: int) -> str | None:
 
 def test_cli_quality_adds_the_figures_and_the_models_to_results(tmp_path, models):
     out = tmp_path / "out"
-    assert bench.main(["--presets", "hibari", "--runs", "1", "--quality", "--text", corpus("harvard.txt")[1],
+    assert cli.main(["--presets", "hibari", "--runs", "1", "--quality", "--text", corpus("harvard.txt")[1],
                        "--out", str(out), "--history", ""]) == 0
     results = json.loads((out / "results.json").read_text())
     assert "Whisper tiny.en" in results["env"]["quality_asr"] and "DNSMOS" in results["env"]["quality_mos"]

@@ -13,13 +13,14 @@ import uuid
 import httpx
 import pytest
 
-from lab import bench, history, session
+from lab import cli, session
 from lab.manager import ModelManager
+from lab.measure import history
 from lab.request import Request
 from lab.spec import VariantSpec
 from test_app import ROOT, Outputs, compare_args, history_records, table, wait_for_cancelled_record
-from web.server import AppProcess
 from lab.serving.line import ModelLine
+from web.server import AppProcess
 
 TEST_PRESETS = os.path.join(ROOT, "tests", "presets")
 CLIENTS = 16
@@ -232,7 +233,7 @@ def test_the_run_loop_and_the_cli_keep_results_when_the_history_cannot_be_writte
     assert len([e for e in events if isinstance(e, session.RunDone)]) == 3
     said = [e.message for e in events if isinstance(e, session.NotSaved)]
     assert len(said) == 1 and "No space left on device" in said[0]
-    code = bench.main(["--presets", "hibari", "--runs", "1", "--max-seconds", "1", "--text", "Two words.",
+    code = cli.main(["--presets", "hibari", "--runs", "1", "--max-seconds", "1", "--text", "Two words.",
                        "--out", str(tmp_path / "out"), "--history", "/dev/full"])
     assert code == 0 and "warning: history not written" in capsys.readouterr().err
     assert len(json.loads((tmp_path / "out" / "results.json").read_text())["runs"]) == 2
@@ -318,7 +319,7 @@ def test_odd_input_through_the_api_is_refused_at_its_field(client, outputs, key,
 @pytest.mark.parametrize("key,value,told", [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
 def test_odd_input_through_the_cli_is_one_line_naming_its_flag(tmp_path, capsys, key, value, told):
     flag = FIELDS[key][2]
-    code = bench.main(["--presets", "hibari", "--history", "", "--out", str(tmp_path), flag, str(value)])
+    code = cli.main(["--presets", "hibari", "--history", "", "--out", str(tmp_path), flag, str(value)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and f"error: {flag}: {told}" in err, err
 
@@ -359,7 +360,7 @@ def test_odd_cli_arguments_are_one_line_each(tmp_path, capsys, argv, told):
     args = argv(tmp_path)
     if "--out" not in args:
         args += ["--out", str(tmp_path / "out")]
-    code = bench.main(args + ["--history", ""])
+    code = cli.main(args + ["--history", ""])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and told in err and "Traceback" not in err, err
 
@@ -403,7 +404,7 @@ def test_pasted_text_is_spoken_with_a_note_of_what_changed(client, outputs, serv
 
 
 def test_pasted_text_through_the_cli_is_spoken_with_a_note(tmp_path, capsys):
-    code = bench.main(["--presets", "hibari", "--runs", "1", "--max-seconds", "1", "--history", "", "--out",
+    code = cli.main(["--presets", "hibari", "--runs", "1", "--max-seconds", "1", "--history", "", "--out",
                        str(tmp_path), "--text", "<speak>Please wait.</speak> 🎉"])
     err = capsys.readouterr().err
     assert code == 0 and "note: --text: markup removed" in err and "note: --text: dropped" in err

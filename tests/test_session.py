@@ -5,8 +5,9 @@ import threading
 
 import pytest
 
-from lab import history, session
+from lab import session
 from lab.manager import ModelManager
+from lab.measure import history
 from lab.request import Request
 from lab.spec import VariantSpec
 
@@ -100,7 +101,7 @@ def test_a_journal_estimates_as_its_records_do_and_keeps_up_with_new_runs(tmp_pa
 
 
 def test_the_model_line_is_first_come_first_served_and_estimates_from_measured_runs():
-    from lab.history import estimate_s
+    from lab.measure.history import estimate_s
     from lab.serving.line import ModelLine
 
     records = [{"preset": "a", "cold": False, "rtf": 0.5, "audio_s": 2.0}, {"preset": "a", "cold": True, "rtf": 9,

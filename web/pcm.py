@@ -37,7 +37,7 @@ import numpy as np
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
 
-from lab.streaming import pcm16
+from lab.audio import pcm16
 
 log = logging.getLogger(__name__)
 

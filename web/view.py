@@ -12,11 +12,12 @@ from typing import Iterator
 
 import numpy as np
 
-from lab import quality, report, session
-from lab.serving.line import Turn
+from lab import session
+from lab.audio import pcm16
 from lab.errors import LabError
+from lab.measure import quality, report
+from lab.serving.line import Turn
 from lab.spec import VariantSpec
-from lab.streaming import pcm16
 
 SLOT_FIELDS = ("box", "header", "status", "player", "pcm", "live", "quality")
 # The page is sent what changed at most this often. Every update costs the server Python time (Gradio's
@@ -206,7 +207,7 @@ class CompareView:
         self.final = (done, text, kind)
         return {"overall": status_html(done, 1, text + self._scoring(), kind), **self.results(stopped)}
 
-    # -- the quality guardrail's figures, which come after the runs (lab.quality.Worker) -------------------------
+    # -- the quality guardrail's figures, which come after the runs (lab.measure.quality.Worker) -----------------
     def _pending(self) -> int:
         return sum(r.get("quality") == quality.PENDING for r in self.records)
 

@@ -324,7 +324,7 @@ WAIT_FOR_SCORES = True   # --click-while-scoring: click as a person would, while
 
 def waits_for_scores(server: Server) -> bool:
     """Whether the next compare waits for this server's scores. A tree whose scorer pauses itself while any run loop
-    holds it (lab.quality.Worker in its own process) needs no wait with --click-while-scoring; an earlier tree's
+    holds it (lab.measure.quality.Worker in its own process) needs no wait with --click-while-scoring; an earlier tree's
     scorer, a thread of its server, would take the cores from the other tree's next compare, so it is waited for."""
     return WAIT_FOR_SCORES or server.tree.role == "base"
 
@@ -636,7 +636,7 @@ def describe(entry: dict) -> str:
 
 # -- figures and goals -------------------------------------------------------------------------------------------
 def quantile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between order statistics (lab.metrics' way: index q * (n - 1))."""
+    """Linear interpolation between order statistics (lab.measure.metrics' way: index q * (n - 1))."""
     v = sorted(x for x in values if x is not None)
     if not v:
         return None
@@ -646,7 +646,7 @@ def quantile(values: list[float], q: float) -> float | None:
 
 
 def spread(values: list) -> dict:
-    """Median, and the spread: min-max, or p10-p90 from 10 values on (lab.metrics.summarize's rule)."""
+    """Median, and the spread: min-max, or p10-p90 from 10 values on (lab.measure.metrics.summarize's rule)."""
     v = [x for x in values if x is not None]
     wide = len(v) >= 10
     return {"median": quantile(v, 0.5), "lo": quantile(v, 0.1 if wide else 0.0),

@@ -9,7 +9,7 @@
 //           <video> elements (Gradio's HLS players) play outside Web Audio: each one that starts playing is
 //           captured (element.captureStream()) into a tap context of the tap's own, one tap node per element.
 //   onsets  in the audio thread, the RMS over a 10 ms window sliding in 1 ms steps (channels averaged); a window
-//           at or above -50 dBFS (full scale 1.0, lab/metrics.py's "audible") after at least 300 ms of windows
+//           at or above -50 dBFS (full scale 1.0, lab/measure/metrics.py's "audible") after at least 300 ms of windows
 //           below it (or the first one ever) is an onset, stamped at the first 1 ms hop of that window that
 //           reaches -50 dBFS on its own (the sound's first millisecond; the window's start if none does) as a
 //           context time (currentFrame / sampleRate). The main thread maps that to the performance clock with

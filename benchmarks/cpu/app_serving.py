@@ -67,7 +67,7 @@ def cli_floor(clients: int, out_dir: str) -> dict:
 
 
 def chart(result: dict, path: str) -> None:
-    from lab import report
+    from lab.measure import report
 
     plt = report._pyplot()
     fields = [("ttfb_from_submit_ms", "median", "TTFB from submit p50, ms"), ("ttfb_ms", "median",
@@ -105,7 +105,7 @@ def main() -> int:
     app_clients.RANDOM_WEIGHTS = False   # tiny presets run without the switch
     result = {"env": env.environment(), "clients": args.clients, "frames": app_clients.FRAMES,
               "text": app_clients.TEXT, "weights": "tiny (test-sized; audio is noise; this machine's times)",
-              "measured": "server run records (no browser: underruns are lab.metrics' simulated real-time player)",
+              "measured": "server run records (no browser: underruns are lab.measure.metrics' simulated player)",
               "modes": {"gradio": "LAB_GRADIO_SKIPS=rebuild: every output an update leaves out rebuilt (Gradio 6.31)",
                         "lab": "web.server.skip_without_rebuilding: only the outputs an update changes"},
               "rounds": []}

@@ -22,11 +22,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from lab import env, machine, presets, report, session  # noqa: E402  (before torch: lab sets OpenMP's wait policy)
+from lab import env, machine, presets, session  # noqa: E402  (before torch: lab sets OpenMP's wait policy)
+from lab.measure import report  # noqa: E402
 import torch  # noqa: E402
-from lab.bench import DEFAULT_TEXT  # noqa: E402
+from lab.cli import DEFAULT_TEXT  # noqa: E402
 from lab.manager import ModelManager  # noqa: E402
-from lab.metrics import summarize  # noqa: E402
+from lab.measure.metrics import summarize  # noqa: E402
 from lab.request import Request  # noqa: E402
 
 PRESETS = ("pocket-tts-cpu", "pocket-tts-cpu-inductor", "pocket-tts-cpu-int8", "pocket-tts-cpu-torchao",

@@ -31,7 +31,7 @@ def child() -> None:
         torch.set_num_interop_threads(int(os.environ["INTEROP_THREADS"]))
     sys.path.insert(0, ROOT)
     from lab.engines import pocket_tts
-    from lab.kv import GrowingKV
+    from lab.engines.kv import GrowingKV
     from lab.spec import VariantSpec
 
     model, _, _ = pocket_tts.load(VariantSpec(family="pocket_tts", weights="random", quantization="int8-dynamic"))

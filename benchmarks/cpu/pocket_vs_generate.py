@@ -16,9 +16,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from lab import presets, report  # noqa: E402
-from lab.bench import DEFAULT_TEXT, bench  # noqa: E402
+from lab import presets  # noqa: E402
+from lab.cli import DEFAULT_TEXT, bench  # noqa: E402
 from lab.manager import ModelManager  # noqa: E402
+from lab.measure import report  # noqa: E402
 from lab.request import Request  # noqa: E402
 
 

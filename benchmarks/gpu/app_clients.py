@@ -8,7 +8,7 @@
 3. The same number at once on csm-triton-cuda-graphs, which serves one request at a time: the page's line.
 
 No browser plays here (the machine has none): the figures are the server's own run records, and underruns are
-the simulated real-time player of lab.metrics (a player that starts at the first chunk). TTFB from submit is each
+lab.measure.metrics' simulated real-time player (one that starts at the first chunk). TTFB from submit is each
 client's first run's first chunk against the moment that client submitted, on the same clock, so a wait in line
 counts. Writes DIR/app_clients.json.
 """
@@ -25,7 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from lab import env  # noqa: E402
-from lab.metrics import summarize  # noqa: E402
+from lab.measure.metrics import summarize  # noqa: E402
 from web.server import AppProcess  # noqa: E402
 
 TEXT = "Streaming speech should start at once and keep pace with the listener, even on a busy machine tonight."
@@ -117,7 +117,7 @@ def main() -> int:
     default_presets = args.default.split(",")
     os.makedirs(args.out, exist_ok=True)
     result = {"env": env.environment(), "text": TEXT, "frames": FRAMES, "weights": "random (latency only)",
-              "measured": "server run records (no browser: underruns are lab.metrics' simulated real-time player)",
+              "measured": "server run records (no browser: underruns are lab.measure.metrics' simulated player)",
               # LAB_GRADIO_SKIPS=rebuild: Gradio's own handling of outputs an update leaves out (docs/DESIGN.md)
               "gradio_skips": os.environ.get("LAB_GRADIO_SKIPS") or "left out (web.server.skip_without_rebuilding)"}
     path = os.path.join(args.out, "app_clients.json")

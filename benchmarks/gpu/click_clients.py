@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from lab import env  # noqa: E402
-from lab.metrics import summarize, underruns  # noqa: E402
+from lab.measure.metrics import summarize, underruns  # noqa: E402
 
 GRADIO_SEED = 900_000   # the Gradio clients' seeds start here, apart from every socket level's (1000 per level)
 TEXT = "Streaming speech should start at once and keep pace with the listener, even on a busy machine tonight."

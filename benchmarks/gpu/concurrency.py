@@ -24,9 +24,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from lab import concurrency, env, presets  # noqa: E402
+from lab import engines  # noqa: E402
 from lab.engines import csm  # noqa: E402
 from lab.engines.csm_batched import bucket  # noqa: E402
-from lab.metrics import Timeline, figures, summarize  # noqa: E402
+from lab.measure.metrics import Timeline, figures, summarize  # noqa: E402
 from lab.request import Request  # noqa: E402
 
 # 20-word texts, one per stream in turn, so neighbours say different things at different prompt lengths.
@@ -155,7 +156,7 @@ def prefill_times(engine, batches=(1, 16, 64, 256), positions=(100, 101)) -> lis
     slower than the rest is set-up work paid at every new prompt shape. Diagnostic."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from lab.kv import GrowingKV
+    from lab.engines.kv import GrowingKV
 
     out = []
     width = engine.config.hidden_size
@@ -264,10 +265,10 @@ def profile(engine, rows: int) -> dict:
 def attention_options(engine, rows_list=(64, 256, 1024)) -> list[dict]:
     """The batched step (KV length 256, greedy, codec included) captured with each attention kernel, from the same
     state: SDPA as it chooses (cuDNN's flash kernel here), SDPA pinned to its memory-efficient and math kernels, and
-    lab.fused.rows_attention (one program per row and kv head). Times, and codes against SDPA's. Diagnostic."""
+    lab.engines.fused.rows_attention (one program per row and kv head). Times, and codes against SDPA's. Diagnostic."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from lab import fused
+    from lab.engines import fused
     from lab.engines import torch_common as tc
 
     if not engine.use_graphs:
@@ -483,7 +484,7 @@ def main() -> int:
     log(f"building {spec.name} with {args.max_streams} slots")
     t0 = time.perf_counter()
     stages = {}
-    engine = csm.build(spec, lambda stage, s: stages.__setitem__(stage, s))
+    engine = engines.build(spec, lambda stage, s: stages.__setitem__(stage, s))
     result["build"] = {"s": time.perf_counter() - t0, "stages_s": stages, **engine.report.to_dict(),
                        "rows": engine.rows, "graphs": len(engine.step_graphs),
                        "memory_allocated_gib": torch.cuda.memory_allocated() / 2**30 if not SMOKE else 0}

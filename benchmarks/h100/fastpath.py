@@ -29,10 +29,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from lab import env, presets  # noqa: E402
-from lab.bench import bench  # noqa: E402
+from lab.cli import bench  # noqa: E402
 from lab.engines import csm  # noqa: E402
 from lab.manager import ModelManager  # noqa: E402
-from lab.metrics import Timeline  # noqa: E402
+from lab.measure.metrics import Timeline  # noqa: E402
 from lab.request import ContextTurn, Request  # noqa: E402
 
 # 20 words, as the issue asks.
@@ -282,7 +282,7 @@ def main() -> int:
         summary["speedup_vs_generate"] = {k: ref / v["median"] for k, v in per_frame.items()}
     summary["builds"] = results["builds"]
     summary["errors"].update(results["errors"])
-    from lab import report
+    from lab.measure import report
 
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -1,11 +1,11 @@
-"""Block shapes for lab/fused.py's kernels at CSM-1B's matrix shapes, picked on the H100, then the frame with them.
+"""Block shapes for lab/engines/fused.py's kernels at CSM-1B's matrix shapes, picked on the H100, then the frame.
 
     LAB_COMMIT=<sha> python benchmarks/h100/fused_sweep.py --out DIR [--sweep linear,qkv,attention]
 
 1. Every candidate block shape of each kernel at each shape CSM-1B uses, timed as the frame runs it: many launches
    in one CUDA graph, each on another copy of the weights (more bytes than the 50 MB L2 holds, so weights come
    from memory as they do in a frame), against torch's F.linear timed the same way. Prints the fastest shape of
-   each as the dicts lab/fused.py keeps (LINEAR_BLOCKS, QKV_BLOCKS, ATTENTION_BLOCKS): paste them there, so
+   each as the dicts lab/engines/fused.py keeps (LINEAR_BLOCKS, QKV_BLOCKS, ATTENTION_BLOCKS): paste them there, so
    every build uses the same shapes (and sums in the same order).
 2. csm-triton-cuda-graphs with those shapes: build time, graph replay against the unwrapped step (must be
    bit-exact), two runs of one request (must be equal), codes against the torch kernels' graphed step (bf16
@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lab import env, fused, presets  # noqa: E402
+from lab import env, presets  # noqa: E402
+from lab.engines import fused  # noqa: E402
 from lab.request import Request  # noqa: E402
 
 L2_BYTES = 50e6
@@ -84,7 +85,7 @@ def graph_us(launches: list, replays: int = 10) -> float:
 
 
 def pdl() -> bool:
-    """The kernels are timed as a build on this device launches them (lab/fused.py's tables were picked with PDL on)."""
+    """The kernels are timed as a build on this device launches them (lab/engines/fused.py's tables: PDL on)."""
     return fused.pdl_available()
 
 
@@ -233,7 +234,7 @@ def time_frame_graph(engine, run) -> dict:
 
 def frame_checks(out_dir: str, runs: int) -> dict:
     from fastpath import TEXT, check_replay, codes_of, compare, spread
-    from lab.bench import bench
+    from lab.cli import bench
     from lab.engines import csm
     from lab.manager import ModelManager
 
@@ -323,7 +324,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--sweep", default="linear,qkv,attention", help="kernels to sweep (comma-separated; '' for "
-                   "none); the others keep the tables in lab/fused.py")
+                   "none); the others keep the tables in lab/engines/fused.py")
     p.add_argument("--runs", type=int, default=10)
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)

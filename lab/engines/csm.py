@@ -4,7 +4,7 @@ Per frame, CSM runs its backbone once (one token: the previous frame's 32 codebo
 to predict codebook 0, then its depth decoder 31 times for codebooks 1..31. `CsmEngine._frame` is that step,
 written once over the model's own layers and weights; variants change how it is wrapped (torch.compile, a CUDA
 graph, the attention kernel, quantized weights) and which kernels serve its layers (`self.kernels`: the model's
-modules through lab/kv.py, or lab/fused.py's Triton kernels), never which step runs.
+modules through lab/engines/kv.py, or lab/engines/fused.py's Triton kernels), never which step runs.
 """
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from lab.engines import AudioChunk, Engine
-from lab.engines import torch_common as tc
+from lab.audio import AudioChunk, ChunkEmitter, chunk_frames, frames_for
+from lab.engines.codec import StreamingMimiDecoder
+import lab.engines.torch_common as tc
 from lab.errors import Cancelled, LabError
-from lab.metrics import Timeline
+from lab.measure.metrics import Timeline
 from lab.request import ContextTurn, Request
 from lab.spec import VariantSpec
-from lab.streaming import ChunkEmitter, StreamingMimiDecoder, chunk_frames, frames_for
 
 FRAME_RATE_HZ = 12.5
 SKIP_QUANT_MODULES = ["codec_model", "lm_head", "codebooks_head"]  # keep the codec and the heads in full precision
@@ -63,15 +63,15 @@ GRAPHED = ("cuda-graphs", "inductor+cuda-graphs")
 COMPILED = ("inductor", "inductor+cuda-graphs")
 
 
-class CsmEngine(Engine):
+class CsmEngine(tc.TorchEngine):
     """One frame step, `_frame`, run three ways: eagerly (compile: off), with its pieces compiled by inductor,
     or replayed from a CUDA graph that holds the whole frame; its layers served by the model's modules or by
-    lab/fused.py's Triton kernels (kernels: torch | triton)."""
+    lab/engines/fused.py's Triton kernels (kernels: torch | triton)."""
 
     compile_options: dict = {}   # torch.compile's, for the pieces of the step (the batched engine's differ)
 
     def __init__(self, spec: VariantSpec, model, processor, static_kv: bool | None = None):
-        from lab.kv import GrowingKV, static_kv_for
+        from lab.engines.kv import GrowingKV, static_kv_for
 
         super().__init__(spec, model.config.codec_config.sampling_rate)
         self.model = model
@@ -105,10 +105,10 @@ class CsmEngine(Engine):
         codec_positions = 2 * self.cache_positions if self.graphed else None
         self.codec = StreamingMimiDecoder(self.model.codec_model, static_positions=codec_positions)
         # What the step calls for its layers and projections: the model's modules, or the same weights through
-        # lab.fused's kernels. The step below is the same either way.
+        # lab.engines.fused's kernels. The step below is the same either way.
         self.kernels = tc.TorchKernels()
         if spec.kernels == "triton":
-            from lab.fused import TritonKernels
+            from lab.engines.fused import TritonKernels
 
             self.kernels = TritonKernels({self.model.backbone_model: self.cache_positions,
                                           self.model.depth_decoder.model: self.num_codebooks},
@@ -336,14 +336,10 @@ class CsmEngine(Engine):
         self.last_codes = torch.cat(all_codes) if all_codes else None
 
 
-def build(spec: VariantSpec, progress) -> CsmEngine:
-    """One build for both CSM engines: one stream (CsmEngine), or many through one batched step
-    (lab.engines.csm_batched, max_streams > 1)."""
+def build(spec: VariantSpec, progress, engine_class: type[CsmEngine] = CsmEngine) -> CsmEngine:
+    """One build for both CSM engines: one stream (CsmEngine), or many through one batched step, whose module passes
+    its class (lab.engines.csm_batched.build, max_streams > 1)."""
     clock, baseline_bytes, (model, processor), load_s = tc.begin_build(spec, progress, lambda: load(spec))
-    if spec.batches:
-        from lab.engines.csm_batched import BatchedCsmEngine as engine_class
-    else:
-        engine_class = CsmEngine
     engine = engine_class(spec, model, processor)
 
     def warm_up():

@@ -2,15 +2,16 @@
 frame boundary (continuous batching). `max_streams > 1` in a csm spec builds this engine.
 
 The step is `CsmEngine._frame`, unchanged: it is written over a batch of rows, and here each row is one stream,
-over caches with one row per stream, each at its own position (lab.kv.RowKV). The codec decodes that frame for
-every row in the same step, with per-row streaming state, so no stream waits for another's chunk. What this module
-adds is the scheduler around the step, in one thread of its own:
+over caches with one row per stream, each at its own position (lab.engines.kv.RowKV). The codec decodes that frame
+for every row in the same step, with per-row streaming state, so no stream waits for another's chunk. What this
+module adds is the model runner around the step, in one thread of its own; who runs in which row, and when arrivals
+join, is lab.serving.scheduler's (torch-free, tested on a fake clock):
 
 - `stream(request)` hands the request to the scheduler and yields its chunks as they come. There is no per-engine
   lock (Engine.stream holds one): many callers stream at once.
-- At each frame boundary the scheduler admits waiting requests into free slots (their prompts prefilled together,
-  right-padded, in one forward), runs one frame for every active slot, and hands each stream its frame. A stream
-  that ends (EOS, its cap, a cancel, a consumer that went away) frees its slot for the next frame.
+- At each frame boundary the scheduler admits waiting requests into free slots, and this prefills their prompts
+  together (right-padded, in one forward), runs one frame for every active slot, and hands each stream its frame. A
+  stream that ends (EOS, its cap, a cancel, a consumer that went away) frees its slot for the next frame.
 - On CUDA the step replays from a CUDA graph per bucket: the smallest power of two of rows covering the highest
   active slot (slots are given lowest first, so active rows stay packed at the front), and, with SDPA, the smallest
   length covering the longest stream, so attention reads only as far as the longest stream has come (the Triton
@@ -20,42 +21,30 @@ adds is the scheduler around the step, in one thread of its own:
 """
 from __future__ import annotations
 
-import collections
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from lab.engines import AudioChunk
-from lab.engines import torch_common as tc
+from lab.audio import AudioChunk, ChunkEmitter, frames_for
+from lab.engines.codec import StreamingMimiDecoder
 from lab.engines.csm import COMPILED, FRAME_RATE_HZ, CsmEngine
+from lab.engines.csm import build as build_csm
+from lab.engines.kv import GrowingKV, RowKV, static_kv_for
+import lab.engines.torch_common as tc
 from lab.errors import Cancelled, LabError
-from lab.kv import GrowingKV, RowKV, static_kv_for
-from lab.metrics import Timeline
+from lab.measure.metrics import Timeline
 from lab.request import Request
+from lab.serving.scheduler import AdmissionPolicy, Scheduler
 from lab.spec import VariantSpec
-from lab.streaming import ChunkEmitter, StreamingMimiDecoder, frames_for
 
 # KV room per stream: 1024 positions hold a prompt of up to 250 tokens and 60 s of audio (750 frames).
 BATCHED_POSITIONS = 1024
 LENGTH_BUCKETS = (256, 512, 1024)
 SAMPLING_TOP_K = 50         # one top-k for every sampled stream in a batch (the per-row temperature varies)
-# Admission is a prefill (eager: a few hundred kernel launches) and a sync, paid by every stream in the batch. While
-# streams run, a trickle of arrivals is gathered for up to ADMIT_EVERY_FRAMES frames, or until ADMIT_BATCH wait, and
-# prefilled together; while any stream is playing, at most ADMIT_MAX_POSITIONS padded prompt positions at a time
-# (about 35 ms on the H200), so a crowd delays the playing streams' frames a little at a time. An idle engine
-# gathers while arrivals keep coming (each within ADMIT_QUIET_S of the last, up to ADMIT_GATHER_MAX_S) and prefills
-# the burst at once, before any of it plays: while chunks double, every frame interval of a playing stream must stay
-# under half a frame of audio, and a neighbour's prefill inside one is a stall (docs/GPU.md, 1024 streams).
-ADMIT_EVERY_FRAMES = 4
-ADMIT_BATCH = 8
-ADMIT_MAX_POSITIONS = 4096
-ADMIT_QUIET_S = 0.005
-ADMIT_GATHER_MAX_S = 0.25
 _MASK31 = 0x7FFFFFFF
 
 
@@ -99,6 +88,11 @@ class Ticket:
     abandoned: bool = False             # its consumer went away (a closed page): free the slot
     done: bool = False
 
+    @property
+    def playing(self) -> bool:
+        """Whether it has sent a chunk (the scheduler caps admissions while any stream plays)."""
+        return self.emitter is not None and self.emitter.index > 0
+
     def chunks(self) -> Iterator[AudioChunk]:
         try:
             while (item := self.out.get()) is not None:
@@ -114,6 +108,8 @@ class Ticket:
 
 
 class BatchedCsmEngine(CsmEngine):
+    """The model runner of many CSM streams: it binds, steps, captures, prefills, launches and takes; which request
+    runs in which row, and when arrivals join, is its scheduler's (lab.serving.scheduler)."""
     # The step runs at a bucket of rows and a KV length per graph: with inductor, each piece is compiled once over
     # symbolic sizes (and once for a single row, which dynamo always specializes), not once per bucket.
     compile_options = {"dynamic": True}
@@ -125,7 +121,7 @@ class BatchedCsmEngine(CsmEngine):
         self.cache_positions = min(self.config.max_position_embeddings, BATCHED_POSITIONS)
         self.rows_asked = rows or spec.max_streams
         self.rows = self.rows_asked if self.device.type != "cuda" else min(self.rows_asked, self._rows_that_fit())
-        # lab.fused.rows_attention (attention: triton) skips the slots no stream has reached, so a shorter view saves
+        # fused.rows_attention (attention: triton) skips the slots no stream has reached, so a shorter view saves
         # it nothing; and with inductor a view shorter than its buffer measured slower (58.4 against 45.1 ms at 1024
         # rows, docs/GPU.md). One length there: a third of the graphs to compile and capture.
         self.length_buckets = (self.cache_positions,) if spec.attention == "triton" else tuple(
@@ -141,7 +137,7 @@ class BatchedCsmEngine(CsmEngine):
         if spec.attention == "triton":
             # Every stream's decode step attends through one Triton program per (row, kv head) over that row's mask:
             # SDPA's choice here (cuDNN's flash kernel) works in tiles of 64 queries for the 1-4 a decode step has.
-            from lab import fused
+            from lab.engines import fused
 
             fused.use_rows_attention(*self.attention_stacks())
         self.hidden_rows = torch.zeros(self.rows, self.config.hidden_size, dtype=width, device=self.device)
@@ -158,17 +154,14 @@ class BatchedCsmEngine(CsmEngine):
         self.prefill_rows = tc.with_attention(spec, self._prefill_rows, prompt=True)
         self.step_graphs: dict[tuple, tuple] = {}      # (rows, length, sampled) -> (graph, (codes, audio))
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
-        self.slots: list[Ticket | None] = [None] * self.rows
-        self.waiting: collections.deque[Ticket] = collections.deque()
-        self.wake = threading.Condition()
-        self.closing = False
+        self.scheduler = Scheduler(self.rows, AdmissionPolicy())
         self.frames_run = 0         # batched steps since build, and the rows they carried: for the sweep
         self.rows_run = 0
         # Inside the app, beside 32 busy page handlers, this engine ran 4-6 times slower than the CLI's 32 streams
         # (docs/GPU.md). A 0.5 ms interpreter switch interval was tried against it and measured worse (TTFB from
         # submit 9.1 s against 6.8 s), so the interval is left as Python sets it; the cause is still open.
-        self.scheduler = threading.Thread(target=self._serve, daemon=True, name=f"batched {spec.name}")
-        self.scheduler.start()
+        self.runner = threading.Thread(target=self._serve, daemon=True, name=f"batched {spec.name}")
+        self.runner.start()
 
     def attention_stacks(self) -> tuple:
         """The stacks a batched frame attends in: the backbone, the depth decoder, the codec's decoder transformer."""
@@ -269,9 +262,7 @@ class BatchedCsmEngine(CsmEngine):
                                           f"not fit a stream's KV row ({self.cache_positions} positions); use "
                                           f"max_audio_s of at most {max(room_s, 0):.1f}, or a shorter text")
         ticket = Ticket(request, timeline, cancel, prompt_len, max_frames, text_ids, prompt)
-        with self.wake:
-            self.waiting.append(ticket)
-            self.wake.notify()
+        self.scheduler.add(ticket)
         return ticket
 
     def stream(self, request: Request, timeline: Timeline,
@@ -283,46 +274,28 @@ class BatchedCsmEngine(CsmEngine):
 
     def place_in_line(self, ticket: Ticket) -> int:
         """0 once the ticket has a slot (or has ended); else its place among the requests waiting for one."""
-        with self.wake:
-            waiting = list(self.waiting)
-        return waiting.index(ticket) + 1 if ticket in waiting else 0
+        return self.scheduler.place_in_line(ticket)
 
     def busy(self) -> bool:
-        return bool(self.waiting) or any(self.slots)
+        return self.scheduler.busy()
 
     def close(self) -> None:
-        with self.wake:
-            self.closing = True
-            self.wake.notify()
-        self.scheduler.join(timeout=30)
+        self.scheduler.close()
+        self.runner.join(timeout=30)
         super().close()
 
-    # -- the scheduler ---------------------------------------------------------------------------
+    # -- the frame loop: the scheduler says who runs, this runs them -----------------------------
     def _serve(self) -> None:
         in_flight = None    # the frame launched last, which the host handles after launching the next
-        flip, since_admission = 0, 0
+        flip = 0
         host = [self._host_buffers() for _ in range(2)] if self.device.type == "cuda" else None
         while True:
-            with self.wake:
-                while not self.closing and not self.waiting and not any(self.slots) and in_flight is None:
-                    self.wake.wait()
-                # Arrivals and no stream in a slot: let a burst gather behind the first. Not only at an idle engine:
-                # a burst that comes while the last frame of the streams before it is still in flight was split in
-                # two (202 and 310 of 512 arriving together, on the CPU; stalls for the first ones on the H200).
-                if self.waiting and not any(self.slots):
-                    self._gather()
-                if self.closing:
-                    return
-                for ticket in [t for t in self.waiting if t.abandoned or (t.cancel is not None and t.cancel.is_set())]:
-                    self.waiting.remove(ticket)     # cancelled before it got a slot
-                    self._finish(ticket, Cancelled())
-                free = [row for row, t in enumerate(self.slots) if t is None]
-                due = (not any(self.slots) or since_admission >= ADMIT_EVERY_FRAMES
-                       or len(self.waiting) >= min(ADMIT_BATCH, len(free)))
-                admit = self._admissible(len(free)) if due else []
-                since_admission = 0 if admit else since_admission + 1
-                for row, ticket in zip(free, admit):
-                    ticket.row, self.slots[row] = row, ticket
+            scheduled = self.scheduler.next_frame(in_flight is not None)
+            if scheduled is None:
+                return
+            cancelled, admit = scheduled
+            for ticket in cancelled:    # cancelled before it got a slot
+                self._finish(ticket, Cancelled())
             try:
                 if admit:
                     self._admit(admit)
@@ -337,41 +310,13 @@ class BatchedCsmEngine(CsmEngine):
                 import traceback
 
                 traceback.print_exception(e)
-                for ticket in [t for t in self.slots if t is not None]:
+                for ticket in [t for t in self.scheduler.slots if t is not None]:
                     self._finish(ticket, error)
                 in_flight = None
 
     @property
     def samples_per_frame(self) -> int:
         return int(round(self.sample_rate / FRAME_RATE_HZ))
-
-    def _gather(self) -> None:
-        """(Holding `wake`.) Wait until no request has arrived for ADMIT_QUIET_S, or ADMIT_GATHER_MAX_S have passed."""
-        start = last = time.perf_counter()
-        seen = len(self.waiting)
-        while not self.closing:
-            now = time.perf_counter()
-            if len(self.waiting) != seen:
-                seen, last = len(self.waiting), now
-            wait_s = min(last + ADMIT_QUIET_S, start + ADMIT_GATHER_MAX_S) - now
-            if wait_s <= 0:
-                return
-            self.wake.wait(wait_s)
-
-    def _admissible(self, free: int) -> list[Ticket]:
-        """(Holding `wake`.) The waiting requests to admit now, first come first: as many as there are free slots;
-        while a stream is playing (has sent a chunk), no more than ADMIT_MAX_POSITIONS padded positions (always at
-        least one request). Streams admitted but not yet playing only start later, so the rest of a burst that came
-        with a pause in it joins at once."""
-        playing = any(t is not None and t.emitter is not None and t.emitter.index > 0 for t in self.slots)
-        admit, longest = [], 0
-        while self.waiting and len(admit) < free:
-            longest_next = max(longest, self.waiting[0].prompt_len)
-            if playing and admit and (len(admit) + 1) * longest_next > ADMIT_MAX_POSITIONS:
-                break
-            admit.append(self.waiting.popleft())
-            longest = longest_next
-        return admit
 
     def _host_buffers(self):
         return (torch.zeros(self.rows, self.num_codebooks, dtype=torch.long, pin_memory=True),
@@ -430,7 +375,7 @@ class BatchedCsmEngine(CsmEngine):
 
     def _launch(self, buffers):
         """Run one frame for every active slot; returns what `_take` needs, or None when no slot is active."""
-        active = [t for t in self.slots if t is not None]
+        active = [t for t in self.scheduler.slots if t is not None]
         if not active:
             return None
         rows = bucket(max(t.row for t in active) + 1, self.row_buckets)
@@ -480,10 +425,9 @@ class BatchedCsmEngine(CsmEngine):
 
     def _finish(self, ticket: Ticket, error: BaseException | None = None) -> None:
         ticket.done = True
-        with self.wake:
-            if ticket.row >= 0 and self.slots[ticket.row] is ticket:
-                self.slots[ticket.row] = None
-                self.row_kv.active[ticket.row] = 0   # a device write, queued: no host sync
+        # Only the frame loop's thread frees slots and admits, so the row is not reused before this write is queued.
+        if self.scheduler.release(ticket):
+            self.row_kv.active[ticket.row] = 0   # a device write, queued: no host sync
         if error is not None:
             ticket.out.put(error)
         ticket.out.put(None)
@@ -494,3 +438,7 @@ def per_stream_bytes(config, positions: int = BATCHED_POSITIONS, dtype_bytes: in
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * positions * dtype_bytes
 
+
+def build(spec: VariantSpec, progress) -> BatchedCsmEngine:
+    """CSM's build (lab.engines.csm.build: load, warm-up, report) with this engine's class: max_streams > 1."""
+    return build_csm(spec, progress, BatchedCsmEngine)

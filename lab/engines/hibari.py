@@ -9,7 +9,7 @@ non-streaming TTS would: one chunk, and a TTFB that grows with the text. Against
 voice starting later, which a listener hears.
 
 `leading_silence: trim` cuts the silence the voice pads its start with (about 0.3 s) from the stream's first chunk:
-it starts LEAD_MARGIN_S before the first audible sample (lab.metrics.audible_index, the lab's own "first audible").
+it starts LEAD_MARGIN_S before the first audible sample (lab.measure.metrics.audible_index: the lab's "first audible").
 The rest of the stream, and the first chunk from the cut on, are the untrimmed samples.
 """
 from __future__ import annotations
@@ -20,15 +20,16 @@ from typing import Iterator
 
 import numpy as np
 
-from lab.engines import AudioChunk, BuildReport, Engine, StageClock
+from lab.audio import AudioChunk
+from lab.engines.base import BuildReport, Engine, StageClock
 from lab.errors import Cancelled, LabError, MissingPackageError
-from lab.metrics import Timeline, audible_index
+from lab.measure.metrics import Timeline, audible_index
 from lab.request import Request
 from lab.spec import VariantSpec
 
 # Kept before the first audible sample by leading_silence: trim: a soft onset (a fricative, a breath) rises through
 # -60 to -50 dBFS in the windows before the first one that reaches -50, so this keeps the consonant whole while being
-# too short to hear as a wait. Four whole 10 ms windows (lab.metrics.AUDIBLE_WINDOW_S): the trimmed stream's windows
+# too short to hear as a wait. Four whole 10 ms windows (metrics.AUDIBLE_WINDOW_S): the trimmed stream's windows
 # line up with the untrimmed one's, so its first audible sample sits exactly this far in.
 LEAD_MARGIN_S = 0.04
 

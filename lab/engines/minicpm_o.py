@@ -13,7 +13,7 @@ Content items are text strings and float32 mono 16 kHz numpy arrays. The lab's a
 (attention, dtype, bitsandbytes, torch.compile), how the prompt is prefilled (per-segment | batched) and where
 init_tts runs (build | request); never which API is called.
 
-The notes' phases map onto lab.metrics.PHASES like this; stacked, they are TTFB ("total TTFB"):
+The notes' phases map onto lab.measure.metrics.PHASES like this; stacked, they are TTFB ("total TTFB"):
     session       session creation: a new session id, reset_session(), and init_tts() when it runs per request
     prefill       the streaming_prefill call(s), with the user's audio resampled to 16 kHz first
     generator     generator creation: the streaming_generate(...) call
@@ -33,10 +33,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from lab.engines import AudioChunk, BuildReport, Engine
-from lab.engines import torch_common as tc
+from lab.audio import AudioChunk
+from lab.engines.base import BuildReport
+import lab.engines.torch_common as tc
 from lab.errors import Cancelled, LabError
-from lab.metrics import Timeline
+from lab.measure.metrics import Timeline
 from lab.request import Request, validate_user_audio
 from lab.spec import VariantSpec
 
@@ -107,7 +108,7 @@ def _host_samples(audio_wav) -> np.ndarray:
     return np.asarray(audio_wav, np.float32).reshape(-1)
 
 
-class MiniCPMOEngine(Engine):
+class MiniCPMOEngine(tc.TorchEngine):
     def __init__(self, spec: VariantSpec, model, tokenizer):
         # The sample rate is updated from the items' .sampling_rate.
         super().__init__(spec, OUTPUT_SAMPLE_RATE_HZ, BuildReport(tokenizer=type(tokenizer).__name__))

@@ -25,14 +25,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from lab.engines import AudioChunk, Engine, Progress
-from lab.engines import torch_common as tc
+from lab.audio import AudioChunk, ChunkEmitter, frames_for
+from lab.engines.base import Progress
+from lab.engines.codec import StreamingMimiDecoder, ahead
+from lab.engines.kv import GrowingKV, run_layers
+import lab.engines.torch_common as tc
 from lab.errors import Cancelled
-from lab.kv import GrowingKV, run_layers
-from lab.metrics import Timeline
+from lab.measure.metrics import Timeline
 from lab.request import Request
 from lab.spec import VariantSpec
-from lab.streaming import ChunkEmitter, StreamingMimiDecoder, ahead, frames_for
 
 # `generate`'s defaults when the checkpoint's generation config does not set them (_GENERATION_DEFAULTS).
 GENERATION_DEFAULTS = {"num_flow_steps": 1, "eos_threshold": -4.0, "min_frames_before_eos": 6}
@@ -118,14 +119,14 @@ def prefill(model, prompt_ids: torch.Tensor, kv: GrowingKV) -> torch.Tensor:
 def frame_step(model, prev_latent: torch.Tensor, kv: GrowingKV, noise: torch.Tensor,
                num_flow_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One frame: the backbone on the previous latent (one new cache position), then the flow head. The model's own
-    layers and heads, called by lab.kv.run_layers rather than through `model.forward`, whose per-call work (the
+    layers and heads, called by lab.engines.kv.run_layers rather than through `model.forward`, whose per-call work (the
     token embedding and masks of a general forward, a mask builder, output bookkeeping) a one-position step does not
     need. This is the function `compile: inductor` compiles; every variant runs it."""
     hidden = run_layers(model.model, model.model.embed_audio_latents(prev_latent), kv)
     return next_latent(model, hidden, noise, num_flow_steps)
 
 
-class PocketTTSEngine(Engine):
+class PocketTTSEngine(tc.TorchEngine):
     def __init__(self, spec: VariantSpec, model, codec, processor=None, fade_in_s: float = FADE_IN_S):
         super().__init__(spec, int(codec.config.sampling_rate))
         self.model, self.codec, self.processor = model, codec, processor

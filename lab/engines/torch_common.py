@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import shutil
 import tempfile
 import types
@@ -15,9 +14,10 @@ import warnings
 
 import torch
 
+from lab.engines.base import BuildReport, Engine, StageClock, process_peak_bytes, reset_process_peak
+from lab.engines.kv import run_layers as kv_run_layers
+from lab.engines.sampling import pick
 from lab.errors import LabError
-from lab.kv import run_layers as kv_run_layers
-from lab.sampling import pick
 from lab.spec import VariantSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,7 +25,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def attn_implementation(spec: VariantSpec) -> str:
     # sdpa-flash is SDPA with the backend pinned at run time (see attention_context); triton loads as SDPA and the
-    # batched engine then points its decode steps at lab.fused.rows_attention (prompts stay SDPA's).
+    # batched engine then points its decode steps at lab.engines.fused.rows_attention (prompts stay SDPA's).
     return "sdpa" if spec.attention in ("sdpa-flash", "triton") else spec.attention
 
 
@@ -183,8 +183,6 @@ def build_report(spec: VariantSpec, baseline_bytes: int, modules: list[torch.nn.
     """A build's BuildReport with its size figures taken the same way for every torch engine. memory_bytes: on a GPU,
     what the variant keeps allocated since `baseline_bytes` (weights, quantization state, static caches, graph
     pools): what eviction frees; on the CPU, its parameter and buffer bytes. peak_mem_bytes: the build's peak."""
-    from lab.engines import BuildReport
-
     return BuildReport(
         params=sum(param_count(m) for m in modules),
         memory_bytes=(allocated_bytes(spec.device) - baseline_bytes) if spec.device == "cuda"
@@ -232,12 +230,7 @@ def reset_peak_memory(device: str, collect: bool = False) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")   # Linux: reset VmHWM to the current resident size
-    except OSError:
-        pass
-    return 0
+    return reset_process_peak()
 
 
 def peak_memory_bytes(device: str, baseline_bytes: int = 0) -> int:
@@ -245,22 +238,33 @@ def peak_memory_bytes(device: str, baseline_bytes: int = 0) -> int:
     peak resident memory since the reset (VmHWM), which counts every variant resident in the process."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() - baseline_bytes
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return process_peak_bytes()
+
+
+class TorchEngine(Engine):
+    """An engine whose kernels are torch's: it runs on the spec's torch threads, and on a GPU its peak memory is the
+    device's, counted apart from the other variants the manager keeps."""
+
+    def use_threads(self) -> int:
+        return use_threads(self.spec)
+
+    def reset_peak_memory(self) -> None:
+        self._memory_baseline_bytes = reset_peak_memory(self.spec.device)
+
+    def peak_memory_bytes(self) -> int:
+        """GPU: what the variant holds resident (weights, static caches) plus the run's transient peak. CPU: the
+        process's peak resident memory during the run, every resident variant included."""
+        if self.spec.device != "cuda":
+            return peak_memory_bytes("cpu")
+        return self.report.memory_bytes + peak_memory_bytes("cuda", self._memory_baseline_bytes)
 
 
 def begin_build(spec: VariantSpec, progress, load):
     """The opening every torch engine's build shares: a stage clock that waits for the device, a peak-memory
     window starting from what other variants already hold, and `load()` timed as the "loading" stage.
-    Returns (clock, baseline bytes, what load returned, load seconds)."""
-    from lab.engines import StageClock
-
+    Returns (clock, baseline bytes, what load returned, load seconds). The spec's threads are set first: inductor's
+    CPU code is generated for the count in force when the warm-up compiles."""
+    use_threads(spec)
     clock = StageClock(progress, device_sync(spec.device))
     baseline_bytes = reset_peak_memory(spec.device, collect=True)
     loaded, load_s = clock.run("loading", load)
@@ -346,7 +350,7 @@ def device_sync(device: str):
 
 class TorchKernels:
     """The hooks a step function calls for its heavy work (`kernels: torch`), served by the model's own modules
-    and lab.kv.run_layers. lab.fused.TritonKernels serves the same hooks from its kernels (`kernels: triton`);
+    and kv.run_layers. fused.TritonKernels serves the same hooks from its kernels (`kernels: triton`);
     the step itself is the same either way."""
 
     @staticmethod

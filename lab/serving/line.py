@@ -63,7 +63,7 @@ class Sessions:
 class ModelLine:
     """One comparison (or blind pair) on the model at a time, the others waiting in line, first come first served.
     A waiting page shows its place and how long the ones ahead should still take, from this server's measured runs
-    of their presets (lab.history.estimate_s)."""
+    of their presets (lab.measure.history.estimate_s)."""
 
     def __init__(self, max_waiting: int | None = None, unknown_s: float = 30.0):
         self._cond = threading.Condition()

@@ -24,9 +24,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lab import env, presets, quality, report, session  # noqa: E402
+from lab import env, presets, session  # noqa: E402
 from lab.manager import ModelManager  # noqa: E402
-from lab.metrics import summarize  # noqa: E402
+from lab.measure import quality, report  # noqa: E402
+from lab.measure.metrics import summarize  # noqa: E402
 from lab.request import Request  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Every figure declared once, and the tables, lines, CSV, charts and result files made from that declaration.
 
-A figure is computed in lab.metrics (or the browser, for the heard figures) and declared here, once: its key in
+A figure is computed in lab.measure.metrics (or the browser, for the heard figures) and declared here, once: its key in
 a run record, its label with its unit, its digits, and how a preset's warm runs summarize it. The CLI's table and
 CSV, the page's tables, the live line and the history view are all generated from these declarations, so a new
 figure is added in two places: where it is computed, and one line below.
@@ -14,8 +14,8 @@ import os
 import textwrap
 from dataclasses import dataclass
 
-from lab import quality
-from lab.metrics import PHASES, summarize
+from lab.measure import quality
+from lab.measure.metrics import PHASES, summarize
 
 WEIGHTS_NOTE = {"random": "random weights: latency only, audio is noise",
                 "tiny": "tiny test weights: not a real-size figure, audio is noise"}
@@ -33,7 +33,7 @@ class Figure:
     tails: bool = False      # the summary shows p90 and p99 of the warm runs
     cold: bool = False       # the summary shows the cold run's value apart
     live: bool = False       # on the line that updates while a run streams
-    quality: bool = False    # lab.quality's, filled in after the run: "n/a" for noise (random, tiny), never a number
+    quality: bool = False    # the guardrail's (quality.py), filled in after the run: "n/a" for noise, never a number
 
     @property
     def label(self) -> str:
@@ -61,7 +61,7 @@ RUN_FIGURES = (
     Figure("first_audible_ms", "first audible", "ms", 1, spread=True),
     Figure("rtf", "RTF", "", 3, significant=True, spread=True, live=True),
     Figure("steady_rtf", "steady RTF", "", 3, significant=True),
-    # The quality guardrail's (lab.quality), real speech only, scored after the run off the timed path.
+    # The quality guardrail's (lab.measure.quality), real speech only, scored after the run off the timed path.
     Figure("wer", "WER", "%", 1, scale=100, spread=True, quality=True),
     Figure("cer", "CER", "%", 1, scale=100, quality=True),
     Figure("mos", "MOS est.", "", 2, spread=True, quality=True),
@@ -181,7 +181,7 @@ def build_table(builds: dict[str, dict]) -> list[dict]:
 
 
 def live_line(run: int, runs: int, cold: bool, figures: dict) -> str:
-    """The figures of a run so far, while it streams (the same lab.metrics.figures as the final ones)."""
+    """The figures of a run so far, while it streams (the same lab.measure.metrics.figures as the final ones)."""
     shown = " · ".join(f"{f.name} **{f.text(figures[f.key])}**{(' ' + f.unit) if f.unit else ''}"
                        for f in RUN_FIGURES if f.live)
     return f"run {run + 1}/{runs + 1} ({'cold' if cold else 'warm'}) · {shown} so far"
@@ -428,6 +428,23 @@ def heard_chart(runs: list[dict], title: str = "", path: str | None = None):
     return _save(fig, path)
 
 
+def export_history(records: list[dict], folder: str, title: str) -> dict:
+    """CSV, JSON and a chart PNG of `records`, overwritten in `folder` (a long-running Space must not fill its
+    disk): their paths, and the chart's figure (None when no run has figures)."""
+    paths = {ext: os.path.join(folder, f"history.{ext}") for ext in ("csv", "json", "png")}
+    complete = [r for r in records if not r.get("cancelled") and "ttfb_ms" in r]
+    with open(paths["csv"], "w") as f:
+        f.write(to_csv(complete))
+    with open(paths["json"], "w") as f:
+        json.dump(records, f, indent=1)
+    figure = None
+    if complete:
+        figure = chart(complete, title, paths["png"])
+    else:
+        paths["png"] = None
+    return {**paths, "figure": figure}
+
+
 def merge(result_dirs: list[str], out_dir: str) -> dict:
     """One results.json/csv/chart from bench runs made as separate calls on one machine (the GPU machine
     limits each command to 10 minutes). Refuses to mix machines or commits: that would not be one run."""
@@ -448,7 +465,7 @@ def merge(result_dirs: list[str], out_dir: str) -> dict:
 if __name__ == "__main__":
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m lab.report", description="merge bench results made in parts")
+    p = argparse.ArgumentParser(prog="python -m lab.measure.report", description="merge bench results made in parts")
     p.add_argument("--merge", nargs="+", required=True, metavar="DIR", help="folders holding results.json")
     p.add_argument("--out", required=True)
     args = p.parse_args()

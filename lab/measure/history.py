@@ -194,25 +194,6 @@ def filter_runs(records: list[dict], presets: list[str] | None = None, weights: 
     return out
 
 
-def export(records: list[dict], folder: str, title: str) -> dict:
-    """CSV, JSON and a chart PNG of `records`, overwritten in `folder` (a long-running Space must not fill its
-    disk): their paths, and the chart's figure (None when no run has figures)."""
-    from lab import report
-
-    paths = {ext: os.path.join(folder, f"history.{ext}") for ext in ("csv", "json", "png")}
-    complete = [r for r in records if not r.get("cancelled") and "ttfb_ms" in r]
-    with open(paths["csv"], "w") as f:
-        f.write(report.to_csv(complete))
-    with open(paths["json"], "w") as f:
-        json.dump(records, f, indent=1)
-    figure = None
-    if complete:
-        figure = report.chart(complete, title, paths["png"])
-    else:
-        paths["png"] = None
-    return {**paths, "figure": figure}
-
-
 def estimate_s(records: list[dict], presets: list[str], runs: int) -> float | None:
     """How long a comparison of these presets should take, from this history: each preset's median wall time
     over its last ESTIMATE_RUNS finished warm runs (RTF × audio seconds), times its runs; None when a preset never

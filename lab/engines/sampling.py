@@ -1,5 +1,5 @@
 """Picking the next token on the device, shared by the torch kernels (lab.engines.torch_common) and the Triton
-ones (lab.fused): greedy, or seeded top-k sampling that can run inside a CUDA graph."""
+ones (lab.engines.fused): greedy, or seeded top-k sampling that can run inside a CUDA graph."""
 from __future__ import annotations
 
 import torch

@@ -42,8 +42,8 @@ import triton.language as tl
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lab import env
-from lab.sampling import pick as tc_pick
-from lab.kv import StaticKV, run_layers
+from lab.engines.kv import StaticKV, run_layers
+from lab.engines.sampling import pick as tc_pick
 
 MAX_TOKENS = 2   # the depth decoder's first step feeds 2 tokens; every other decode step feeds 1
 
@@ -425,7 +425,7 @@ class FusedStack:
 
     @torch.no_grad()
     def run(self, hidden: torch.Tensor, kv: StaticKV, norm: bool = True, pdl: bool = False) -> torch.Tensor:
-        """Drop-in for lab.kv.run_layers over static KV buffers."""
+        """Drop-in for lab.engines.kv.run_layers over static KV buffers."""
         n = hidden.shape[1]
         if n > MAX_TOKENS:
             return run_layers(self.stack, hidden, kv, norm)

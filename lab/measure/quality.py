@@ -14,7 +14,7 @@ For a run whose audio is real speech (pretrained weights; hibari always), `asses
 
 It runs off the timed path: `Worker` scores runs in a process of its own at the lowest priority, paused while a run
 loop holds it (`hold`), so a score never shares the CPU with a timed run and never delays one's start. `parity`
-compares each variant with its family's reference. `python -m lab.quality` is that process (`serve`).
+compares each variant with its family's reference. `python -m lab.measure.quality` is that process (`serve`).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from lab.errors import MissingPackageError
-from lab.metrics import summarize
+from lab.measure.metrics import summarize
 
 ASR_RATE = 16000            # Whisper, DNSMOS and Silero VAD all take 16 kHz
 THREADS = 2                 # the guardrail is paused while a run holds it (Worker.hold): it may take the 2 cores
@@ -296,9 +296,9 @@ def job_of(record: dict) -> dict:
 
 # -- off the timed path ----------------------------------------------------------------------------------------
 def serve(parent_pid: int) -> None:
-    """The scorer process that `Worker` starts (`python -m lab.quality PARENT_PID`): reads jobs (`job_of` a record,
-    its audio) from stdin, one at a time, and writes back each one's figures and cost stamps, until stdin closes
-    (its parent ended). It runs at the lowest priority, and loads the models at its first job, once."""
+    """The scorer process that `Worker` starts (`python -m lab.measure.quality PARENT_PID`): reads jobs (`job_of`
+    a record, its audio) from stdin, one at a time, and writes back each one's figures and cost stamps, until stdin
+    closes (its parent ended). It runs at the lowest priority, and loads the models at its first job, once."""
     _die_with(parent_pid)
     os.nice(19)
     results = os.fdopen(os.dup(1), "wb")
@@ -438,7 +438,7 @@ class Worker:
             thread.join(timeout_s)
 
     def _work(self):
-        from lab import history
+        from lab.measure import history
 
         while True:
             job = self._jobs.get()
@@ -493,7 +493,7 @@ class Worker:
         """A fresh scorer process, paused at once if a holder came meanwhile."""
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
-        child = subprocess.Popen([sys.executable, "-m", "lab.quality", str(os.getpid())], stdin=subprocess.PIPE,
+        child = subprocess.Popen([sys.executable, "-m", "lab.measure.quality", str(os.getpid())], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, env=env)
         with self._cond:
             self._child = child
@@ -556,7 +556,7 @@ def _scored(records, preset):
 
 def parity(records: list[dict]) -> list[dict]:
     """For each variant that is not its family's reference: ΔWER and ΔMOS against the reference over runs paired
-    by text, seed and run number (median and spread, lab.metrics.summarize), and the badge when it is worse by
+    by text, seed and run number (median and spread, lab.measure.metrics.summarize), and the badge when it is worse by
     more than WER_MARGIN or MOS_MARGIN, or ran away where the reference did not."""
     rows = []
     refs = references(records)
