@@ -47,7 +47,7 @@ SAMPLING_TOP_K = 50         # one top-k for every sampled stream in a batch (the
 # Admission is a prefill (eager: a few hundred kernel launches) and a sync, paid by every stream in the batch. While
 # streams run, a trickle of arrivals is gathered for up to ADMIT_EVERY_FRAMES frames, or until ADMIT_BATCH wait, and
 # prefilled together; while any stream is playing, at most ADMIT_MAX_POSITIONS padded prompt positions at a time
-# (about 35 ms on the H200), so a crowd delays the playing streams' frames a little at a time. An idle engine
+# (a short prefill), so a crowd delays the playing streams' frames a little at a time. An idle engine
 # gathers while arrivals keep coming (each within ADMIT_QUIET_S of the last, up to ADMIT_GATHER_MAX_S) and prefills
 # the burst at once, before any of it plays: while chunks double, every frame interval of a playing stream must stay
 # under half a frame of audio, and a neighbour's prefill inside one is a stall (docs/GPU.md, 1024 streams).
@@ -90,9 +90,8 @@ class Ticket:
     frames: int = 0                     # frames the host has taken
     kept: int = 0                       # of them, frames of speech (not the end-of-speech frame)
     # The stream's codes and audio, frame by frame, in buffers allocated at admission: a chunk is a view of its
-    # frames. Joining each chunk's frames into a new array cost the host 100-370 ms at frames where 1024 streams
-    # were all due a 16-frame chunk (126 MB of fresh memory written; measured on the CPU), and the GPU waits for
-    # the host's next launch meanwhile.
+    # frames, because joining them into a new array stalls the host when many streams are due a chunk at once,
+    # and the GPU waits for the host's next launch meanwhile (docs/GPU.md, "H200, 1024 streams in real time").
     codes: np.ndarray | None = None     # (max_frames, codebooks)
     audio: np.ndarray | None = None     # (max_frames, samples)
     emitter: ChunkEmitter | None = None
@@ -126,8 +125,8 @@ class BatchedCsmEngine(CsmEngine):
         self.rows_asked = rows or spec.max_streams
         self.rows = self.rows_asked if self.device.type != "cuda" else min(self.rows_asked, self._rows_that_fit())
         # lab.fused.rows_attention (attention: triton) skips the slots no stream has reached, so a shorter view saves
-        # it nothing; and with inductor a view shorter than its buffer measured slower (58.4 against 45.1 ms at 1024
-        # rows, docs/GPU.md). One length there: a third of the graphs to compile and capture.
+        # it nothing; and with inductor a view shorter than its buffer is slower, not faster (docs/GPU.md, "H200,
+        # 1024 streams in real time"). One length there: a third of the graphs to compile and capture.
         self.length_buckets = (self.cache_positions,) if spec.attention == "triton" else tuple(
             b for b in LENGTH_BUCKETS if b < self.cache_positions) + (self.cache_positions,)
         self.row_buckets = tuple(1 << i for i in range(self.rows.bit_length()) if 1 << i < self.rows) + (self.rows,)
@@ -164,9 +163,8 @@ class BatchedCsmEngine(CsmEngine):
         self.closing = False
         self.frames_run = 0         # batched steps since build, and the rows they carried: for the sweep
         self.rows_run = 0
-        # Inside the app, beside 32 busy page handlers, this engine ran 4-6 times slower than the CLI's 32 streams
-        # (docs/GPU.md). A 0.5 ms interpreter switch interval was tried against it and measured worse (TTFB from
-        # submit 9.1 s against 6.8 s), so the interval is left as Python sets it; the cause is still open.
+        # The interpreter's switch interval is left as Python sets it: a shorter one made this engine slower
+        # beside busy page handlers, not faster (docs/GPU.md, "H200, many streams").
         self.scheduler = threading.Thread(target=self._serve, daemon=True, name=f"batched {spec.name}")
         self.scheduler.start()
 
@@ -234,7 +232,7 @@ class BatchedCsmEngine(CsmEngine):
                 for sampled in (False, True):
                     self._bind(rows, length)
                     # The first capture warms the libraries up (cuBLAS handles, workspaces); after it, one run
-                    # before each capture is enough (72 graphs: 46 s against 76 s with three, docs/GPU.md).
+                    # before each capture is enough, and each extra run costs build time (docs/GPU.md).
                     self.step_graphs[(rows, length, sampled)] = tc.capture_graph(
                         lambda: self._batch_step(rows, sampled), warmup_runs=1 if self.step_graphs else 3,
                         pool=self.pool)
@@ -307,8 +305,8 @@ class BatchedCsmEngine(CsmEngine):
                 while not self.closing and not self.waiting and not any(self.slots) and in_flight is None:
                     self.wake.wait()
                 # Arrivals and no stream in a slot: let a burst gather behind the first. Not only at an idle engine:
-                # a burst that comes while the last frame of the streams before it is still in flight was split in
-                # two (202 and 310 of 512 arriving together, on the CPU; stalls for the first ones on the H200).
+                # a burst that comes while the previous streams' last frame is in flight would otherwise be split,
+                # and each split admission is a stall (docs/GPU.md, "H200, 1024 streams in real time").
                 if self.waiting and not any(self.slots):
                     self._gather()
                 if self.closing:
