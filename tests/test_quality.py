@@ -327,6 +327,7 @@ def test_cli_quality_adds_the_figures_and_the_models_to_results(tmp_path, models
     assert {"wer", "cer", "mos", "first_speech_ms", "quality"} <= set(header.split(",")) and len(rows) == 2
 
 
+@pytest.mark.slow
 def test_the_compare_view_fills_in_quality_after_the_runs_with_parity_against_the_family_reference(models):
     from web.view import CompareView
 
