@@ -36,7 +36,7 @@ VOTES_PATH = os.environ.get("LAB_VOTES", os.path.join("runs", "votes.jsonl"))
 HISTORY_EXPORT_DIR = tempfile.mkdtemp(prefix="lab-history-")   # one folder, overwritten: a Space's disk stays small
 MEMORY_BUDGET_GB = float(os.environ.get("LAB_MEMORY_BUDGET_GB", "16"))
 MAX_SLOTS = 6   # players on the page; a comparison takes at most this many presets
-# Comparisons waiting for the model, at most; past it a newcomer is told to come back (README, "Limits and failure").
+# Comparisons waiting for the model, at most; past it a newcomer is told to come back (docs/OPERATIONS.md).
 MAX_WAITING = int(os.environ.get("LAB_MAX_WAITING", "32"))
 # Checked once here: an unusable file is said in one line, on the page's banner, and runs are kept in memory.
 HISTORY = history.Journal(HISTORY_PATH, "LAB_HISTORY")
@@ -88,9 +88,8 @@ def chart(label: str, elem_id: str, visible: bool = False) -> gr.Plot:
 def drawn(plot: gr.Plot, fig):
     """The chart as the page gets it (a PNG), encoded here in the handler's thread by the component's own
     postprocess, which also closes the figure. Handed the figure, Gradio encodes it on the server's event loop,
-    where every page's updates and the PCM sockets wait: with the skipped outputs no longer rebuilt
-    (web.server.skip_without_rebuilding), that encoding was a third of the loop's time with 16 pages comparing
-    (docs/DESIGN.md, Serving many pages)."""
+    where every page's updates and the PCM sockets wait, and with many pages that encoding is a large share of the
+    loop's time (docs/RESULTS.md#the-page-and-the-servers-event-loop)."""
     return plot.postprocess(fig)
 
 

@@ -7,9 +7,9 @@ Timeline and its figures (lab.measure.metrics), and how it is shown is lab.measu
 import os
 import sys
 
-# OpenMP's worker threads spin between parallel regions by default (libgomp). On two cores shared with other
-# processes a spinning worker holds the core its partner needs: a Pocket TTS frame at 2 threads took 8 times longer
-# than with passive waiting (README, How fast: benchmarks/cpu/omp_wait.py). OpenMP reads this when torch loads it, so it holds
-# only where the lab is imported before torch (the app, the CLI, the benchmarks); lab.env records whether it did.
+# OpenMP's worker threads spin between parallel regions by default (libgomp), and on two shared cores a spinning
+# worker holds the core its partner needs (docs/RESULTS.md#two-cores-and-threads). OpenMP reads this when torch
+# loads it, so it holds only where the lab is imported before torch (the app, the CLI, the benchmarks); lab.env
+# records whether it did.
 OMP_WAIT_POLICY_IN_FORCE = "OMP_WAIT_POLICY" in os.environ or "torch" not in sys.modules
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -97,6 +97,7 @@ def history_records(server):
 
 
 # -- gradio_client: a full compare of two tiny presets ----------------------------------------------------------
+@pytest.mark.slow
 def test_client_compare_of_two_presets_returns_streamed_audio_and_figures(client, server, outputs):
     # A real-size Pocket TTS (random weights) streams for long enough to reach the player in several pieces; the
     # tiny CSM is done before the page's next update.
@@ -127,6 +128,7 @@ def test_client_compare_of_two_presets_returns_streamed_audio_and_figures(client
         "pocket-tts-random's audio came in one piece, not streamed"
 
 
+@pytest.mark.slow
 def test_client_reuses_a_built_variant_and_its_first_run_is_warm(client, outputs):
     job = client.submit(*compare_args(csm=["csm-tiny"]), api_name="/compare")
     job.result(timeout=120)
@@ -135,6 +137,7 @@ def test_client_reuses_a_built_variant_and_its_first_run_is_warm(client, outputs
     assert [r[3] for r in out.last("runs-table")["data"]] == ["warm", "warm"]
 
 
+@pytest.mark.slow
 def test_two_users_on_a_batching_preset_run_at_once_while_a_one_at_a_time_preset_takes_turns(server):
     """csm-tiny-batched (max_streams > 1) takes both users' streams into its shared step: their runs overlap in
     time. Two users of csm-tiny wait for each other in the page's line: their runs do not."""
@@ -160,6 +163,7 @@ def test_two_users_on_a_batching_preset_run_at_once_while_a_one_at_a_time_preset
             assert all(ordered[i][1] <= ordered[i + 1][0] + 0.05 for i in range(len(ordered) - 1)), ordered
 
 
+@pytest.mark.slow
 def test_how_many_sweeps_a_batching_preset_and_refuses_a_bad_list(client):
     status, table_value, chart = client.predict("csm-tiny-batched", "1,3", 0.8, "Two short words.", False,
                                                 api_name="/how_many")
@@ -188,6 +192,7 @@ def test_client_bad_input_is_one_line_at_its_field_and_nothing_runs(client, outp
     assert "not run" in out.last("overall")
 
 
+@pytest.mark.slow
 def test_blind_ab_hides_the_names_until_the_vote_and_records_the_mode(client, server):
     a_audio, b_audio, msg, *_ = client.predict("", "hibari", "csm-tiny", "Hello there.", 3, False, "prebuffered",
                                                api_name="/ab_play")
@@ -201,6 +206,7 @@ def test_blind_ab_hides_the_names_until_the_vote_and_records_the_mode(client, se
     assert "play a pair first" in again
 
 
+@pytest.mark.slow
 def test_history_filters_and_exports_csv_json_and_png(client):
     table_value, chart, _, note, csv_file, json_file, png_file = client.predict(["csm-tiny"], [], "warm", "",
                                                                                 api_name="/history")
@@ -271,6 +277,7 @@ def assert_the_click_sent_each_start(page, clicks: int):
     assert not any("replaced" in line for line in log), log
 
 
+@pytest.mark.slow
 def test_browser_first_click_plays_two_real_voices_over_pcm_and_done_comes_after_the_audio(browser, server):
     page = open_page(browser, server)
     pick(page, "hibari", "hibari-whole")      # the CPU default first click
@@ -302,6 +309,7 @@ def test_browser_first_click_plays_two_real_voices_over_pcm_and_done_comes_after
     page.close()
 
 
+@pytest.mark.slow
 def test_browser_a_click_whose_form_mirror_is_stale_is_replaced_by_its_events_values(browser, server):
     page = open_page(browser, server)
     pick(page, "hibari")
@@ -319,6 +327,7 @@ def test_browser_a_click_whose_form_mirror_is_stale_is_replaced_by_its_events_va
     page.close()
 
 
+@pytest.mark.slow
 def test_browser_stop_says_stopped_and_generation_ends(browser, server):
     page = open_page(browser, server)
     pick(page, "pocket-tts-random")
@@ -346,6 +355,7 @@ def test_browser_stop_says_stopped_and_generation_ends(browser, server):
     page.close()
 
 
+@pytest.mark.slow
 def test_browser_closing_the_tab_mid_stream_stops_generation(browser, server):
     page = open_page(browser, server)
     pick(page, "pocket-tts-random")
@@ -357,6 +367,7 @@ def test_browser_closing_the_tab_mid_stream_stops_generation(browser, server):
     assert_stopped_in_time(wait_for_cancelled_record(server, started), 60)
 
 
+@pytest.mark.slow
 def test_browser_blind_pair_as_it_streams_starts_on_the_click_and_is_measured_from_it(browser, server):
     page = open_page(browser, server)
     page.get_by_role("tab", name="Blind A/B").click()
@@ -376,6 +387,7 @@ def test_browser_blind_pair_as_it_streams_starts_on_the_click_and_is_measured_fr
     page.close()
 
 
+@pytest.mark.slow
 def test_browser_shows_each_error_at_its_field(browser, server):
     page = open_page(browser, server)
     pick(page, "hibari")
@@ -390,6 +402,7 @@ def test_browser_shows_each_error_at_its_field(browser, server):
     page.close()
 
 
+@pytest.mark.slow
 def test_browser_a_second_user_waits_and_sees_their_place_in_the_queue(browser, server):
     first, second = open_page(browser, server), open_page(browser, server)
     pick(first, "pocket-tts-random")
@@ -409,6 +422,7 @@ def test_browser_a_second_user_waits_and_sees_their_place_in_the_queue(browser, 
     second.close()
 
 
+@pytest.mark.slow
 def test_presets_this_machine_cannot_run_are_folded_by_reason_not_offered(browser, server):
     page = open_page(browser, server)
     assert "csm-gpu" not in page.inner_text("#presets-csm")

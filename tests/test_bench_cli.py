@@ -16,6 +16,7 @@ RUN_FIELDS = {"preset", "run", "cold", "ttfb_ms", "phases_ms", "rtf", "steady_rt
               "stall_s", "peak_mem_bytes", "weights"}
 
 
+@pytest.mark.slow
 def test_a_mixed_family_comparison_prints_every_presets_row(tmp_path):
     """The first thing a newcomer tries: tiny CSM, tiny Pocket TTS and hibari in one comparison. The families'
     rows have different columns (hibari, real speech, has no "n/a" quality), and the table printed them all."""
@@ -31,6 +32,7 @@ def test_a_mixed_family_comparison_prints_every_presets_row(tmp_path):
     assert "n/a (tiny weights)" in proc.stdout
 
 
+@pytest.mark.slow
 def test_cli_writes_json_csv_chart_and_a_wav_per_preset_and_run(tmp_path):
     out, hist = tmp_path / "out", tmp_path / "history.jsonl"
     proc = subprocess.run(

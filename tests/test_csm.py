@@ -174,6 +174,7 @@ def test_pretrained_weights_unreachable_say_so_and_suggest_random():
     assert e.value.where == "weights" and "weights: random" in e.value.message
 
 
+@pytest.mark.slow
 def test_inductor_compiles_the_same_step_and_matches_eager(csm_tiny):
     from torch._dynamo.utils import counters
 
@@ -221,6 +222,7 @@ def test_codes_stay_inside_the_codebook_even_when_special_ids_score_highest():
     assert chunks and int(engine.last_codes.max()) < 64
 
 
+@pytest.mark.slow
 def test_pinned_flash_kernel_gives_the_same_codes(csm_tiny):
     flash = engines.build(csm_tiny.spec.replace(attention="sdpa-flash"))
     run(csm_tiny, Request(TEXT, max_audio_s=1.0))

@@ -132,6 +132,7 @@ def test_a_consumer_that_goes_away_frees_its_slot(batched):
     assert not batched.busy()
 
 
+@pytest.mark.slow
 def test_sampled_streams_repeat_with_their_seed_whatever_their_neighbours(batched):
     request = Request(TEXT, max_audio_s=1.0, temperature=1.0, seed=5)
     alone, _ = drain(batched.open(request, Timeline()))
@@ -160,6 +161,7 @@ def test_max_streams_refuses_what_cannot_batch_and_names_the_fix(changes, fix):
         TINY_CSM.replace(**{"max_streams": 8, **changes})
 
 
+@pytest.mark.slow
 def test_the_step_compiled_by_inductor_streams_the_eager_steps_codes_and_audio(batched):
     """compile: inductor on the batched step (the model's pieces over symbolic rows and KV length, and the codec's
     frame): each stream's codes, greedy or sampled with its seed, are the eager step's, alone and beside others at
@@ -220,6 +222,7 @@ def test_the_cli_sweeps_streams_through_a_batching_preset_and_refuses_a_bad_list
     assert "--streams: '1,x' is not a comma list" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_triton_attention_streams_the_sdpa_codes_and_serves_every_stacks_decode_steps(batched, monkeypatch):
     """attention: triton (fused.rows_attention, under Triton's interpreter here): each stream's greedy codes are
     SDPA's, and the backbone, the depth decoder and the codec's transformer all run their decode steps through it."""

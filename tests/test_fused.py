@@ -92,6 +92,7 @@ def test_a_stack_over_static_kv_matches_the_torch_layers(n):
     assert torch.equal(caches[0].pos, caches[1].pos)
 
 
+@pytest.mark.slow
 def test_the_frame_step_through_the_kernels_gives_the_torch_paths_codes():
     """The engine's one step function, served by the kernels, against the same step served by the model's modules
     (tests/test_csm.py checks those against generate() too): the same codes, greedy, with a context turn; two runs

@@ -54,6 +54,7 @@ def test_hibari_whole_is_the_same_voice_held_back_until_the_last_sentence(hibari
     assert held.chunks[0][0] > held.frames[-1]                          # its first byte waits for the last sentence
 
 
+@pytest.mark.slow
 def test_hibari_threads_axis_sizes_onnx_runtimes_pool_and_speaks_the_same(hibari_engine):
     from lab import engines, session
     from lab.spec import from_dict

@@ -61,6 +61,7 @@ def test_a_failed_build_is_reported_for_its_spec_only():
     assert len(list(good.stream(Request("Still works.", max_audio_s=0.5), Timeline()))) >= 1
 
 
+@pytest.mark.slow
 def test_lru_eviction_under_budget_really_frees_the_model(csm_tiny):
     # csm_tiny is the same tiny model (only its chunking differs): its size sets a budget with room for one
     budget = csm_tiny.report.memory_bytes + csm_tiny.report.memory_bytes // 2

@@ -145,6 +145,7 @@ def test_per_segment_prefill_is_one_call_per_item_in_order(gpu_host):
     np.testing.assert_array_equal(prefills[4][0], user_audio)
 
 
+@pytest.mark.slow
 def test_batched_prefill_spends_less_time_in_the_prefill_phase(gpu_host):
     # The stand-in pays a fixed cost per call, as a forward does: fewer calls, shorter prefill phase.
     request = Request("What did I just say?", context=CONTEXT * 3, user_audio=clip(1.0))
@@ -157,6 +158,7 @@ def test_batched_prefill_spends_less_time_in_the_prefill_phase(gpu_host):
 
 
 # -- user audio ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_user_audio_at_another_rate_is_resampled_to_16khz_before_prefill(gpu_host):
     engine, model = standin_engine(preset("minicpm-o-sdpa-compile-batched"))
     stereo_pcm = (np.stack([clip(1.5, rate=48000)] * 2, axis=1) * 32767).astype(np.int16)
@@ -174,6 +176,7 @@ def test_user_audio_at_another_rate_is_resampled_to_16khz_before_prefill(gpu_hos
     (np.zeros(31 * 16000, np.float32), 16000, "limit"),
     (np.zeros(1600, np.float32), 11, "sample rate"),
 ])
+@pytest.mark.slow
 def test_a_bad_audio_upload_is_refused_with_its_field_before_the_model_runs(gpu_host, bad, rate, words):
     engine, model = standin_engine(preset("minicpm-o-sdpa-compile-batched"))
     model.calls.clear()
@@ -201,6 +204,7 @@ def test_phases_sum_to_ttfb_and_each_holds_its_api_call(gpu_host):
     assert phases["first_frame"] == max(phases.values())
 
 
+@pytest.mark.slow
 def test_init_tts_time_lands_in_the_build_or_in_the_first_requests_session_phase(gpu_host):
     init_ms = StandInMiniCPMO.INIT_TTS_S * 1e3
     at_build, model = standin_engine(preset("minicpm-o-sdpa-compile-batched"))
@@ -235,6 +239,7 @@ def test_chunks_stream_while_the_model_is_still_generating_and_the_text_comes_al
     assert f["ttfb_ms"] < f["wall_s"] * 1e3 / 2
 
 
+@pytest.mark.slow
 def test_same_seed_same_audio_and_greedy_unless_a_temperature_is_asked(gpu_host):
     engine, model = standin_engine(preset("minicpm-o-sdpa-compile-batched"))
     a = np.concatenate([c.samples for c in run(engine, Request("Hi.", seed=3))[0]])
@@ -256,6 +261,7 @@ def test_max_audio_s_caps_the_audio_and_stops_the_model(gpu_host):
     assert model.items_produced == 2 and model.generator_closed
 
 
+@pytest.mark.slow
 def test_cancel_stops_generation_and_the_engine_serves_the_next_request(gpu_host):
     engine, model = standin_engine(preset("minicpm-o-sdpa-compile-batched"))
     model.items_produced = 0
@@ -269,6 +275,7 @@ def test_cancel_stops_generation_and_the_engine_serves_the_next_request(gpu_host
     assert len(run(engine, Request("Again."))[0]) == len(model.reply)
 
 
+@pytest.mark.slow
 def test_compile_wraps_the_llm_forward_and_nothing_else(gpu_host):
     import torch
 
@@ -301,6 +308,7 @@ def fake_hub(monkeypatch):
     return loads
 
 
+@pytest.mark.slow
 def test_bnb_variants_load_twice_with_init_tts_once_per_model(gpu_host, fake_hub):
     manager = ModelManager()
     int8, nf4 = preset("minicpm-o-bnb-int8"), preset("minicpm-o-bnb-nf4", init_tts="request")
@@ -352,6 +360,7 @@ def write_pcm_wav(path, pcm: np.ndarray, rate: int):
         w.writeframes(pcm.astype(f"<i{pcm.dtype.itemsize}").tobytes())
 
 
+@pytest.mark.slow
 def test_bench_sends_a_wav_user_turn_and_keeps_what_the_model_said(gpu_host, tmp_path):
     from lab import cli
     from lab.request import read_audio_file

@@ -284,6 +284,7 @@ def test_gradio_transport_is_measured_on_the_audio_element(lab_server, page):
 
 
 # -- mounted next to a Gradio app, as `python app.py` serves ----------------------------------------------------
+@pytest.mark.slow
 def test_build_app_keeps_the_gradio_queue_and_loads_the_player(page):
     import gradio as gr
     from gradio_client import Client

@@ -136,6 +136,7 @@ def test_missing_pretrained_weights_are_refused_with_the_fix(model, where):
     assert "weights: random" in err.value.message
 
 
+@pytest.mark.slow
 def test_inductor_compiled_step_streams_the_same_latents(engine):
     started = time.perf_counter()
     compiled = pocket_tts.build(tiny_spec(compile="inductor"), lambda stage, seconds: None)

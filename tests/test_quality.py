@@ -60,6 +60,7 @@ def test_normalized_wer_counts_a_number_once_whichever_way_it_is_written():
     assert wer == pytest.approx(3 / 8) and 0 < cer < wer
 
 
+@pytest.mark.slow
 def test_hibari_reads_five_corpus_sentences_with_wer_below_the_measured_bound(spoken, scores):
     words = [len(quality.normalize(text).split()) for text, _, _ in spoken]
     corpus_wer = sum(s["wer"] * n for s, n in zip(scores, words)) / sum(words)
@@ -72,6 +73,7 @@ def test_hibari_reads_five_corpus_sentences_with_wer_below_the_measured_bound(sp
         assert 0 < s["first_speech_ms"] < 1000 and s["trailing_silence_s"] < quality.TRAILING_SILENCE_MAX_S
 
 
+@pytest.mark.slow
 def test_a_broken_variant_fails_the_guardrail_and_gets_the_badge(models, spoken, scores):
     text, audio, chunks = spoken[4]
     silenced = audio.copy()
@@ -90,6 +92,7 @@ def test_a_broken_variant_fails_the_guardrail_and_gets_the_badge(models, spoken,
     assert same[0]["badge"] == "" and same[0]["d_wer"]["lo"] == same[0]["d_wer"]["hi"] == 0
 
 
+@pytest.mark.slow
 def test_runaway_is_caught_on_a_hand_built_long_run(models, spoken):
     text, audio, chunks = spoken[0]
     looped = np.tile(audio, 6)                            # one sentence's text, six times its speech: ~16 s
@@ -101,6 +104,7 @@ def test_runaway_is_caught_on_a_hand_built_long_run(models, spoken):
     assert capped["runaway"] and "hit the 5 s cap still speaking" in capped["quality"]
 
 
+@pytest.mark.slow
 def test_trimming_hibaris_leading_silence_cuts_nothing_the_guardrail_hears(hibari_trim_engine, spoken, scores):
     """leading_silence: trim against the untrimmed voice, the same five sentences: the same WER, the first word
     still heard, and the VAD's onset where the untrimmed one is, less the cut, with silence still before it."""
@@ -119,6 +123,7 @@ def test_trimming_hibaris_leading_silence_cuts_nothing_the_guardrail_hears(hibar
     (row,) = quality.parity(pairs)
     assert row["badge"] == "" and row["d_wer"]["median"] == 0
 
+@pytest.mark.slow
 def test_random_and_tiny_weights_show_n_a_and_real_speech_is_scored_off_the_timed_path(tmp_path, models):
     path = str(tmp_path / "history.jsonl")
     specs = [VariantSpec(family="pocket_tts", name="pocket-random", weights="random"),
@@ -192,6 +197,7 @@ def warm_worker(spoken):
     worker.close()
 
 
+@pytest.mark.slow
 def test_the_worker_waits_while_a_run_loop_holds_it(models, spoken):
     text, audio, chunks = spoken[1]
     worker = quality.Worker()
@@ -203,6 +209,7 @@ def test_the_worker_waits_while_a_run_loop_holds_it(models, spoken):
     worker.close()
 
 
+@pytest.mark.slow
 def test_hold_returns_at_once_while_a_score_is_in_progress_and_the_score_ends_after_release(warm_worker, spoken,
                                                                                              scores):
     """The issue's bound: a run's start is never delayed more than 20 ms by the scorer, whatever it is doing."""
@@ -231,6 +238,7 @@ def test_hold_returns_at_once_while_a_score_is_in_progress_and_the_score_ends_af
     assert max(waits_s) < 0.020, waits_s
 
 
+@pytest.mark.slow
 def test_the_scorer_takes_no_cpu_while_held_and_goes_on_when_released(warm_worker, spoken):
     text, audio, chunks = spoken[3]
     mid, queued = job(warm_worker, text, chunks), job(warm_worker, text, chunks)
@@ -248,6 +256,7 @@ def test_the_scorer_takes_no_cpu_while_held_and_goes_on_when_released(warm_worke
     assert cpu_ticks(pid) > before and stat(pid)[0] != "T" and warm_worker.pid == pid
 
 
+@pytest.mark.slow
 def test_a_scorer_killed_mid_job_costs_that_job_only_and_the_next_gets_a_fresh_one(spoken):
     import signal
 
@@ -271,6 +280,7 @@ def test_a_scorer_killed_mid_job_costs_that_job_only_and_the_next_gets_a_fresh_o
     assert worker.pid is None and not os.path.exists(f"/proc/{fresh}")
 
 
+@pytest.mark.slow
 def test_the_scorer_ends_with_its_server_even_while_paused(tmp_path):
     """A server killed while a run held the worker: its paused scorer would never read the end of its pipe."""
     import subprocess
@@ -306,6 +316,7 @@ def scorer_state(pid: int) -> str | None:
         return None
 
 
+@pytest.mark.slow
 def test_cli_quality_adds_the_figures_and_the_models_to_results(tmp_path, models):
     out = tmp_path / "out"
     assert cli.main(["--presets", "hibari", "--runs", "1", "--quality", "--text", corpus("harvard.txt")[1],
@@ -317,6 +328,7 @@ def test_cli_quality_adds_the_figures_and_the_models_to_results(tmp_path, models
     assert {"wer", "cer", "mos", "first_speech_ms", "quality"} <= set(header.split(",")) and len(rows) == 2
 
 
+@pytest.mark.slow
 def test_the_compare_view_fills_in_quality_after_the_runs_with_parity_against_the_family_reference(models):
     from web.view import CompareView
 
@@ -340,6 +352,7 @@ def test_the_compare_view_fills_in_quality_after_the_runs_with_parity_against_th
     assert {line["quality"] for line in last["summary"]} == {"ok"}
 
 
+@pytest.mark.slow
 def test_a_newer_comparison_waits_until_the_older_ones_quality_handler_has_let_go(models):
     """The older comparison's quality handler runs over a Gradio event of its own. Its last update must not land
     after the newer comparison's first (which clears the tables): CI once saw the old "done:" reappear there."""

@@ -75,6 +75,7 @@ def compare(client, outputs, timeout=120, **kwargs):
 
 
 # -- many clients at once ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_16_concurrent_clients_each_get_their_own_runs_without_error(server, outputs):
     # Each client asks for its own text, seed and cap on audio length; the cap shows in its own runs table, so a
     # crossed wire would show another client's audio length there.
@@ -137,6 +138,7 @@ def assert_next_client_served(client, outputs):
     assert "done:" in out.last("overall") and time.monotonic() - started < 60
 
 
+@pytest.mark.slow
 def test_a_dropped_connection_mid_stream_stops_generation_and_the_next_client_is_served(server, outputs, client,
                                                                                         served):
     session_hash = uuid.uuid4().hex[:11]
@@ -153,6 +155,7 @@ def test_a_dropped_connection_mid_stream_stops_generation_and_the_next_client_is
     assert_next_client_served(client, outputs)
 
 
+@pytest.mark.slow
 def test_a_cancelled_client_job_stops_generation(server, outputs, client, served):
     since = time.time()
     job = client.submit(*compare_args(text=LONG, max_audio_s=60, runs=1, pocket=[LONG_PRESET]),
@@ -167,6 +170,7 @@ def test_a_cancelled_client_job_stops_generation(server, outputs, client, served
     assert_next_client_served(client, outputs)
 
 
+@pytest.mark.slow
 def test_a_page_whose_pcm_socket_drops_mid_stream_stops_generation(server, outputs, client, served):
     from websockets.sync.client import connect
 
@@ -197,6 +201,7 @@ def broken_server(tmp_path_factory):
     app.stop()
 
 
+@pytest.mark.slow
 def test_a_directory_as_lab_history_starts_the_app_with_one_line_and_a_banner(broken_server):
     log = open(broken_server["app"].log_path).read()
     warnings = [line for line in log.splitlines() if "history.jsonl" in line]
@@ -207,6 +212,7 @@ def test_a_directory_as_lab_history_starts_the_app_with_one_line_and_a_banner(br
     assert str(broken_server["tmp"]) not in page and ROOT not in page
 
 
+@pytest.mark.slow
 def test_an_unwritable_history_still_returns_the_runs_and_says_so(broken_server):
     client = new_client(broken_server)
     out = compare(client, endpoints(broken_server["url"]), csm=["csm-tiny"], runs=2)
@@ -218,6 +224,7 @@ def test_an_unwritable_history_still_returns_the_runs_and_says_so(broken_server)
     assert len(table_value["data"]) == 3 and "history.jsonl" in note and str(broken_server["tmp"]) not in note
 
 
+@pytest.mark.slow
 def test_a_vote_on_a_full_disk_is_still_counted_and_revealed(broken_server):
     client = new_client(broken_server)
     client.predict("", "hibari", "csm-tiny", "Hello there.", 3, False, "prebuffered", api_name="/ab_play")
@@ -226,6 +233,7 @@ def test_a_vote_on_a_full_disk_is_still_counted_and_revealed(broken_server):
     assert table(tally)["csm-tiny vs hibari"]["votes"] == 1
 
 
+@pytest.mark.slow
 def test_the_run_loop_and_the_cli_keep_results_when_the_history_cannot_be_written(tmp_path, capsys):
     spec = VariantSpec(family="pocket_tts", name="pocket-tiny", weights="tiny")
     events = list(session.run_presets(ModelManager(), [spec], Request("Two words.", max_audio_s=0.3), runs=2,
@@ -309,6 +317,7 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("key,value,told", [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
+@pytest.mark.slow
 def test_odd_input_through_the_api_is_refused_at_its_field(client, outputs, key, value, told):
     form = {"text": "Two short words.", "seed": 0, "max_audio_s": 2, "runs": 1, key: value}
     out = compare(client, outputs, csm=["csm-tiny"], **form)
@@ -365,6 +374,7 @@ def test_odd_cli_arguments_are_one_line_each(tmp_path, capsys, argv, told):
     assert code == 2 and err.count("\n") == 1 and told in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_odd_page_inputs_are_refused_by_name(client, outputs, tmp_path):
     from gradio_client import handle_file
 
@@ -394,6 +404,7 @@ NORMALIZED = [
 
 
 @pytest.mark.parametrize("text,told", [c[1:] for c in NORMALIZED], ids=[c[0] for c in NORMALIZED])
+@pytest.mark.slow
 def test_pasted_text_is_spoken_with_a_note_of_what_changed(client, outputs, server, text, told):
     out = compare(client, outputs, text=text, csm=["csm-tiny"])
     assert "done: 2 runs" in out.last("overall")
@@ -403,6 +414,7 @@ def test_pasted_text_is_spoken_with_a_note_of_what_changed(client, outputs, serv
     assert "<" not in spoken and "🎉" not in spoken and "≈" not in spoken
 
 
+@pytest.mark.slow
 def test_pasted_text_through_the_cli_is_spoken_with_a_note(tmp_path, capsys):
     code = cli.main(["--presets", "hibari", "--runs", "1", "--max-seconds", "1", "--history", "", "--out",
                        str(tmp_path), "--text", "<speak>Please wait.</speak> 🎉"])
@@ -430,6 +442,7 @@ def run_preset_file(tmp_path, family, folder, text, max_audio_s):
     return manager.built()[0], done
 
 
+@pytest.mark.slow
 def test_a_csm_folder_loads_through_from_pretrained_and_its_processor_and_matches_generate(tmp_path):
     import torch
 
@@ -466,6 +479,7 @@ def test_a_pocket_tts_folder_loads_through_from_pretrained_and_its_processor_and
     ("sesame/csm-1b", "'sesame/csm-1b': the weights could not be loaded"),      # gated on the hub
     ("/nonexistent/csm-folder", "is not a directory with a saved model"),
 ])
+@pytest.mark.slow
 def test_a_missing_or_gated_hub_id_gives_the_labs_own_message(model, told):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"   # conftest: the hub is unreachable, as on a machine without it
     spec = VariantSpec(family="csm", name="csm-hub", weights="pretrained", model=model)

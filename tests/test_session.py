@@ -38,6 +38,7 @@ def test_events_come_in_order_with_a_cold_run_then_the_heard_warm_one(tmp_path):
     assert all(r["env_commit"] and r["first_audible_ms"] is not None for r in records)
 
 
+@pytest.mark.slow
 def test_one_preset_refused_does_not_stop_the_next(tmp_path):
     events = list(session.run_presets(ModelManager(), [ON_GPU, TINY_POCKET], REQUEST, runs=1))
     failed = [e for e in events if isinstance(e, session.Failed)]
@@ -45,6 +46,7 @@ def test_one_preset_refused_does_not_stop_the_next(tmp_path):
     assert [e.slot for e in events if isinstance(e, session.RunDone)] == [1, 1]
 
 
+@pytest.mark.slow
 def test_a_cancel_mid_run_stops_the_loop_and_records_the_cancelled_run(tmp_path):
     path = str(tmp_path / "history.jsonl")
     cancel = session.Cancel()
@@ -61,6 +63,7 @@ def test_a_cancel_mid_run_stops_the_loop_and_records_the_cancelled_run(tmp_path)
     assert history.read(path)[-1]["cancelled"]
 
 
+@pytest.mark.slow
 def test_in_background_hands_over_events_and_a_hook_can_add_to_the_record_before_it_is_written(tmp_path):
     path = str(tmp_path / "history.jsonl")
     hook_thread = []

@@ -48,9 +48,9 @@ def skip_without_rebuilding(demo) -> None:
     given gr.skip()) as a property update: it builds a new copy of the component and re-derives its config, JSON
     schema included, for every such output of every update, and on the server's event loop, which every page's
     updates and the PCM socket wait on. The Compare handler has 55 outputs and changes one or two per update, so
-    each update cost 25 ms of event loop instead of 1 (docs/DESIGN.md, Serving many pages); 16 pages comparing
-    kept the loop busy and their streams stalled. The copy is identical to the component, so leaving it out
-    changes nothing the page is sent (tests/test_pcm.py checks that against Gradio's own result)."""
+    that work kept the loop busy and many pages' streams stalled (docs/RESULTS.md#the-page-and-the-servers-event-loop).
+    The copy is identical to the component, so leaving it out changes nothing the page is sent (tests/test_pcm.py
+    checks that against Gradio's own result)."""
     import copy
 
     full = demo.postprocess_data
@@ -82,8 +82,9 @@ def skip_without_rebuilding(demo) -> None:
 def gone_check(demo, request) -> Callable[[], bool]:
     """A check the run loop calls per event: True once Gradio's queue has let go of this request's job (its client
     disconnected or cancelled it). Gradio closes the handler itself too, but only after the update in flight has
-    been post-processed (an audio chunk through ffmpeg), about 2 s under load: this way generation stops at its
-    next frame. Reads the queue's jobs (gradio.queueing.Event.alive); a request not found there is never gone."""
+    been post-processed (an audio chunk through ffmpeg), which is slow under load: this way generation stops at its
+    next frame (docs/RESULTS.md#the-page-and-the-servers-event-loop). Reads the queue's jobs
+    (gradio.queueing.Event.alive); a request not found there is never gone."""
     found: list = []
 
     def gone() -> bool:
@@ -100,7 +101,8 @@ def gone_check(demo, request) -> Callable[[], bool]:
 def forget_streams(demo, session_hash: str | None) -> None:
     """Drop the streamed audio Gradio keeps for this page's earlier runs. Gradio keeps every run's HLS segments
     until the page's session ends, so a tab (or an API client, which has no heartbeat) that compares again and
-    again grew the server by about 2 MB a compare; a new compare resets the players, so the old ones go."""
+    again would grow the server (docs/RESULTS.md#memory-over-time); a new compare resets the players, so the old
+    ones go."""
     streams = getattr(demo, "pending_streams", None)
     if session_hash and streams is not None:
         for run in streams.pop(session_hash, {}).values():

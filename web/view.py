@@ -20,9 +20,9 @@ from lab.serving.line import Turn
 from lab.spec import VariantSpec
 
 SLOT_FIELDS = ("box", "header", "status", "player", "pcm", "live", "quality")
-# The page is sent what changed at most this often. Every update costs the server Python time (Gradio's
-# postprocessing, under the GIL the run loop's thread needs too) and the browser a re-render; per chunk, that
-# slowed the runs it was showing.
+# The page is sent what changed at most this often, because every update costs the server Python time (Gradio's
+# postprocessing, under the GIL the run loop's thread needs too) and the browser a re-render
+# (docs/RESULTS.md#the-page-and-the-servers-event-loop).
 UI_PERIOD_S = 0.25
 HEARTBEAT_S = 1.0   # with nothing to change, the page is still sent an empty update this often
 
@@ -81,8 +81,8 @@ class CompareView:
     def tick(self) -> dict:
         """Nothing new for a while: keep the build clocks moving, and say how long the model has been waited for.
         Only what changed since the last tick (the clocks move in whole seconds): a page waiting in line would
-        otherwise be sent the same line ten times a second, and with many pages waiting those updates took the
-        CPU from the comparison on the model (16 clients on 2 cores: minutes instead of seconds)."""
+        otherwise be sent the same line ten times a second, and with many pages waiting those updates would take
+        the CPU from the comparison on the model (docs/RESULTS.md#the-page-and-the-servers-event-loop)."""
         ui = {("status", slot): status_html(0, self.total, f"{stage} {s + time.perf_counter() - since:.0f} s")
               for slot, (stage, s, since) in self.stage.items()}
         if not self.holds_model and self.place is not None:

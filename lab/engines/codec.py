@@ -85,8 +85,8 @@ def _is_resnet(m: nn.Module) -> bool:
 def conv_transpose(conv: nn.ConvTranspose1d, x: torch.Tensor) -> torch.Tensor:
     """`conv(x)` for a transposed convolution whose kernel is a whole number of strides (all of Mimi's decoder's),
     dense or depthwise, as each input step's taps (one matrix product, or products for depthwise) and their
-    overlap-add. cuDNN served one of these layers with a grouped dgrad kernel that took 4.5 ms of a 42 ms batched
-    step at 1024 rows (docs/GPU.md), for 2 input steps a row. Any other transposed convolution is the conv's own."""
+    overlap-add, because cuDNN serves some of these layers with a slow grouped dgrad kernel at many rows
+    (docs/RESULTS.md#the-batched-csm-engine-h200-unless-named). Any other transposed convolution is the conv's own."""
     cin, cout, kernel, stride = conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0]
     depthwise = conv.groups == cin == cout
     if not ((depthwise or conv.groups == 1) and kernel % stride == 0 and conv.padding[0] == 0

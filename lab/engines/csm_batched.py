@@ -79,9 +79,8 @@ class Ticket:
     frames: int = 0                     # frames the host has taken
     kept: int = 0                       # of them, frames of speech (not the end-of-speech frame)
     # The stream's codes and audio, frame by frame, in buffers allocated at admission: a chunk is a view of its
-    # frames. Joining each chunk's frames into a new array cost the host 100-370 ms at frames where 1024 streams
-    # were all due a 16-frame chunk (126 MB of fresh memory written; measured on the CPU), and the GPU waits for
-    # the host's next launch meanwhile.
+    # frames, because joining them into a new array stalls the host when many streams are due a chunk at once,
+    # and the GPU waits for the host's next launch meanwhile (docs/GPU.md, "H200, 1024 streams in real time").
     codes: np.ndarray | None = None     # (max_frames, codebooks)
     audio: np.ndarray | None = None     # (max_frames, samples)
     emitter: ChunkEmitter | None = None
@@ -122,8 +121,8 @@ class BatchedCsmEngine(CsmEngine):
         self.rows_asked = rows or spec.max_streams
         self.rows = self.rows_asked if self.device.type != "cuda" else min(self.rows_asked, self._rows_that_fit())
         # fused.rows_attention (attention: triton) skips the slots no stream has reached, so a shorter view saves
-        # it nothing; and with inductor a view shorter than its buffer measured slower (58.4 against 45.1 ms at 1024
-        # rows, docs/GPU.md). One length there: a third of the graphs to compile and capture.
+        # it nothing; and with inductor a view shorter than its buffer is slower, not faster (docs/GPU.md, "H200,
+        # 1024 streams in real time"). One length there: a third of the graphs to compile and capture.
         self.length_buckets = (self.cache_positions,) if spec.attention == "triton" else tuple(
             b for b in LENGTH_BUCKETS if b < self.cache_positions) + (self.cache_positions,)
         self.row_buckets = tuple(1 << i for i in range(self.rows.bit_length()) if 1 << i < self.rows) + (self.rows,)
@@ -157,9 +156,8 @@ class BatchedCsmEngine(CsmEngine):
         self.scheduler = Scheduler(self.rows, AdmissionPolicy())
         self.frames_run = 0         # batched steps since build, and the rows they carried: for the sweep
         self.rows_run = 0
-        # Inside the app, beside 32 busy page handlers, this engine ran 4-6 times slower than the CLI's 32 streams
-        # (docs/GPU.md). A 0.5 ms interpreter switch interval was tried against it and measured worse (TTFB from
-        # submit 9.1 s against 6.8 s), so the interval is left as Python sets it; the cause is still open.
+        # The interpreter's switch interval is left as Python sets it: a shorter one made this engine slower
+        # beside busy page handlers, not faster (docs/GPU.md, "H200, many streams").
         self.runner = threading.Thread(target=self._serve, daemon=True, name=f"batched {spec.name}")
         self.runner.start()
 
@@ -227,7 +225,7 @@ class BatchedCsmEngine(CsmEngine):
                 for sampled in (False, True):
                     self._bind(rows, length)
                     # The first capture warms the libraries up (cuBLAS handles, workspaces); after it, one run
-                    # before each capture is enough (72 graphs: 46 s against 76 s with three, docs/GPU.md).
+                    # before each capture is enough, and each extra run costs build time (docs/GPU.md).
                     self.step_graphs[(rows, length, sampled)] = tc.capture_graph(
                         lambda: self._batch_step(rows, sampled), warmup_runs=1 if self.step_graphs else 3,
                         pool=self.pool)

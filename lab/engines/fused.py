@@ -2,8 +2,8 @@
 
 Why: at batch 1 a decoder layer is matrix-vector work plus a dozen small element-wise ops. Through torch each
 op is its own kernel (about 25 per layer), and CSM runs 4 layers 31 times and 16 layers once per frame, so even
-inside a CUDA graph the launches and cuBLAS's batch-1 matrix kernels (about 30% of memory bandwidth on the H100)
-set the pace, not the bytes. Here a layer is five kernels:
+inside a CUDA graph the launches and cuBLAS's batch-1 matrix kernels, far below memory bandwidth, set the pace,
+not the bytes (docs/RESULTS.md#triton-kernels-h100). Here a layer is five kernels:
 
     1. RMSNorm -> q, k, v projections -> rotary embedding; k and v written straight into the static KV buffers
     2. attention of each query head over the filled KV slots
@@ -14,7 +14,7 @@ set the pace, not the bytes. Here a layer is five kernels:
 and CSM's per-codebook head runs with the stack's final norm folded in, and greedy picks through one argmax
 kernel. Each kernel lets the next one in the stream launch early (programmatic dependent launch, Hopper and newer)
 and loads its first weight tile before waiting for the previous kernel's output: weights never change, so the
-next layer's reads overlap this one's tail (5.1 against 6.3 ms per CSM frame on the H100).
+next layer's reads overlap this one's tail (docs/RESULTS.md#triton-kernels-h100).
 
 Every kernel reads each weight once, accumulates in float32, and sums in a fixed order (no atomics, no split
 reductions, fixed block shapes), so a frame is bit-for-bit repeatable. Rounding follows the torch layers' (each
@@ -475,8 +475,8 @@ class TritonKernels:
         self.stacks = {id(stack): FusedStack(stack, positions) for stack, positions in stacks.items()}
         for head in stacked_heads:
             # CSM keeps each codebook head as (width, vocab), contiguous along the vocab: read that way a
-            # matrix-vector product strides across rows (5x slower on the H100). Stored (vocab, width) instead, with
-            # the parameter a transposed view of it: the same shape and values for the torch path, one copy.
+            # matrix-vector product strides across rows, which is slow (docs/RESULTS.md#triton-kernels-h100).
+            # Stored (vocab, width) instead, with the parameter a transposed view of it: one copy for both paths.
             rows_major = head.weight.detach().transpose(1, 2).contiguous()
             head.weight = torch.nn.Parameter(rows_major.transpose(1, 2), requires_grad=False)
 

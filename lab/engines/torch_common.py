@@ -32,9 +32,8 @@ def attn_implementation(spec: VariantSpec) -> str:
 def _pinned_backends(spec: VariantSpec, prompt: bool) -> list | None:
     """SDPA's backends for this spec's steps (None: SDPA picks). `sdpa-flash` pins PyTorch's own FlashAttention-2
     kernel. A prompt on CUDA (`prompt`) keeps SDPA to FlashAttention, memory-efficient and math: cuDNN's attention,
-    which SDPA prefers on Hopper, builds an execution plan for every new shape, 91-102 ms on the H200 the first time
-    a prompt length or batch is seen (docs/GPU.md), and almost every prompt is a new length. Decode steps keep
-    SDPA's choice (fixed shapes)."""
+    which SDPA prefers on Hopper, builds an execution plan for every new shape, and almost every prompt is a new
+    length (docs/GPU.md, "H200, 1024 streams"). Decode steps keep SDPA's choice (fixed shapes)."""
     from torch.nn.attention import SDPBackend
 
     if spec.attention == "sdpa-flash":
@@ -137,8 +136,8 @@ def quantize_int8(spec: VariantSpec, linears: torch.nn.Module) -> None:
 
 
 # `threads: auto`: one per core less one, which the server, the stream to the browser and the machine's other work
-# use; OMP_NUM_THREADS where it is set. On this project's shared 2-core machine that is 1 thread, and 1 measured
-# faster than 2 for every Pocket TTS variant and for hibari (README, How fast: benchmarks/cpu/axes.py).
+# use; OMP_NUM_THREADS where it is set. On 2 cores that is 1 thread, because a second thread contends with the
+# server for the other core (docs/RESULTS.md#two-cores-and-threads).
 AUTO_THREADS = torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else max(1, torch.get_num_threads() - 1)
 
 
@@ -221,7 +220,7 @@ def reset_peak_memory(device: str, collect: bool = False) -> int:
     """Start a peak-memory window; returns what is allocated already (other variants kept by the manager),
     so the window's peak can be told apart from them. On the CPU it resets the process's high-water mark.
     `collect` first frees unreachable objects: a build passes it, so that garbage from an engine dropped
-    earlier is not freed mid-build and subtracted from this variant's memory (it once came out negative)."""
+    earlier is not freed mid-build and subtracted from this variant's memory, which could make it negative."""
     if collect:
         import gc
 

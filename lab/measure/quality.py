@@ -42,10 +42,9 @@ THREADS = 2                 # the guardrail is paused while a run holds it (Work
 # hears speech closer than END_OF_SPEECH_S to the last sample.
 CAP_SLACK_S = 0.05
 END_OF_SPEECH_S = 0.25
-# Seconds of audio per word of the normalized text, measured: hibari (benchmarks/cpu/quality) takes 0.33 s/word on
-# the Harvard sentences and 0.49 on the number texts (a "1,250,000" is one word written, six spoken), its pauses
-# included. A run whose audio is longer than RUNAWAY_FACTOR times that, plus RUNAWAY_SLACK_S, is a runaway whatever
-# the cap.
+# Seconds of audio per word of the normalized text, between what hibari takes on plain sentences and on numbers
+# (docs/RESULTS.md#the-quality-guardrail). A run whose audio is longer than RUNAWAY_FACTOR times that, plus
+# RUNAWAY_SLACK_S, is a runaway whatever the cap.
 SECONDS_PER_WORD = 0.4
 RUNAWAY_FACTOR = 2.5
 RUNAWAY_SLACK_S = 1.5
@@ -55,7 +54,7 @@ WER_MAX = 0.5
 TRAILING_SILENCE_MAX_S = 1.0
 # The badge: a variant worse than its family's reference by more than this (median over paired runs). Ten WER
 # points is one word of a ten-word sentence, which Whisper tiny.en can mishear in clear speech; 0.3 MOS is more than
-# DNSMOS's whole spread over the 20 Harvard sentences of one voice (3.14-3.39, benchmarks/cpu/quality).
+# DNSMOS's whole spread over one voice's Harvard sentences (docs/RESULTS.md#the-quality-guardrail).
 WER_MARGIN = 0.10
 MOS_MARGIN = 0.3
 
