@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from conftest import CHROMIUM, CHROMIUM_ARGS
-from web.server import AppProcess
+from harness import AppProcess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A frame already being generated when the cancel lands still finishes, and so may the decode of its chunk.

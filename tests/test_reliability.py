@@ -18,7 +18,7 @@ from lab.manager import ModelManager
 from lab.request import Request
 from lab.spec import VariantSpec
 from test_app import ROOT, Outputs, compare_args, history_records, table, wait_for_cancelled_record
-from web.server import AppProcess
+from harness import AppProcess
 from lab.serving.line import ModelLine
 
 TEST_PRESETS = os.path.join(ROOT, "tests", "presets")
