@@ -9,7 +9,6 @@ With --streams, a concurrency sweep instead (lab.concurrency): that many streams
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import wave
@@ -128,7 +127,7 @@ def sweep(specs: list[VariantSpec], request: Request, levels: list[int], rate_hz
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=[],
                    help=f"preset names from presets/: {', '.join(presets.available())}")
@@ -151,12 +150,20 @@ def main(argv: list[str] | None = None) -> int:
                    "saying --text for --max-seconds, instead of --runs")
     p.add_argument("--arrival-rate", type=float, help="with --streams: Poisson arrivals per second (default: all "
                    "streams arrive together)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def plan(args: argparse.Namespace) -> planning.Plan:
+    """The command line's comparison or sweep, planned as the page plans its forms (lab.planning)."""
+    return planning.plan(availability.Catalog(presets.PRESETS_DIR), args.presets, args.text, args.seed,
+                         args.max_seconds, args.runs, weights=args.weights, user_audio=args.user_audio,
+                         extra_specs=load_files(args.preset_file), streams=args.streams, max_chars=args.max_chars)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        chosen = planning.plan(availability.Catalog(presets.PRESETS_DIR), args.presets, args.text, args.seed,
-                               args.max_seconds, args.runs, weights=args.weights, user_audio=args.user_audio,
-                               extra_specs=load_files(args.preset_file), streams=args.streams,
-                               max_chars=args.max_chars)
+        chosen = plan(args)
         check_out_dir(args.out)
         if args.wavs:
             check_out_dir(args.wavs, "--wavs")
