@@ -79,7 +79,8 @@ class CompareTab:
             transport = gr.Radio(TRANSPORTS, value="pcm", label="Audio to the browser", elem_id="transport")
             # Read by web/player.js at each run's start; the server needs no copy of it.
             gr.Number(60, label="Jitter buffer (ms, PCM)", precision=0, elem_id="jitter-ms", interactive=True,
-                      info="audio held before playing starts, to absorb late chunks; a first chunk that long plays at once")
+                      info="audio held before playing starts, to absorb late chunks; a first chunk that long plays at "
+                           "once")
         user_audio = gr.Audio(label="Your spoken turn (for models that take speech input)", type="filepath",
                               sources=["upload", "microphone"], visible=False)
         out["audio_error"] = gr.Markdown(elem_id="audio-error")
@@ -113,7 +114,8 @@ class CompareTab:
 
     def _results(self) -> None:
         out = self.out
-        out["chart_main"] = chart("TTFB, RTF (warm median, bars = spread, hollow = cold) and TTFB phases", "chart-main")
+        out["chart_main"] = chart("TTFB, RTF (warm median, bars = spread, hollow = cold) and TTFB phases",
+                                  "chart-main")
         out["chart_heard"] = chart("From the click: request → model TTFB → first audible → sent → received → heard",
                                    "chart-heard")
         out["chart_stalls"] = chart("Underruns and stall", "chart-stalls")
