@@ -121,6 +121,8 @@ class LabApp:
         """Builds the first click's presets as the server starts and runs each one's first run, the cold one,
         recorded once (source "build"): a visitor's first click then finds them warm, and its heard run is the first
         run after the click. It waits in the line like any comparison, so a click that comes meanwhile waits."""
+        if not self.default_presets:   # no preset runs here: nothing to warm
+            return
         chosen = planning.plan(self.catalog, self.default_presets, EXAMPLES[0], 0, DEFAULT_MAX_AUDIO_S, 1,
                                weights=self.weights(self.default_random))
         cancel = Cancel()
