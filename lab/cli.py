@@ -9,24 +9,26 @@ With --streams, a concurrency sweep instead (lab.concurrency): that many streams
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import wave
 
 import numpy as np
 
-from lab import concurrency, env, machine, presets, session
+from lab import availability, concurrency, env, planning, presets, session
 from lab.audio import pcm16
 from lab.errors import LabError
 from lab.manager import ModelManager
 from lab.measure import quality, report
-from lab.request import MAX_TEXT_CHARS, read_audio_file, validate_inputs, validate_user_audio
+from lab.request import MAX_TEXT_CHARS, Request
 from lab.spec import FAMILIES, VariantSpec
 
 DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs back home "
                 "before the evening rain begins to fall.")
 HISTORY_PATH = os.environ.get("LAB_HISTORY", os.path.join("runs", "history.jsonl"))
+# The flag for each field that lab.planning names in its errors and notes: the same words as the page's, at the flag.
+FLAGS = {"text": "--text", "seed": "--seed", "runs per preset": "--runs", "max_audio_s": "--max-seconds",
+         "user_audio": "--user-audio", "presets": "--presets", "streams": "--streams"}
 
 
 def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
@@ -54,23 +56,13 @@ def check_out_dir(path: str, flag: str = "--out") -> str:
     return path
 
 
-def load_specs(names: list[str], files: list[str], weights: str | None) -> list[VariantSpec]:
-    """--presets takes names from the presets folder, --preset-file takes paths: a path given as a name is
-    refused, so a name never reads a file outside the folder."""
+def load_files(files: list[str]) -> list[VariantSpec]:
+    """--preset-file's presets, by path (--presets takes names from the presets folder, planned by lab.planning)."""
     specs = []
-    for name in names:
-        if os.sep in name or "/" in name or name.endswith((".yaml", ".yml")) or name.startswith("."):
-            raise LabError("--presets", f"{name!r} is a path, not a preset name; give it with --preset-file, or "
-                                        f"use a name from presets/: {', '.join(presets.available())}")
-        specs.append(presets.load(name, weights=weights))
     for path in files:
         if not os.path.isfile(path):
             raise LabError("--preset-file", f"{path!r} is not a file; give the path of a preset's YAML file")
-        spec = presets.load_file(path)
-        specs.append(spec.with_weights(weights) if weights else spec)
-    if not specs:
-        raise LabError("--presets", f"none given; name at least one ({', '.join(presets.available())}) or give "
-                                    f"--preset-file PATH")
+        specs.append(presets.load_file(path))
     return specs
 
 
@@ -136,7 +128,7 @@ def sweep(specs: list[VariantSpec], request: Request, levels: list[int], rate_hz
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=[],
                    help=f"preset names from presets/: {', '.join(presets.available())}")
@@ -159,31 +151,29 @@ def main(argv: list[str] | None = None) -> int:
                    "saying --text for --max-seconds, instead of --runs")
     p.add_argument("--arrival-rate", type=float, help="with --streams: Poisson arrivals per second (default: all "
                    "streams arrive together)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def plan(args: argparse.Namespace) -> planning.Plan:
+    """The command line's comparison or sweep, planned as the page plans its forms (lab.planning)."""
+    return planning.plan(availability.Catalog(presets.PRESETS_DIR), args.presets, args.text, args.seed,
+                         args.max_seconds, args.runs, weights=args.weights, user_audio=args.user_audio,
+                         extra_specs=load_files(args.preset_file), streams=args.streams, max_chars=args.max_chars)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        request, runs = validate_inputs(args.text, args.seed, args.max_seconds, args.runs, args.max_chars,
-                                        fields={"seed": "--seed", "runs": "--runs", "max_audio_s": "--max-seconds",
-                                                "text": "--text"})
-        levels = concurrency.parse_levels(args.streams, field="--streams") if args.streams else []
-        if args.user_audio:
-            samples, rate = read_audio_file(args.user_audio, "--user-audio")
-            request = dataclasses.replace(request, user_audio=validate_user_audio(samples, rate, "--user-audio"),
-                                          user_audio_sample_rate=rate)
-        specs = load_specs(args.presets, args.preset_file, args.weights)
+        chosen = plan(args)
         check_out_dir(args.out)
         if args.wavs:
             check_out_dir(args.wavs, "--wavs")
-        for spec in specs:   # what this machine cannot run is refused before anything is built
-            machine.require(spec, weights_here=lambda s: True)
-        deaf = [s.name for s in specs if not s.takes_user_audio]
-        if request.user_audio is not None and deaf:
-            raise LabError("--user-audio", f"{', '.join(deaf)} take no spoken user turn; drop --user-audio, or "
-                                           f"those presets")
     except LabError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {FLAGS.get(e.where, e.where)}: {e.message}", file=sys.stderr)
         return 2
-    for note in request.text_notes:
-        print(f"note: --text: {note}", file=sys.stderr)
+    for field, note in chosen.notes:
+        print(f"note: {FLAGS.get(field, field)}: {note}", file=sys.stderr)
+    specs, request, runs, levels = list(chosen.specs), chosen.request, chosen.runs, list(chosen.levels)
     if levels:
         sweep(specs, request, levels, args.arrival_rate, args.out)
         print(f"wrote {args.out}/sweep.json")

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from conftest import CHROMIUM, CHROMIUM_ARGS
-from web.server import AppProcess
+from harness import AppProcess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A frame already being generated when the cancel lands still finishes, and so may the decode of its chunk.
@@ -182,7 +182,7 @@ def test_how_many_sweeps_a_batching_preset_and_refuses_a_bad_list(client):
     (dict(seed=-5), "numbers-error", "seed: -5 is out of range"),
     (dict(max_audio_s=0), "numbers-error", "max_audio_s: 0.0 is out of range"),
     (dict(runs=50), "numbers-error", "runs per preset: 50 is out of range"),
-    (dict(hibari=[]), "presets-error", "none ticked"),
+    (dict(hibari=[]), "presets-error", "presets: none chosen"),
 ])
 def test_client_bad_input_is_one_line_at_its_field_and_nothing_runs(client, outputs, kwargs, field, expect):
     job = client.submit(*compare_args(**{"hibari": ["hibari"], **kwargs}), api_name="/compare")

@@ -386,7 +386,6 @@ def test_bench_sends_a_wav_user_turn_and_keeps_what_the_model_said(gpu_host, tmp
 
 
 @pytest.mark.parametrize("make,args,expect", [
-    ("ok", ["--presets", "hibari"], "--user-audio: hibari take no spoken user turn"),
     ("text", ["--presets", "hibari"], "--user-audio: not audio: turn.wav (expected WAV/FLAC/MP3/OGG)"),
     ("long", ["--presets", "hibari"], "--user-audio: is 31.0 s long"),
 ])

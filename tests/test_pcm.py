@@ -319,7 +319,7 @@ def test_build_app_keeps_the_gradio_queue_and_loads_the_player(page):
         thread.join(timeout=10)
 
 
-# -- what Gradio post-processes per update (web.server.skip_without_rebuilding) -----------------------------------
+# -- what Gradio post-processes per update (web.gradio_adapter.skip_without_rebuilding) -----------------------------------
 def _many_outputs_app():
     import gradio as gr
     import pandas as pd
@@ -344,7 +344,7 @@ def test_a_skipped_output_is_sent_and_kept_as_gradio_would_without_being_rebuilt
     import pandas as pd
     from gradio.state_holder import SessionState
 
-    from web.server import BARE_SKIP, skip_without_rebuilding
+    from web.gradio_adapter import BARE_SKIP, skip_without_rebuilding
 
     def run(coroutine):   # on a thread of its own: the page fixture's Playwright holds this thread's event loop
         with concurrent.futures.ThreadPoolExecutor(1) as pool:

@@ -19,8 +19,8 @@ from lab.measure import history
 from lab.request import Request
 from lab.spec import VariantSpec
 from test_app import ROOT, Outputs, compare_args, history_records, table, wait_for_cancelled_record
+from harness import AppProcess
 from lab.serving.line import ModelLine
-from web.server import AppProcess
 
 TEST_PRESETS = os.path.join(ROOT, "tests", "presets")
 CLIENTS = 16
@@ -348,10 +348,10 @@ def yaml_with_a_python_tag(tmp_path):
 # What only the CLI takes: presets by name or by file, where results go, a spoken turn from a file.
 CLI_ONLY = [
     ("a path given as a preset name", lambda t: ["--presets", "../presets/hibari"],
-     "--presets: '../presets/hibari' is a path"),
-    ("an absolute path as a preset name", lambda t: ["--presets", "/etc/passwd"], "give it with --preset-file"),
+     "preset '../presets/hibari': no such preset; that is a path"),
+    ("an absolute path as a preset name", lambda t: ["--presets", "/etc/passwd"], "goes with --preset-file"),
     ("a preset that does not exist", lambda t: ["--presets", "hibary"], "no such preset; did you mean hibari?"),
-    ("no presets at all", lambda t: [], "--presets: none given"),
+    ("no presets at all", lambda t: [], "--presets: none chosen"),
     ("a preset file that is not there", lambda t: ["--preset-file", str(t / "gone.yaml")], "--preset-file: "),
     ("a preset file with a python tag", lambda t: ["--preset-file", yaml_with_a_python_tag(t)], "evil.yaml"),
     ("--out is a file", lambda t: ["--presets", "hibari", "--out", not_audio(t, ".txt")], "is a file, not a folder"),
@@ -384,7 +384,7 @@ def test_odd_page_inputs_are_refused_by_name(client, outputs, tmp_path):
     job = client.submit(*args, api_name="/compare")
     job.result(timeout=60)
     assert "not audio: notes.wav (expected WAV/FLAC/MP3/OGG)" in Outputs(job, outputs["compare"]).last("audio-error")
-    assert "none ticked" in compare(client, outputs).last("presets-error")
+    assert "presets: none chosen" in compare(client, outputs).last("presets-error")
     assert "seed: is empty" in compare(client, outputs, csm=["csm-tiny"], seed=None).last("numbers-error")
     for first, second, seed, text, told in [("csm-tiny", "csm-tiny", 0, "Hi.", "pick two different presets"),
                                             ("csm-tiny", "hibari", "12abc", "Hi.", "seed: '12abc' is not a number"),

@@ -1,5 +1,6 @@
 """What the Compare tab shows, made from lab.session's events. No Gradio here: the view returns plain values keyed
-by field name ("overall", "summary", ...; per slot ("status", i), ...), and app.py maps names to components.
+by field name ("overall", "summary", ...; per slot ("status", i), ...), and web/tabs/compare.py maps names to
+components.
 
 Everything the page echoes (preset names, error messages that quote the text) is escaped here.
 """

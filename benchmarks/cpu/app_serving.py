@@ -1,4 +1,4 @@
-"""The app serving many pages at once on this machine, with and without web.server.skip_without_rebuilding.
+"""The app serving many pages at once on this machine, with and without web.gradio_adapter.skip_without_rebuilding.
 
     LAB_COMMIT=<sha> python benchmarks/cpu/app_serving.py --out benchmarks/cpu/<commit>/app-serving [--rounds 3]
 
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks", "gpu"))
 
 import app_clients  # noqa: E402
 from lab import env  # noqa: E402
-from web.server import AppProcess  # noqa: E402
+from tests.harness import AppProcess  # noqa: E402
 
 BATCHED, QUEUED = "csm-tiny-batched", "csm-tiny"
 MODES = {"gradio": {"LAB_GRADIO_SKIPS": "rebuild"}, "lab": {}}   # each server's own variables
@@ -107,7 +107,7 @@ def main() -> int:
               "text": app_clients.TEXT, "weights": "tiny (test-sized; audio is noise; this machine's times)",
               "measured": "server run records (no browser: underruns are lab.measure.metrics' simulated player)",
               "modes": {"gradio": "LAB_GRADIO_SKIPS=rebuild: every output an update leaves out rebuilt (Gradio 6.31)",
-                        "lab": "web.server.skip_without_rebuilding: only the outputs an update changes"},
+                        "lab": "web.gradio_adapter.skip_without_rebuilding: only the outputs an update changes"},
               "rounds": []}
 
     def save():   # after every round, so that a run cut short keeps what it measured

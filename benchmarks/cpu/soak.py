@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from test_app import compare_args  # noqa: E402  (the page's form, in the API's order)
-from web.server import AppProcess  # noqa: E402
+from tests.harness import AppProcess  # noqa: E402
 
 
 def rss_bytes(pid: int) -> int:

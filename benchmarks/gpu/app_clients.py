@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from lab import env  # noqa: E402
 from lab.measure.metrics import summarize  # noqa: E402
-from web.server import AppProcess  # noqa: E402
+from tests.harness import AppProcess  # noqa: E402
 
 TEXT = "Streaming speech should start at once and keep pace with the listener, even on a busy machine tonight."
 FRAMES = 80
@@ -119,7 +119,7 @@ def main() -> int:
     result = {"env": env.environment(), "text": TEXT, "frames": FRAMES, "weights": "random (latency only)",
               "measured": "server run records (no browser: underruns are lab.measure.metrics' simulated player)",
               # LAB_GRADIO_SKIPS=rebuild: Gradio's own handling of outputs an update leaves out (docs/DESIGN.md)
-              "gradio_skips": os.environ.get("LAB_GRADIO_SKIPS") or "left out (web.server.skip_without_rebuilding)"}
+              "gradio_skips": os.environ.get("LAB_GRADIO_SKIPS") or "left out (web.gradio_adapter.skip_without_rebuilding)"}
     path = os.path.join(args.out, "app_clients.json")
     app = AppProcess(tempfile.mkdtemp(prefix="lab-app-"), presets_dir="tests/presets" if args.tiny else args.presets_dir,
                      timeout_s=300)

@@ -89,7 +89,7 @@ class Server:
 
 
 def compare_inputs(preset: str, family: str, seed: int, max_audio_s: float, random_weights: bool) -> dict:
-    """The Compare form's values by name, as web/player.js sends them (app.COMPARE_INPUTS)."""
+    """The Compare form's values by name, as web/player.js sends them (web.tabs.compare.CompareTab.input_names)."""
     return {"order": preset, "text": TEXT, "seed": seed, "max_audio_s": max_audio_s, "runs": 1,
             "random_weights": random_weights, "user_audio": None, "transport": "pcm", f"presets {family}": [preset]}
 
