@@ -24,6 +24,7 @@ from lab.request import MAX_USER_AUDIO_BYTES, read_audio_file, validate_inputs, 
 from lab.serving.background import Background
 from lab.serving.comparisons import Comparisons
 from lab.serving.line import Cancel, ModelLine, Sessions
+from lab.serving.speech_api import SpeechService
 from lab.streaming import pcm16
 from web import listen, server
 from web.pcm import PcmHub
@@ -214,6 +215,8 @@ def on_command(listener: str, message: dict) -> None:
 
 
 HUB.on_command = on_command
+# The speech API (/v1/audio/speech): another client of the same planning, line, run loop and history.
+SPEECH = SpeechService(CATALOG, plan, session.run_presets, MANAGER, LINE, HISTORY, QUALITY, COMPARISONS, Background)
 
 
 def joined(kind: str, request: gr.Request | None, listener_field: str, values: tuple):
@@ -665,6 +668,6 @@ if __name__ == "__main__":
     # Gradio's own queue is bounded too (events other than compare and A/B, which wait in LINE).
     server.serve(demo.queue(default_concurrency_limit=4, max_size=4 * MAX_WAITING),
                  host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                 port=int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860), hub=HUB,
+                 port=int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860), hub=HUB, api=SPEECH,
                  # Refuse big uploads before they are decoded; lab.request.validate_user_audio caps length and size.
                  max_file_size=f"{MAX_USER_AUDIO_BYTES // 2**20}mb", css=CHART_CSS)
