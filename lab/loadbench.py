@@ -503,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                    "most this, with C100 = 100%% and no errors")
     p.add_argument("--search", choices=["rate", "concurrency"], default="concurrency")
     p.add_argument("--search-range", default="1,64", help="lo,hi of the SLO search")
+    p.add_argument("--search-probes", type=int, default=12, help="at most this many levels in the SLO search")
     p.add_argument("--text", action="append", help="text to say (repeat for several; default: Harvard sentences)")
     p.add_argument("--max-audio-s", type=float, help="the lab's cap on audio per request (sent as max_audio_s; "
                    "other servers may refuse the field)")
@@ -552,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         target = InProcess(args.model, args.presets_dir or os.environ.get("LAB_PRESETS_DIR"),
                            max([*concurrency, *([int(search_range[1])] if args.search == "concurrency" and
                                                 args.slo_ttfa_ms else []), 64]))
-    results = bench(options, concurrency, rates, args.slo_ttfa_ms, args.search, search_range, args.warmup, target)
+    results = bench(options, concurrency, rates, args.slo_ttfa_ms, args.search, search_range, args.warmup, target,
+                    args.search_probes)
     results["target"] = {"endpoint": args.endpoint, "model": args.model, "format": args.format}
     write(results, args.out)
     print(f"wrote {args.out}/load.json and its charts")
@@ -560,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench(options: dict, concurrency: list, rates: list, slo_ttfa_ms: float | None, search: str,
-          search_range: list, warmup: int, target=None) -> dict:
+          search_range: list, warmup: int, target=None, search_probes: int = 12) -> dict:
     """Warm-up requests, then each closed-loop level, each open-loop level, and the SLO search, a line per level."""
     from lab import env
 
@@ -588,7 +590,7 @@ def bench(options: dict, concurrency: list, rates: list, slo_ttfa_ms: float | No
                   flush=True)
             return level["passed"]
 
-        answer, _ = slo_search(probe, search_range[0], search_range[1], search == "concurrency")
+        answer, _ = slo_search(probe, search_range[0], search_range[1], search == "concurrency", most=search_probes)
         results["slo"] = {"audible_ttfa_p95_ms": slo_ttfa_ms, "c100": 1.0, "search": search, "answer": answer,
                           "range": search_range, "probes": probes}
         print(f"SLO search: the highest {search} with audible TTFA p95 <= {slo_ttfa_ms:g} ms and C100 = 100%: "
