@@ -369,6 +369,8 @@ def run_level(options: dict, mode: str, value: float, target=None) -> dict:
                     [s["wall_s"] for s in shares_done])
     level.update(mode=mode, concurrency=int(value) if mode == "closed" else None,
                  rate_hz=value if mode == "open" else None)
+    if target is not None:   # the engine runs in this process: its CPU is the engine's, not a client's
+        level["client"].update(includes_engine=True, client_bound=None)
     audio = [a for s in shares_done for a in s["audio"]][: options["wer_requests"]]
     if audio:
         level["wer"] = corpus_wer(audio)
@@ -456,21 +458,21 @@ def slo_search(probe, lo: float, hi: float, integer: bool, tolerance: float = 0.
 
 def level_line(level: dict) -> str:
     """One level as a line, while the bench runs."""
+    def q(key, at, digits=0):
+        v = level[key][at]
+        return "-" if v is None else f"{v:.{digits}f}"
+
     load = f"concurrency {level['concurrency']}" if level["mode"] == "closed" else f"rate {level['rate_hz']:g}/s"
-    def ms(key, q):
-        v = level[key][q]
-        return "-" if v is None else f"{v:.0f}"
-    c = level["continuity"]
+    c, cpu = level["continuity"], level["client"]
     wer = f", WER {level['wer']['corpus_wer']:.1%}" if level.get("wer") else ""
-    cpu = level["client"]
-    return (f"{load}: {level['ok']}/{level['requests']} ok, TTFB p50 {ms('ttfb_ms', 'median')} p95 "
-            f"{ms('ttfb_ms', 'p95')} ms, audible TTFA p50 {ms('audible_ttfa_ms', 'median')} p95 "
-            f"{ms('audible_ttfa_ms', 'p95')} ms, steady RTF p99 "
-            f"{level['steady_rtf']['p99'] if level['steady_rtf']['p99'] is None else round(level['steady_rtf']['p99'], 3)}"
-            f", C50/C100/C200 {c['c50']:.0%}/{c['c100']:.0%}/{c['c200']:.0%}, goodput "
-            f"{level['goodput_audio_s_per_s'] or 0:.1f} audio s/s{wer}; client CPU max {cpu['cpu_util_max']:.0%} of a "
-            f"core over {cpu['processes']} process{'es' * (cpu['processes'] > 1)}"
-            + (" (client-bound?)" if cpu["client_bound"] else ""))
+    note = (" (client-bound?)" if cpu["client_bound"] else
+            " (the engine's too: in-process)" if cpu.get("includes_engine") else "")
+    return (f"{load}: {level['ok']}/{level['requests']} ok, TTFB p50 {q('ttfb_ms', 'median')} p95 "
+            f"{q('ttfb_ms', 'p95')} ms, audible TTFA p50 {q('audible_ttfa_ms', 'median')} p95 "
+            f"{q('audible_ttfa_ms', 'p95')} ms, steady RTF p99 {q('steady_rtf', 'p99', 3)}, C50/C100/C200 "
+            f"{c['c50']:.0%}/{c['c100']:.0%}/{c['c200']:.0%}, goodput {level['goodput_audio_s_per_s'] or 0:.1f} "
+            f"audio s/s{wer}; client CPU max {cpu['cpu_util_max']:.0%} of a core over {cpu['processes']} "
+            f"process{'es' * (cpu['processes'] > 1)}{note}")
 
 
 def _numbers(text: str | None, flag: str, integer: bool) -> list:

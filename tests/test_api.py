@@ -9,6 +9,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 import wave
@@ -249,3 +250,33 @@ def test_a_batching_preset_takes_two_api_streams_at_once_past_the_line_s_bound(c
     assert not failures, failures
     (a0, a1), (b0, b1) = spans["a"], spans["b"]
     assert a0 < b1 and b0 < a1, "the two streams did not overlap"
+
+
+# -- the load bench, pointed at this server -------------------------------------------------------------------------
+def load_bench(server, name, *args) -> dict:
+    out = server["tmp"] / name
+    done = subprocess.run([sys.executable, "-m", "lab.bench", "--endpoint", server["url"],
+                           "--out", str(out), "--warmup", "0", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads((out / "load.json").read_text())
+
+
+def test_the_load_bench_reads_hibari_s_wav_over_http_and_scores_it_with_the_guardrail(server):
+    results = load_bench(server, "bench-hibari", "--model", "hibari", "--format", "wav", "--concurrency", "1",
+                         "--requests", "2", "--wer", "2")
+    level = results["levels"][0]
+    assert level["ok"] == 2 and level["continuity"]["c200"] == 1.0
+    assert 0 < level["ttfb_ms"]["median"] <= level["audible_ttfa_ms"]["median"]
+    assert level["wer"]["scored"] == 2 and level["wer"]["corpus_wer"] <= WER_MAX, level["wer"]["transcripts"]
+    assert (server["tmp"] / "bench-hibari" / "load-concurrency.png").stat().st_size > 0
+
+
+def test_the_load_bench_spreads_load_over_client_processes_and_records_their_cpu(server):
+    results = load_bench(server, "bench-batched", "--model", "csm-tiny-batched", "--concurrency", "2", "--rate", "4",
+                         "--requests", "4", "--processes", "2", "--max-audio-s", "1")
+    closed, poisson = results["levels"]
+    for level in (closed, poisson):
+        assert level["ok"] == level["requests"] >= 4 and level["client"]["processes"] == 2
+        assert all(0 <= u < 1.5 for u in level["client"]["cpu_util"])
+    assert poisson["mode"] == "open" and poisson["rate_hz"] == 4 and poisson["send_lag_ms"]["median"] < 100
