@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from lab import report
 from lab.errors import LabError
 from lab.metrics import audible_index, stalls, summarize
 
@@ -388,7 +389,7 @@ def summary(requests: list[dict], cpu_s: list[float], wall_s: list[float]) -> di
     gaps = [r["max_gap_ms"] for r in ok]
     out = {"requests": len(requests), "ok": len(ok), "errors": errors,
            "first_errors": sorted({r["error"] for r in requests if r.get("error")})[:3]}
-    for key in ("ttfb_ms", "audible_ttfa_ms", "rtf", "steady_rtf", "max_gap_ms", "send_lag_ms"):
+    for key in (f.key for f in report.LOAD_FIGURES):   # declared once, in lab.report
         out[key] = summarize([r.get(key) for r in (requests if key == "send_lag_ms" else ok)])
     out["underruns"] = int(sum(r["underruns"] for r in ok))
     out["streams_with_underruns"] = int(sum(r["underruns"] > 0 for r in ok))
@@ -601,8 +602,6 @@ def bench(options: dict, concurrency: list, rates: list, slo_ttfa_ms: float | No
 
 
 def write(results: dict, out_dir: str) -> None:
-    from lab import report
-
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "load.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)

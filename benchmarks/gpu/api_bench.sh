@@ -12,14 +12,20 @@
 # fastapi, uvicorn, websockets), carried with the call:
 #   device run: command "LAB_COMMIT=<sha> bash benchmarks/gpu/api_bench.sh", carry [".whl"], timeout_s 600
 # Writes under $OUT (at most 8 files, 2 folders down): log.txt, nvidia-smi.txt, and per part load.json + its chart.
-# PARTS picks parts (default "poisson concurrency slo"); SLO_PROBES caps the search's levels.
+# PARTS picks parts (default "poisson concurrency slo"); SLO_PROBES caps the search's levels. The other variables
+# below resize the goals, e.g. for a smoke run on the CPU: MODEL=csm-tiny-batched LAB_PRESETS_DIR=tests/presets
+# RATE=2 ARRIVALS_S=3 STREAMS=4 STREAM_S=1 UTTERANCE_S=1 SEARCH_RANGE=1,4 SLO_PROBES=2 CLIENT_PROCESSES=2 PYTHON=venv/bin/python PORT=<free port>.
 set -uo pipefail
 OUT=${OUT:-/tmp/api-bench-out}
 PARTS=${PARTS:-"poisson concurrency slo"}
 CLIENT_PROCESSES=${CLIENT_PROCESSES:-8}
 SLO_PROBES=${SLO_PROBES:-7}
-MODEL=csm-batched-cuda-graphs:random
-PORT=7860
+MODEL=${MODEL:-csm-batched-cuda-graphs:random}
+RATE=${RATE:-100} ARRIVALS_S=${ARRIVALS_S:-30} UTTERANCE_S=${UTTERANCE_S:-6}
+STREAMS=${STREAMS:-1024} STREAM_S=${STREAM_S:-20}
+SLO_MS=${SLO_MS:-150} SEARCH_RANGE=${SEARCH_RANGE:-25,400}
+PORT=${PORT:-7860}
+PYTHON=${PYTHON:-python3}
 URL=http://127.0.0.1:$PORT
 mkdir -p "$OUT"
 LOG=$OUT/log.txt
@@ -39,7 +45,7 @@ WORK=$(mktemp -d /tmp/api-bench.XXXXXX)
 echo "[$(date +%T)] starting python app.py"
 PORT=$PORT GRADIO_SERVER_NAME=127.0.0.1 GRADIO_ANALYTICS_ENABLED=False LAB_PREWARM=0 LAB_MAX_WAITING=4096 \
     LAB_HISTORY=$WORK/history.jsonl LAB_VOTES=$WORK/votes.jsonl GRADIO_TEMP_DIR=$WORK/gradio \
-    python3 app.py > "$WORK/server.log" 2>&1 &
+    "$PYTHON" app.py > "$WORK/server.log" 2>&1 &
 SERVER=$!
 stop_server() { kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null; echo "--- server log (tail)"; tail -n 30 "$WORK/server.log"; }
 trap stop_server EXIT
@@ -48,7 +54,7 @@ for _ in $(seq 1 240); do
     kill -0 "$SERVER" 2>/dev/null || { echo "app.py exited"; exit 1; }
     sleep 0.5
 done
-python3 - "$WORK/models.json" "$MODEL" <<'EOF' || exit 1
+"$PYTHON" - "$WORK/models.json" "$MODEL" <<'EOF' || exit 1
 import json, sys
 ids = [m["id"] for m in json.load(open(sys.argv[1]))["data"]]
 print("models here:", ", ".join(ids))
@@ -64,15 +70,17 @@ TEXT="Streaming speech should start at once and keep pace with the listener, eve
 bench() {   # part name, then the bench's own arguments
     local part=$1; shift
     echo "[$(date +%T)] part $part"
-    python3 -m lab.bench --endpoint "$URL" --model "$MODEL" --text "$TEXT" --processes "$CLIENT_PROCESSES" \
+    "$PYTHON" -m lab.bench --endpoint "$URL" --model "$MODEL" --text "$TEXT" --processes "$CLIENT_PROCESSES" \
         --timeout-s 240 --out "$OUT/$part" "$@"
 }
 for part in $PARTS; do
     case $part in
-        poisson) bench poisson --rate 100 --duration-s 30 --requests 3000 --max-audio-s 6 --warmup 16 ;;
-        concurrency) bench concurrency --concurrency 1024 --requests 1024 --max-audio-s 20 --warmup 0 ;;
-        slo) bench slo --slo-ttfa-ms 150 --search rate --search-range 25,400 --search-probes "$SLO_PROBES" \
-                 --duration-s 15 --requests 0 --max-audio-s 6 --warmup 0 ;;
+        poisson) bench poisson --rate "$RATE" --duration-s "$ARRIVALS_S" --requests 0 \
+                     --max-audio-s "$UTTERANCE_S" --warmup 4 ;;
+        concurrency) bench concurrency --concurrency "$STREAMS" --requests "$STREAMS" --max-audio-s "$STREAM_S" \
+                         --warmup 0 ;;
+        slo) bench slo --slo-ttfa-ms "$SLO_MS" --search rate --search-range "$SEARCH_RANGE" \
+                 --search-probes "$SLO_PROBES" --duration-s 15 --requests 0 --max-audio-s "$UTTERANCE_S" --warmup 0 ;;
         *) echo "unknown part $part (poisson, concurrency, slo)"; exit 2 ;;
     esac
 done
