@@ -50,6 +50,6 @@ if __name__ == "__main__":
     # Gradio's own queue is bounded too (events other than compare and A/B, which wait in the model's line).
     server.serve(demo.queue(default_concurrency_limit=4, max_size=4 * LAB.max_waiting),
                  host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                 port=int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860), hub=LAB.hub,
+                 port=int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860), hub=LAB.hub, api=LAB.speech,
                  # Refuse big uploads before they are decoded; lab.request.validate_user_audio caps length and size.
                  max_file_size=f"{MAX_USER_AUDIO_BYTES // 2**20}mb", css=CHART_CSS)

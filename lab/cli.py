@@ -2,6 +2,9 @@
 
     python -m lab.bench --presets hibari pocket-tts-cpu --text "Hello there." --runs 5 --out results/
     python -m lab.bench --presets csm-batched-inductor-cuda-graphs --weights random --streams 1,16,256 --max-seconds 6.4
+    python -m lab.bench --endpoint http://127.0.0.1:7860 --model hibari --concurrency 1,4 --rate 2,4
+
+With --endpoint, a load bench of any speech server over OpenAI's /v1/audio/speech instead (lab.loadbench).
 
 With --streams, a concurrency sweep instead (lab.concurrency): that many streams at once into a batching preset
 (max_streams > 1), or one after another through any other, per-stream TTFB, steady RTF, underruns and goodput.
@@ -162,6 +165,11 @@ def plan(args: argparse.Namespace) -> planning.Plan:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_given = sys.argv[1:] if argv is None else argv
+    if any(a == "--endpoint" or a.startswith("--endpoint=") for a in args_given):
+        from lab import loadbench   # a client of any server: none of the run loop below
+
+        return loadbench.main(args_given)
     args = parse_args(argv)
     try:
         chosen = plan(args)

@@ -17,8 +17,10 @@ import gradio as gr
 from lab import availability, env, planning, presets, session
 from lab.measure import history, quality
 from lab.manager import ModelManager
+from lab.serving.background import Background
 from lab.serving.comparisons import Comparison, Comparisons
 from lab.serving.line import Cancel, ModelLine, Sessions
+from lab.serving.speech_api import SpeechService
 from web.gradio_adapter import gone_check
 from web.pcm import PcmHub
 
@@ -72,6 +74,12 @@ class LabApp:
         # Families with a preset that runs here; the others' presets are only in the folded "cannot run here" lines.
         self.family_order = [f for f, statuses in self.catalog.grouped(True).items()
                              if any(s.available for s in statuses)]
+        # The speech API (/v1/audio/speech): another client of the same planning, line, run loop and history.
+        self.speech = SpeechService(self.catalog, self.plan_speech, session.run_presets, self.manager, self.line,
+                                    self.history, self.quality, self.comparisons, Background)
+
+    def plan_speech(self, names, text, seed, max_audio_s, runs, weights) -> planning.Plan:
+        return planning.plan(self.catalog, names, text, seed, max_audio_s, runs, weights=weights)
 
     def weights(self, random_weights) -> str | None:
         """The page's random-weights switch as lab.planning's weights: random, or each preset's own."""

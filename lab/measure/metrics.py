@@ -84,20 +84,25 @@ def audible_index(samples: np.ndarray, sample_rate: int) -> int:
     return int(loud[0]) * window if len(loud) else -1
 
 
-def underruns(chunks: list[tuple[float, float]]) -> tuple[int, float]:
-    """A player starts at the first chunk's arrival and plays in real time; a chunk that arrives after
-    the player ran dry stalls it. Returns (chunks that arrived late, total stall seconds)."""
+def stalls(chunks: list[tuple[float, float]]) -> list[float]:
+    """A player starts at the first chunk's arrival and plays in real time; a chunk that arrives after the player
+    ran dry stalls it until it arrives. Returns each stall's seconds, in order (the worst gap gives continuity)."""
     if not chunks:
-        return 0, 0.0
+        return []
     play_at = chunks[0][0]          # when the next chunk must be there
-    late, stall_s = 0, 0.0
+    waits = []
     for arrived, audio_s in chunks:
         if arrived > play_at + 1e-9:
-            late += 1
-            stall_s += arrived - play_at
+            waits.append(arrived - play_at)
             play_at = arrived
         play_at += audio_s
-    return late, stall_s
+    return waits
+
+
+def underruns(chunks: list[tuple[float, float]]) -> tuple[int, float]:
+    """The simulated player of `stalls`: (chunks that arrived late, total stall seconds)."""
+    waits = stalls(chunks)
+    return len(waits), sum(waits, 0.0)
 
 
 def figures(timeline: Timeline) -> dict:
@@ -142,7 +147,7 @@ def summarize(values: list[float]) -> dict:
     p99 (with few runs, p99 sits next to the slowest run)."""
     vals = sorted(v for v in values if v is not None)
     if not vals:
-        return {"median": None, "lo": None, "hi": None, "p90": None, "p99": None, "n": 0}
+        return {"median": None, "lo": None, "hi": None, "p90": None, "p95": None, "p99": None, "n": 0}
 
     def q(p):
         i = p * (len(vals) - 1)
@@ -150,4 +155,5 @@ def summarize(values: list[float]) -> dict:
         return vals[lo] + (vals[hi] - vals[lo]) * (i - lo)
 
     lo, hi = (q(0.1), q(0.9)) if len(vals) >= 10 else (vals[0], vals[-1])
-    return {"median": q(0.5), "lo": lo, "hi": hi, "p90": q(0.9), "p99": q(0.99), "n": len(vals)}
+    # p95: the served figures' SLO percentile (docs/METRICS.md, "A speech server under load")
+    return {"median": q(0.5), "lo": lo, "hi": hi, "p90": q(0.9), "p95": q(0.95), "p99": q(0.99), "n": len(vals)}

@@ -94,6 +94,24 @@ BUILD_FIGURES = (
     Figure("tokenizer", "tokenizer", digits=None),
 )
 FIGURES = {f.key: f for f in RUN_FIGURES}
+# A served request's figures, measured at the client by the load bench (lab.loadbench; docs/METRICS.md, "A speech
+# server under load"), each from the request's arrival; a level summarizes them (median, p95, p99) over its requests.
+LOAD_FIGURES = (
+    Figure("ttfb_ms", "TTFB (client: first audio byte)", "ms", 1, tails=True),
+    Figure("audible_ttfa_ms", "audible TTFA", "ms", 1, tails=True),
+    Figure("rtf", "RTF (client)", "", 3, significant=True),
+    Figure("steady_rtf", "steady RTF (client)", "", 3, significant=True, tails=True),
+    Figure("max_gap_ms", "worst playback gap", "ms", 1, tails=True),
+    Figure("send_lag_ms", "send lag (client behind its schedule)", "ms", 2, tails=True),
+)
+# A level's own figures: continuity, goodput and the client's CPU.
+LEVEL_FIGURES = (
+    Figure("c50", "C50", "%", 1, scale=100),
+    Figure("c100", "C100", "%", 1, scale=100),
+    Figure("c200", "C200", "%", 1, scale=100),
+    Figure("goodput_audio_s_per_s", "goodput", "audio s/s", 1),
+    Figure("cpu_util_max", "client CPU (busiest process)", "%", 0, scale=100),
+)
 
 
 def label(preset: str, weights: str) -> str:
@@ -282,6 +300,54 @@ def sweep_chart(levels: list[dict], title: str = "", path: str | None = None):
     tx.legend(loc="lower right", fontsize=8)
     notes = sorted({WEIGHTS_NOTE[lvl["weights"]] for lvl in levels if lvl["weights"] in WEIGHTS_NOTE})
     fig.suptitle(_wrapped(fig, [t for t in (title, "; ".join(notes)) if t]), fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def load_table(levels: list[dict]) -> list[dict]:
+    """One row per load level: the load, each LOAD_FIGURES figure's median and p95, and LEVEL_FIGURES."""
+    rows = []
+    for lvl in levels:
+        row = {"load": f"{lvl['concurrency']} at once" if lvl["mode"] == "closed" else f"{lvl['rate_hz']:g}/s",
+               "ok": f"{lvl['ok']}/{lvl['requests']}"}
+        for f in LOAD_FIGURES:
+            row[f"{f.name} p50 {f.unit}".strip()] = f.value(lvl[f.key]["median"])
+            row[f"{f.name} p95 {f.unit}".strip()] = f.value(lvl[f.key]["p95"])
+        values = {**lvl["continuity"], "goodput_audio_s_per_s": lvl["goodput_audio_s_per_s"],
+                  "cpu_util_max": lvl["client"]["cpu_util_max"]}
+        row.update({f.label: f.value(values[f.key]) for f in LEVEL_FIGURES})
+        rows.append(row)
+    return rows
+
+
+def load_chart(levels: list[dict], title: str = "", path: str | None = None, slo_ms: float | None = None):
+    """Latency against load (TTFB and audible TTFA, p50 and p95, the SLO as a line), and continuity C100 with
+    goodput and the busiest client process's CPU, so a client-bound level shows."""
+    plt = _pyplot()
+    levels = sorted(levels, key=lambda lvl: lvl["concurrency"] or lvl["rate_hz"] or 0)
+    closed = levels[0]["mode"] == "closed"
+    x = [lvl["concurrency"] if closed else lvl["rate_hz"] for lvl in levels]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, name, style in (("ttfb_ms", "TTFB", "o"), ("audible_ttfa_ms", "audible TTFA", "s")):
+        for q, dash in (("median", "-"), ("p95", "--")):
+            ax.plot(x, [lvl[key][q] for lvl in levels], style + dash, label=f"{name} {'p50' if q == 'median' else q}")
+    if slo_ms is not None:
+        ax.axhline(slo_ms, color="grey", ls=":", lw=1, label=f"SLO {slo_ms:g} ms")
+        for xi, lvl in zip(x, levels):
+            ax.annotate("✓" if lvl.get("passed") else "✗", (xi, lvl["audible_ttfa_ms"]["p95"] or 0), fontsize=9)
+    xlabel = "concurrent requests (closed loop)" if closed else "arrivals per s (open loop, Poisson)"
+    ax.set(xlabel=xlabel, ylabel="ms from arrival", xscale="log" if max(x) / max(min(x), 1e-9) > 8 else "linear")
+    ax.legend(fontsize=8)
+    bx.plot(x, [100 * (lvl["continuity"]["c100"] or 0) for lvl in levels], "o-", label="C100 %")
+    bx.plot(x, [100 * lvl["client"]["cpu_util_max"] for lvl in levels], "^:", color="grey",
+            label="client CPU % (busiest process)")
+    bx.set(xlabel=xlabel, ylabel="%", ylim=(0, 105), xscale=ax.get_xscale())
+    tx = bx.twinx()
+    tx.plot(x, [lvl["goodput_audio_s_per_s"] or 0 for lvl in levels], "s-", color="#c44e52", label="goodput")
+    tx.set_ylabel("audio s per wall s")
+    bx.legend(loc="lower left", fontsize=8)
+    tx.legend(loc="lower right", fontsize=8)
+    fig.suptitle(_wrapped(fig, [title]), fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 

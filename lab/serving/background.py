@@ -17,8 +17,10 @@ class Background:
     is kept: for work that must happen at once (a chunk onto a socket) or before the loop goes on (waiting for the
     browser's report)."""
 
-    def __init__(self, events: Iterator, on_event: Callable | None = None, cancel=None, name: str = "run loop"):
-        self.cancel = cancel
+    def __init__(self, events: Iterator, on_event: Callable | None = None, cancel=None, name: str = "run loop",
+                 keep_events: bool = True):
+        # keep_events=False: `on_event` is the only consumer (an API stream), so chunks are not held for followers
+        self.cancel, self.keep_events = cancel, keep_events
         self._events: list = []
         self._lock = threading.Lock()
         self._finished = threading.Event()
@@ -32,8 +34,9 @@ class Background:
             for event in events:
                 if on_event is not None:
                     on_event(event)
-                with self._lock:
-                    self._events.append(event)
+                if self.keep_events:
+                    with self._lock:
+                        self._events.append(event)
         except BaseException as e:   # raised again in each follower's thread
             self._failure = e
         finally:

@@ -60,6 +60,15 @@ class Sessions:
         return len(cancels)
 
 
+class LineFull(LabError):
+    """The line is at its bound: `retry_after_s` is how long the one on the model should still take (an HTTP
+    client gets it as Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__("queue", message)
+        self.retry_after_s = retry_after_s
+
+
 class ModelLine:
     """One comparison (or blind pair) on the model at a time, the others waiting in line, first come first served.
     A waiting page shows its place and how long the ones ahead should still take, from this server's measured runs
@@ -78,8 +87,9 @@ class ModelLine:
                 head = self._line[0]   # the one on the model: a place frees when it is done
                 ran_s = time.monotonic() - head.started_at if head.started_at is not None else 0.0
                 left_s = self.unknown_s if head.estimate_s is None else head.estimate_s - ran_s
-                raise LabError("queue", f"busy: {len(self._line)} comparisons are in line (the most it takes); "
-                                        f"try again in {max(1, round(left_s))} s")
+                retry_s = max(1, round(left_s))
+                raise LineFull(f"busy: {len(self._line)} comparisons are in line (the most it takes); "
+                               f"try again in {retry_s} s", retry_s)
         return Turn(self, estimate_s, cancel)
 
 
