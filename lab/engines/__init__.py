@@ -102,7 +102,7 @@ class Engine:
 
 
 FAMILY_MODULES = {"csm": "lab.engines.csm", "pocket_tts": "lab.engines.pocket_tts", "hibari": "lab.engines.hibari",
-                  "minicpm_o": "lab.engines.minicpm_o"}
+                  "minicpm_o": "lab.engines.minicpm_o", "qwen2.5-omni": "lab.engines.qwen_omni"}
 
 
 def build(spec: VariantSpec, progress: Progress | None = None) -> Engine:
