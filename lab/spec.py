@@ -317,8 +317,8 @@ def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
         raise LabError(where, "attention: sdpa-flash has no float32 kernel on CUDA; use dtype: bfloat16")
     if spec.compile in ("cuda-graphs", "inductor+cuda-graphs"):
         if spec.family != "csm" and not (spec.family == "qwen2.5-omni" and spec.compile == "cuda-graphs"):
-            raise LabError(where, f"compile: {spec.compile} is implemented for csm (and cuda-graphs for qwen2.5-omni) "
-                                  f"only; use compile: inductor")
+            raise LabError(where, f"compile: {spec.compile} is implemented for csm only (cuda-graphs also for "
+                                  f"qwen2.5-omni); use compile: inductor")
         if spec.device != "cuda":
             raise LabError(where, f"compile: {spec.compile} needs device: cuda; on the CPU use compile: inductor")
     if spec.kernels == "triton":
