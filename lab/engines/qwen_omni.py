@@ -44,7 +44,7 @@ from lab.metrics import Timeline
 from lab.request import Request, validate_user_audio
 from lab.sampling import pick
 from lab.spec import VariantSpec
-from lab.streaming import ChunkEmitter, chunk_frames, frames_for
+from lab.streaming import ChunkEmitter, frames_for
 
 FAMILY = "qwen2.5-omni"
 INPUT_SAMPLE_RATE_HZ = 16000     # the audio encoder's mel features are Whisper's, at 16 kHz
@@ -429,7 +429,7 @@ class QwenOmniEngine(Engine):
         segments[-1] = segments[-1] + self.tokenizer("assistant:")
         return [t for seg in segments for t in seg], [len(seg) for seg in segments]
 
-    def _prompt_embeds(self, ids: torch.Tensor, features, mask, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prompt_embeds(self, ids: torch.Tensor, features, mask) -> tuple[torch.Tensor, torch.Tensor]:
         """The thinker's input embeddings of the prompt, with the audio encoder's states at the audio tokens, and
         the talker's copy of them (generate() zeroes the audio positions there)."""
         embeds = self.text_stack.embed_tokens(ids)
@@ -533,7 +533,7 @@ class QwenOmniEngine(Engine):
             raise LabError("max_audio_s", f"the prompt ({prompt_len} positions) and the answer do not fit the static "
                                           f"KV cache ({MAX_THINKER_POSITIONS} positions); use a shorter context or "
                                           f"spoken turn, or compile: off")
-        embeds, talker_embeds = self._prompt_embeds(ids, features, mask, lengths)
+        embeds, talker_embeds = self._prompt_embeds(ids, features, mask)
         prompt_hidden = self.prefill(embeds, lengths)
         logits = self.thinker.lm_head(prompt_hidden[:, -1]).float()
         draw = (lambda n: torch.rand(1, n, generator=generator, device=self.device)) if sampled else (lambda n: None)
@@ -682,10 +682,3 @@ def build(spec: VariantSpec, progress) -> QwenOmniEngine:
                                     tokenizer=type(processor).__name__ if processor else tc.ByteTokenizer.name)
     return engine
 
-
-def chunk_sizes(spec: VariantSpec) -> list[int]:
-    """The distinct chunk sizes (codes) the spec's schedule makes, smallest first."""
-    sizes, gen = [], chunk_frames(spec.first_chunk_frames, spec.chunk_growth, spec.max_chunk_frames)
-    while (n := next(gen)) not in sizes:
-        sizes.append(n)
-    return sizes
