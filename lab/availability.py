@@ -134,7 +134,8 @@ def option_requirements() -> list[dict]:
         ("compile", "off", "nothing", True),
         ("compile", "inductor", "a C++ compiler on the CPU (Triton on a GPU); the first build compiles for seconds "
                                 "to a minute", True),
-        ("compile", "cuda-graphs", "a CUDA GPU; CSM only (the whole frame step replayed from one CUDA graph)", cuda),
+        ("compile", "cuda-graphs", "a CUDA GPU; CSM (the whole frame step replayed from one CUDA graph) and "
+                                   "Qwen2.5-Omni (the thinker's and talker's one-token steps)", cuda),
         ("compile", "inductor+cuda-graphs", "a CUDA GPU; CSM only; compiles for about a minute (experimental: "
                                             "not deterministic run to run)", cuda),
         ("kernels", "torch", "nothing (the model's own modules)", True),

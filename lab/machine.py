@@ -45,6 +45,9 @@ def check(spec: VariantSpec, weights_here=None) -> Refusal | None:
                                "an NVIDIA GPU, or use device: cpu")
     if spec.family == "minicpm_o" and not env.cuda_available():
         return Refusal(NO_GPU, "MiniCPM-o has no CPU path; run this preset on a machine with an NVIDIA GPU")
+    if spec.family == "qwen2.5-omni" and spec.device != "cuda" and spec.weights != "tiny":
+        return Refusal(NO_GPU, "Qwen2.5-Omni at real size (about 10B parameters with the talker and token2wav) runs "
+                               "on a GPU; use device: cuda, or weights: tiny on the CPU")
     if spec.quantization.startswith("bnb") and not env.has_package("bitsandbytes"):
         return _missing("bitsandbytes", "bitsandbytes", f"quantization: {spec.quantization} needs it")
     if spec.quantization == "int8-torchao" and not env.has_package("torchao"):

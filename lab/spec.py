@@ -21,6 +21,9 @@ FAMILIES = {
     "hibari": {"model": "hibari-tts:heart", "torch": False, "weights": ("pretrained",), "user_audio": False},
     # Its architecture lives in the hub repo's own Python (remote code), so there is no random/tiny config here.
     "minicpm_o": {"model": "openbmb/MiniCPM-o-2_6", "torch": True, "weights": ("pretrained",), "user_audio": True},
+    # MiniCPM-o's runnable kin, inside transformers: thinker, talker and token2wav (lab/engines/qwen_omni.py).
+    "qwen2.5-omni": {"model": "Qwen/Qwen2.5-Omni-7B", "torch": True, "weights": ("pretrained", "random", "tiny"),
+                     "user_audio": True},
 }
 # Model ids whose repository code the lab may run (trust_remote_code), each only at a preset's pinned revision.
 # Adding an id here means someone read that repo's Python at the revision the preset pins.
@@ -74,6 +77,10 @@ class VariantSpec:
     # pocket_tts: the codec decodes each chunk in the frame loop (inline), or while a thread of its own makes the next
     # chunk's frames (thread): on the CPU the decode then runs on a second core.
     decode: str = "inline"
+    # qwen2.5-omni: the token2wav DiT's ODE steps (transformers' default 10; fewer is faster and rougher), and the codes
+    # after each chunk that its window waits for (0: a chunk is decoded as soon as its own codes exist).
+    dit_steps: int = 10
+    lookahead_frames: int = 0
 
     def identity(self) -> dict:
         """What makes the variant: every field but the labels, with the family's default model filled in."""
@@ -239,6 +246,19 @@ def _validate_batched(spec: VariantSpec, where: str) -> None:
                               "padded batch; use prefill: batched")
 
 
+def _validate_qwen_omni(spec: VariantSpec, where: str) -> None:
+    if spec.family != "qwen2.5-omni":
+        raise LabError(where, "dit_steps and lookahead_frames are qwen2.5-omni's token2wav axes; remove them")
+    if not 2 <= spec.dit_steps <= 64:
+        raise LabError(where, f"dit_steps: {spec.dit_steps} is out of range; use 2 (one ODE interval) to 64 "
+                              f"(transformers' default is 10)")
+    if not 0 <= spec.lookahead_frames <= 64:
+        raise LabError(where, f"lookahead_frames: {spec.lookahead_frames} is out of range; use 0 to 64 codes")
+    if spec.dtype == "float16":
+        raise LabError(where, "dtype: float16 is refused for qwen2.5-omni: the model card runs bfloat16 (or float32 "
+                              "on the CPU); use dtype: bfloat16")
+
+
 def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
     """Refuse before any build what cannot work on any machine, saying why and what to change."""
     for field_name, allowed in CHOICES.items():
@@ -296,13 +316,17 @@ def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
     if spec.attention == "sdpa-flash" and spec.dtype == "float32" and spec.device == "cuda":
         raise LabError(where, "attention: sdpa-flash has no float32 kernel on CUDA; use dtype: bfloat16")
     if spec.compile in ("cuda-graphs", "inductor+cuda-graphs"):
-        if spec.family != "csm":
-            raise LabError(where, f"compile: {spec.compile} is implemented for csm only; use compile: inductor")
+        if spec.family != "csm" and not (spec.family == "qwen2.5-omni" and spec.compile == "cuda-graphs"):
+            raise LabError(where, f"compile: {spec.compile} is implemented for csm only (cuda-graphs also for "
+                                  f"qwen2.5-omni); use compile: inductor")
         if spec.device != "cuda":
             raise LabError(where, f"compile: {spec.compile} needs device: cuda; on the CPU use compile: inductor")
     if spec.kernels == "triton":
         _validate_triton(spec, where)
-    if spec.family == "csm" and spec.compile != "off" and spec.attention in ("sdpa-flash", "flash_attention_2"):
+    if spec.family == "qwen2.5-omni" or (spec.dit_steps, spec.lookahead_frames) != (10, 0):
+        _validate_qwen_omni(spec, where)
+    if spec.family in ("csm", "qwen2.5-omni") and spec.compile != "off" and \
+            spec.attention in ("sdpa-flash", "flash_attention_2"):
         raise LabError(where, f"attention: {spec.attention} with compile: {spec.compile}: the compiled and graphed "
                               f"steps attend over fixed-size KV buffers through a mask, and flash kernels take no "
                               f"mask; use attention: sdpa (or eager), or compile: off")
