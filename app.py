@@ -549,6 +549,8 @@ with gr.Blocks(title="Speech Latency Lab") as demo:
             gr.Markdown(environment_md())
             gr.Dataframe(pd.DataFrame(availability.option_requirements()), interactive=False,
                          label="Options and what they need (here = available on this machine)")
+            gr.Dataframe(pd.DataFrame(CATALOG.card_rows(), columns=["preset", "card", "status", "what"]),
+                         interactive=False, label="GPU presets on this card: runs here, with changes, or cannot run")
 
     compare_outputs = [c for name, v in C.items() if name != "unavailable" for c in (v if isinstance(v, list) else [v])]
     compared = go.click(compare, [listener, order, text, seed, max_audio_s, runs, random_weights, user_audio,

@@ -16,7 +16,7 @@ import wave
 
 import numpy as np
 
-from lab import concurrency, env, machine, presets, quality, report, session
+from lab import cards, concurrency, env, machine, presets, quality, report, session
 from lab.errors import LabError
 from lab.manager import ModelManager
 from lab.request import MAX_TEXT_CHARS, read_audio_file, validate_inputs, validate_user_audio
@@ -172,8 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         check_out_dir(args.out)
         if args.wavs:
             check_out_dir(args.wavs, "--wavs")
+        card_notes = []
         for spec in specs:   # what this machine cannot run is refused before anything is built
             machine.require(spec, weights_here=lambda s: True)
+            if spec.device == "cuda":
+                adapted = cards.require(spec)
+                card_notes += [f"preset {spec.name}: {c}" for c in (*adapted.changes, *adapted.notes)]
         deaf = [s.name for s in specs if not s.takes_user_audio]
         if request.user_audio is not None and deaf:
             raise LabError("--user-audio", f"{', '.join(deaf)} take no spoken user turn; drop --user-audio, or "
@@ -183,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for note in request.text_notes:
         print(f"note: --text: {note}", file=sys.stderr)
+    for note in card_notes:   # what this card changes; the build notes in results.json say it again
+        print(f"note: {note}", file=sys.stderr)
     if levels:
         sweep(specs, request, levels, args.arrival_rate, args.out)
         print(f"wrote {args.out}/sweep.json")

@@ -18,6 +18,8 @@ from lab.spec import FAMILIES, VariantSpec
 
 # Reason codes, and how the page says each one in a few words.
 NO_GPU, OLD_GPU, NO_PACKAGE, NO_WEIGHTS = "no-gpu", "old-gpu", "no-package", "no-weights"
+# lab.cards' codes: the card's memory cannot hold the preset; ZeroGPU cannot run it
+SMALL_GPU, ZERO_GPU = "small-gpu", "zero-gpu"
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,8 @@ class Refusal:
     @property
     def short(self) -> str:
         return {NO_GPU: "need a GPU", OLD_GPU: "need a newer GPU", NO_PACKAGE: f"need {self.package} (not installed)",
-                NO_WEIGHTS: "need weights that are not cached (the hub is unreachable)"}[self.code]
+                NO_WEIGHTS: "need weights that are not cached (the hub is unreachable)",
+                SMALL_GPU: "need more GPU memory", ZERO_GPU: "cannot run under ZeroGPU"}[self.code]
 
 
 def _missing(package: str, pip_name: str, why: str) -> Refusal:

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from lab import env, history
+from lab import env, history, zerogpu
 from lab.engines import AudioChunk, BuildReport
 from lab.errors import Cancelled, LabError
 from lab.metrics import Timeline, figures
@@ -225,6 +225,7 @@ def _build(manager, slot: int, spec: VariantSpec):
     return result["engine"]
 
 
+@zerogpu.gpu   # on a ZeroGPU Space the whole loop runs inside one GPU call; elsewhere this changes nothing
 def run_presets(manager, specs: list[VariantSpec], request: Request, runs: int, cancel: Cancel | None = None,
                 history_path: "str | history.Journal | None" = None, source: str = "cli", lock=None,
                 quality=None) -> Iterator[Event]:
