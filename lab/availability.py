@@ -145,6 +145,8 @@ def option_requirements() -> list[dict]:
         ("compile", "cuda-graphs", "a CUDA GPU; CSM only (the whole frame step replayed from one CUDA graph)", cuda),
         ("compile", "inductor+cuda-graphs", "a CUDA GPU; CSM only; compiles for about a minute (experimental: "
                                             "not deterministic run to run)", cuda),
+        ("compile", "aot", "CSM one stream only; a C++ compiler (Triton on a GPU); the step's pieces compiled ahead of "
+                           "time (torch.export + AOTInductor), packages kept on disk: ZeroGPU's route", True),
         ("kernels", "torch", "nothing (the model's own modules)", True),
         ("kernels", "triton", "a CUDA GPU and Triton (CUDA builds of torch ship it); CSM only; no bitsandbytes, no "
                               "inductor", cuda and env.has_package("triton")),
