@@ -100,8 +100,7 @@ def child_card(card_name: str, names: list[str], deadline: float, out_path: str)
             if spec.batches:   # every slot at once under the cap: the sweep must not run out of memory
                 levels = [1, max(1, engine.rows // 2), engine.rows]
                 row["slots"], row["kv_positions"] = engine.rows, engine.cache_positions
-                row["sweep"] = [{k: lvl.get(k) for k in ("streams", "ttfb_ms_p50", "ttfb_ms_p99", "rtf_p50", "failed")
-                                 if k in lvl} | {"level": n}
+                row["sweep"] = [{k: v for k, v in lvl.items() if not isinstance(v, (list, dict))} | {"level": n}
                                 for n, lvl in zip(levels, concurrency.sweep(engine, spec, request, levels))]
         except torch.cuda.OutOfMemoryError as e:
             row.update(status="out of memory", why=str(e).splitlines()[0])
