@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from lab import env, machine, presets
+from lab import cards, env, gpu, machine, presets
 from lab.errors import LabError
 from lab.machine import Refusal
 from lab.spec import FAMILIES, VariantSpec
@@ -34,8 +34,11 @@ class PresetStatus:
 class Catalog:
     """The presets of one folder, checked against this machine once (the hub probe is slow to repeat)."""
 
-    def __init__(self, presets_dir: str = presets.PRESETS_DIR, weights_here=machine.weights_available):
+    def __init__(self, presets_dir: str = presets.PRESETS_DIR, weights_here=machine.weights_available,
+                 card: "gpu.Card | None | str" = "this machine's"):
         self.presets_dir = presets_dir
+        # The card GPU presets are adapted to (lab.cards): what it cannot run is refused here too.
+        self.card = gpu.this_card() if card == "this machine's" else card
         self.specs, broken = presets.load_all(presets_dir)
         self.broken = {name: Refusal(INVALID, message) for name, message in broken.items()}
         self.statuses = {rw: self._statuses(rw, weights_here) for rw in (False, True)}
@@ -51,8 +54,9 @@ class Catalog:
                 out[name] = PresetStatus(name, _declared_family(self.presets_dir, name), "", "", self.broken[name])
                 continue
             spec = self.spec(name, random_weights)
+            verdict = cards.plan(spec, self.card, weights_here) if self.card else machine.check(spec, weights_here)
             out[name] = PresetStatus(name, spec.family, spec.description, spec.weights,
-                                     machine.check(spec, weights_here))
+                                     verdict if isinstance(verdict, Refusal) else None)
         return out
 
     def runnable_spec(self, name: str, random_weights: bool) -> VariantSpec:
@@ -70,6 +74,10 @@ class Catalog:
             groups.setdefault(s.family, []).append(s)
         order = [f for f in FAMILIES if f in groups] + [f for f in groups if f not in FAMILIES]
         return {f: groups[f] for f in order}
+
+    def card_rows(self) -> list[dict]:
+        """The page's Environment panel: per GPU preset, runs here, runs with changes (named), or cannot run (why)."""
+        return cards.preset_rows(self.specs, self.card, lambda s: True)
 
     def batching(self, names: list[str]) -> list[str]:
         """Of `names`, the presets that serve many listeners at once (no line); the rest take turns."""
@@ -138,6 +146,8 @@ def option_requirements() -> list[dict]:
                                    "Qwen2.5-Omni (the thinker's and talker's one-token steps)", cuda),
         ("compile", "inductor+cuda-graphs", "a CUDA GPU; CSM only; compiles for about a minute (experimental: "
                                             "not deterministic run to run)", cuda),
+        ("compile", "aot", "CSM one stream only; a C++ compiler (Triton on a GPU); the step's pieces compiled ahead of "
+                           "time (torch.export + AOTInductor), packages kept on disk: ZeroGPU's route", True),
         ("kernels", "torch", "nothing (the model's own modules)", True),
         ("kernels", "triton", "a CUDA GPU and Triton (CUDA builds of torch ship it); CSM only; no bitsandbytes, no "
                               "inductor", cuda and env.has_package("triton")),

@@ -11,7 +11,7 @@ import threading
 from collections import OrderedDict
 from typing import Callable
 
-from lab import engines, machine
+from lab import cards, engines, gpu, machine
 from lab.engines.base import Engine, Progress
 from lab.spec import VariantSpec
 
@@ -25,9 +25,11 @@ class _Slot:
 
 class ModelManager:
     def __init__(self, memory_budget_bytes: int | None = None,
-                 builder: Callable[[VariantSpec, Progress], Engine] = engines.build):
+                 builder: Callable[[VariantSpec, Progress], Engine] = engines.build,
+                 card: Callable[[], "gpu.Card | None"] = gpu.this_card):
         self.memory_budget_bytes = memory_budget_bytes
         self._build = builder
+        self._card = card   # the card presets are adapted to, read at each build (its free memory changes)
         self._lock = threading.Lock()
         self._slots: OrderedDict[str, _Slot] = OrderedDict()   # oldest use first
         self.builds = 0                                        # builds started, for tests and the UI
@@ -36,6 +38,9 @@ class ModelManager:
         # A GPU or a package this machine lacks is refused here, with the fix, not as an ImportError mid-build.
         # Pretrained weights are left to the loader, which says the same when they are neither cached nor reachable.
         machine.require(spec, weights_here=lambda s: True)
+        # The card's changes (fp16 without bf16, features it lacks, fewer stream slots) or its refusal, before any
+        # load; the variant stays keyed by the spec asked for.
+        adapted = cards.require(spec, self._card()) if spec.device == "cuda" else cards.Adapted(spec)
         with self._lock:
             slot = self._slots.get(spec.key)
             owner = slot is None
@@ -52,7 +57,8 @@ class ModelManager:
         # would otherwise stay resident while the next one loads beside it.
         self._evict_over_budget(keep=spec.key)
         try:
-            engine = self._build(spec, progress or (lambda stage, s: None))
+            engine = self._build(adapted.spec, progress or (lambda stage, s: None))
+            engine.report.notes[:0] = [*adapted.changes, *adapted.notes]
         except BaseException as e:
             slot.error = e
             with self._lock:

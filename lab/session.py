@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from lab import env
+from lab import env, zerogpu
 from lab.audio import AudioChunk
 from lab.engines.base import BuildReport
 from lab.errors import Cancelled, LabError
@@ -227,6 +227,7 @@ def _build(manager, slot: int, spec: VariantSpec):
     return result["engine"]
 
 
+@zerogpu.gpu   # on a ZeroGPU Space the whole loop runs inside one GPU call; elsewhere this changes nothing
 def run_presets(manager, specs: list[VariantSpec], request: Request, runs: int, cancel: Cancel | None = None,
                 history_path: "str | history.Journal | None" = None, source: str = "cli", lock=None,
                 quality=None) -> Iterator[Event]:

@@ -35,7 +35,8 @@ CHOICES = {
     "device": ("cpu", "cuda"),
     "dtype": ("float32", "bfloat16", "float16"),
     "attention": ("eager", "sdpa", "sdpa-flash", "flash_attention_2", "triton"),
-    "compile": ("off", "inductor", "cuda-graphs", "inductor+cuda-graphs"),
+    # aot: the step's pieces compiled ahead of time (torch.export + AOTInductor, lab/aot.py), ZeroGPU's route
+    "compile": ("off", "inductor", "cuda-graphs", "inductor+cuda-graphs", "aot"),
     "kernels": ("torch", "triton"),
     "quantization": ("none", "bnb-int8", "bnb-nf4", "int8-dynamic", "int8-torchao"),
     "prefill": ("batched", "per-segment"),
@@ -212,7 +213,7 @@ def _validate_triton(spec: VariantSpec, where: str) -> None:
     if spec.quantization != "none":
         raise LabError(where, f"kernels: triton reads bf16/fp16/fp32 weights, not {spec.quantization}'s packed ones; "
                               f"use quantization: none, or kernels: torch")
-    if spec.compile in ("inductor", "inductor+cuda-graphs"):
+    if spec.compile in ("inductor", "inductor+cuda-graphs", "aot"):
         raise LabError(where, f"kernels: triton with compile: {spec.compile}: the layers are already fused kernels "
                               f"and inductor would only wrap them; use compile: cuda-graphs (or off)")
     if spec.attention in ("sdpa-flash", "flash_attention_2"):
@@ -321,6 +322,9 @@ def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
                                   f"qwen2.5-omni); use compile: inductor")
         if spec.device != "cuda":
             raise LabError(where, f"compile: {spec.compile} needs device: cuda; on the CPU use compile: inductor")
+    if spec.compile == "aot" and (spec.family != "csm" or spec.max_streams > 1):
+        raise LabError(where, "compile: aot is implemented for csm's one-stream step (each piece is exported at one "
+                              "shape); use compile: inductor, or max_streams: 1")
     if spec.kernels == "triton":
         _validate_triton(spec, where)
     if spec.family == "qwen2.5-omni" or (spec.dit_steps, spec.lookahead_frames) != (10, 0):

@@ -125,6 +125,14 @@ class CsmEngine(tc.TorchEngine):
             self.backbone_step = tc.compile_own(self._backbone_step, **self.compile_options)
             self.head, self.depth_first, self.depth_step = (
                 tc.compile_own(f, **self.compile_options) for f in (self._head, self._depth_first, self._depth_step))
+        elif spec.compile == "aot":
+            # The same pieces, compiled ahead of time (ZeroGPU's route, lab/aot.py), each over the caches it writes.
+            from lab.engines.aot import AheadOfTime
+
+            self.backbone_step = AheadOfTime(self._backbone_step, self.model, [self.kv], "csm-backbone")
+            self.head = AheadOfTime(self._head, self.model, [], "csm-head")
+            self.depth_first = AheadOfTime(self._depth_first, self.model, [self.depth_kv], "csm-depth-first")
+            self.depth_step = AheadOfTime(self._depth_step, self.model, [self.depth_kv], "csm-depth-step")
         # The attention kernel choice wraps the model's steps only, never the codec or the caller's code.
         self.prefill_step = tc.with_attention(spec, self.prefill_step, prompt=True)
         self.frame = tc.with_attention(spec, self._frame)
@@ -350,11 +358,16 @@ def build(spec: VariantSpec, progress, engine_class: type[CsmEngine] = CsmEngine
         return graphs
 
     compiles_before = tc.compiled_graph_count()
-    stage = "compiling" if spec.compile in COMPILED else "capturing CUDA graphs" if engine.graphed else "warming up"
+    stage = ("compiling" if spec.compile in COMPILED else "compiling ahead of time" if spec.compile == "aot"
+             else "capturing CUDA graphs" if engine.graphed else "warming up")
     graphs, warmup_s = clock.run(stage, warm_up)
     notes = engine.build_notes(graphs)
     if spec.compile in COMPILED:
         notes.append(f"inductor compiled {tc.compiled_graph_count() - compiles_before} graphs")
+    if spec.compile == "aot":
+        pieces = [engine.backbone_step, engine.head, engine.depth_first, engine.depth_step]
+        notes.append(f"AOTInductor: {sum(len(p.packages) for p in pieces)} packages in "
+                     f"{sum(p.compiled_s for p in pieces):.1f} s ({sum(p.loaded for p in pieces)} loaded from disk)")
     engine.report = tc.build_report(
         spec, baseline_bytes, [engine.model], load_s=load_s, warmup_s=warmup_s, notes=notes,
         tokenizer=engine.processor.__class__.__name__ if engine.processor else tc.ByteTokenizer.name)

@@ -31,6 +31,7 @@ import torch
 
 from lab.audio import AudioChunk, ChunkEmitter, frames_for
 from lab.engines.codec import StreamingMimiDecoder
+from lab import gpu
 from lab.engines.csm import COMPILED, FRAME_RATE_HZ, CsmEngine
 from lab.engines.csm import build as build_csm
 from lab.engines.kv import GrowingKV, RowKV, static_kv_for
@@ -119,7 +120,9 @@ class BatchedCsmEngine(CsmEngine):
         super().__init__(spec, model, processor, static_kv=False)
         self.cache_positions = min(self.config.max_position_embeddings, BATCHED_POSITIONS)
         self.rows_asked = rows or spec.max_streams
-        self.rows = self.rows_asked if self.device.type != "cuda" else min(self.rows_asked, self._rows_that_fit())
+        self.rows = self.rows_asked
+        if self.device.type == "cuda":
+            self.rows, self.cache_positions = self._room_that_fits()
         # fused.rows_attention (attention: triton) skips the slots no stream has reached, so a shorter view saves
         # it nothing; and with inductor a view shorter than its buffer is slower, not faster (docs/GPU.md, "H200,
         # 1024 streams in real time"). One length there: a third of the graphs to compile and capture.
@@ -166,19 +169,21 @@ class BatchedCsmEngine(CsmEngine):
         return (self.model.backbone_model, self.model.depth_decoder.model,
                 self.model.codec_model.decoder.decoder_transformer)
 
-    def _rows_that_fit(self) -> int:
-        """Stream slots whose caches fit in 60% of the GPU's free memory: the rest is kept for the graphs'
-        intermediates and the prefill of a crowd of arrivals."""
+    def _room_that_fits(self) -> tuple[int, int]:
+        """(stream slots, KV positions each) whose caches fit the card's free memory after the weights, under the
+        per-process cap where one is set (lab.gpu.batch_room: fewer slots, or half the room each on a small card)."""
         codec = self.model.codec_model.decoder.decoder_transformer.config
-        per_row = (per_stream_bytes(self.config, self.cache_positions)
-                   + per_stream_bytes(self.config.depth_decoder_config, self.num_codebooks)
-                   + per_stream_bytes(codec, (getattr(codec, "sliding_window", None) or 2 * self.cache_positions) + 8))
-        return max(1, int(0.6 * torch.cuda.mem_get_info()[0]) // per_row)
+        fixed = (per_stream_bytes(self.config.depth_decoder_config, self.num_codebooks)
+                 + per_stream_bytes(codec, (getattr(codec, "sliding_window", None) or 2 * self.cache_positions) + 8))
+        return gpu.batch_room(gpu.free_bytes(), self.rows_asked, per_stream_bytes(self.config, 1), fixed,
+                                self.cache_positions)
 
     def build_notes(self, graphs: int) -> list[str]:
         notes = [f"{self.rows} stream slots, {self.cache_positions} KV positions each"
                  + (f" ({self.rows_asked} asked; the GPU's free memory holds {self.rows})"
-                    if self.rows < self.rows_asked else "")]
+                    if self.rows < self.rows_asked else "")
+                 + (f" (a {BATCHED_POSITIONS}-position room each held too few)"
+                    if self.cache_positions < min(self.config.max_position_embeddings, BATCHED_POSITIONS) else "")]
         if graphs:
             notes.append(f"{graphs} CUDA graphs captured (rows {self.row_buckets[0]}..{self.rows} x lengths "
                          f"{'/'.join(map(str, self.length_buckets))} x greedy/sampled)")

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from lab import env
+from lab import env, gpu
 from lab.engines.kv import StaticKV, run_layers
 from lab.engines.sampling import pick as tc_pick
 
@@ -68,7 +68,7 @@ def pdl_available() -> bool:
     Asks the device (CUDA starts), so it is called when kernels are set up, never at import."""
     if os.environ.get("LAB_TRITON_PDL") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    return env.cuda_capability() >= (9, 0)
+    return gpu.capability() >= (9, 0)   # the emulated card's under LAB_CARD
 
 
 def _launch(warps: int, pdl: bool) -> dict:

@@ -195,7 +195,8 @@ def run_table(records: list[dict], extra: tuple[str, ...] = ()) -> list[dict]:
 
 
 def build_table(builds: dict[str, dict]) -> list[dict]:
-    return [{"preset": name, **{f.label: f.value(b.get(f.key)) for f in BUILD_FIGURES}} for name, b in builds.items()]
+    return [{"preset": name, **{f.label: f.value(b.get(f.key)) for f in BUILD_FIGURES},
+             "notes": "; ".join(b.get("notes") or [])} for name, b in builds.items()]
 
 
 def live_line(run: int, runs: int, cold: bool, figures: dict) -> str:

@@ -133,6 +133,8 @@ class CompareTab:
             gr.Markdown(self.environment_md())
             gr.Dataframe(pd.DataFrame(availability.option_requirements()), interactive=False,
                          label="Options and what they need (here = available on this machine)")
+            gr.Dataframe(pd.DataFrame(self.lab.catalog.card_rows(), columns=["preset", "card", "status", "what"]),
+                         interactive=False, label="GPU presets on this card: runs here, with changes, or cannot run")
 
     def _wire(self) -> None:
         inputs, lab = list(self.inputs.values()), self.lab
