@@ -218,7 +218,7 @@ def test_the_cli_sweeps_streams_through_a_batching_preset_and_refuses_a_bad_list
     assert [lvl["streams"] for lvl in results["levels"]] == [1, 3]
     assert all(lvl["audio_s"] == pytest.approx(0.8 * lvl["streams"]) for lvl in results["levels"])
     assert (tmp_path / "sweep.json").exists()
-    assert cli.main(["--presets", "csm-cpu", "--streams", "1,x"]) == 2
+    assert cli.main(["--presets", "csm-cpu", "--weights", "random", "--streams", "1,x"]) == 2
     assert "--streams: '1,x' is not a comma list" in capsys.readouterr().err
 
 
