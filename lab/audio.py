@@ -2,11 +2,13 @@
 The page and the PCM socket import this, so serving audio never loads a model's dependencies."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
+from lab.errors import LabError
 from lab.measure.metrics import Timeline
 
 
@@ -79,3 +81,18 @@ def frames_for(max_audio_s: float, frame_rate_hz: float) -> int:
     """The frame cap for a request: whole frames that fit in max_audio_s (at least one), the same rule for
     every engine so the protocol's "same cap for every preset" holds."""
     return max(1, int(max_audio_s * frame_rate_hz + 1e-6))
+
+
+def resampled(audio: np.ndarray, sample_rate: int, target_hz: int, where: str, model: str) -> np.ndarray:
+    """Mono float32 at `target_hz`, the rate `model`'s audio encoder takes; `where` names the field in the error
+    (scipy, which resamples, is optional)."""
+    audio = np.asarray(audio, np.float32)
+    if sample_rate == target_hz:
+        return audio
+    try:
+        from scipy.signal import resample_poly
+    except ImportError as e:
+        raise LabError(where, f"is {sample_rate} Hz and {model} takes {target_hz} Hz; resampling needs scipy "
+                              f"(`pip install scipy`), or upload {target_hz // 1000} kHz audio") from e
+    g = math.gcd(target_hz, int(sample_rate))
+    return resample_poly(audio, target_hz // g, int(sample_rate) // g).astype(np.float32)

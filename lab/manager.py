@@ -26,10 +26,12 @@ class _Slot:
 class ModelManager:
     def __init__(self, memory_budget_bytes: int | None = None,
                  builder: Callable[[VariantSpec, Progress], Engine] = engines.build,
-                 card: Callable[[], "gpu.Card | None"] = gpu.this_card):
+                 card: Callable[[], "gpu.Card | None"] | None = None):
         self.memory_budget_bytes = memory_budget_bytes
         self._build = builder
-        self._card = card   # the card presets are adapted to, read at each build (its free memory changes)
+        # The card presets are adapted to, read at each build (its free memory changes); looked up by name at each
+        # build so that a test's stand-in card counts.
+        self._card = card or (lambda: gpu.this_card())
         self._lock = threading.Lock()
         self._slots: OrderedDict[str, _Slot] = OrderedDict()   # oldest use first
         self.builds = 0                                        # builds started, for tests and the UI

@@ -15,10 +15,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class AppProcess:
     """`python app.py` in a subprocess on a free loopback port, once it serves, with its history, votes and Gradio
     files in `folder`: what the page's tests, the browser benchmark and the screenshots start. `env`: variables
-    set for this server only, over this process's own."""
+    set for this server only, over this process's own. `cwd`: the tree whose app.py runs (the browser benchmark
+    starts an earlier tree's too); `wait=False` returns at once, to start several servers side by side, and
+    `wait_serving()` then waits for each."""
 
     def __init__(self, folder: str, presets_dir: str | None = None, timeout_s: float = 180,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, cwd: str = ROOT, wait: bool = True):
+        os.makedirs(folder, exist_ok=True)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -32,8 +35,12 @@ class AppProcess:
             variables["LAB_PRESETS_DIR"] = presets_dir
         variables.update(env or {})
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=variables, stdout=self._log,
+        self.proc = subprocess.Popen([sys.executable, "app.py"], cwd=cwd, env=variables, stdout=self._log,
                                      stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_serving(timeout_s)
+
+    def wait_serving(self, timeout_s: float = 180) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -43,8 +50,14 @@ class AppProcess:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"app.py did not serve {self.url}; its log:\n{open(self.log_path).read()[-3000:]}")
+                raise RuntimeError(f"app.py did not serve {self.url}; its log ends:\n{self.log_tail()}")
             time.sleep(0.5)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return open(self.log_path).read()[-chars:]
+        except OSError:
+            return ""
 
     def stop(self) -> None:
         if self.proc.poll() is None:

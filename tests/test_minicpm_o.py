@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import transformers
 
-from lab import engines, env, machine, presets
+from lab import engines, env, gpu, machine, presets
 from lab.engines import minicpm_o
 from lab.engines import torch_common as tc
 from lab.errors import Cancelled, LabError
@@ -30,6 +30,7 @@ def gpu_host(monkeypatch):
     cpu_reset, cpu_peak = tc.reset_peak_memory, tc.peak_memory_bytes
     monkeypatch.setattr(env, "cuda_available", lambda: True)
     monkeypatch.setattr(env, "has_package", lambda name: True)
+    monkeypatch.setattr(gpu, "this_card", lambda live_free=True: gpu.SPACES_CARDS["H100"])   # torch here has no CUDA
     monkeypatch.setattr(tc, "device_sync", lambda device: (lambda: None))
     monkeypatch.setattr(tc, "reset_peak_memory", lambda device, collect=False: cpu_reset("cpu", collect))
     monkeypatch.setattr(tc, "peak_memory_bytes", lambda device, baseline_bytes=0: cpu_peak("cpu"))

@@ -40,17 +40,17 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 TAP_JS = os.path.join(HERE, "tap.js")
+sys.path.insert(0, ROOT)
+from tests.harness import AppProcess  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -152,39 +152,13 @@ def remove_tree(tree: Tree) -> None:
         subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True)
 
 
-class Server:
-    """`python app.py` of one tree, with this script's Python, on a free loopback port; history, votes and Gradio's
-    files in `folder` (the variables web/server.py's test launcher sets)."""
+class Server(AppProcess):
+    """`python app.py` of one tree, with this script's Python, on a free loopback port (tests/harness.py), started
+    without waiting so both trees' servers start side by side."""
 
     def __init__(self, tree: Tree, folder: str):
-        os.makedirs(folder, exist_ok=True)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.tree, self.url = tree, f"http://127.0.0.1:{port}/"
-        self.history = os.path.join(folder, "history.jsonl")
-        self.log_path = os.path.join(folder, "server.log")
-        env = {**os.environ, "PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "HF_HUB_OFFLINE": "1",
-               "GRADIO_ANALYTICS_ENABLED": "False", "LAB_HISTORY": self.history,
-               "LAB_VOTES": os.path.join(folder, "votes.jsonl"), "GRADIO_TEMP_DIR": os.path.join(folder, "gradio")}
-        env.pop("LAB_PRESETS_DIR", None)
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "app.py"], cwd=tree.folder, env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-
-    def wait_serving(self, timeout_s: float = SERVER_START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                urllib.request.urlopen(self.url, timeout=2)
-                return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{self.tree.role} tree's app.py did not serve {self.url}; its log ends:\n"
-                                   f"{self.log_tail()}")
-            time.sleep(0.5)
+        super().__init__(folder, cwd=tree.folder, wait=False)
+        self.tree = tree
 
     def records(self) -> list[dict]:
         """Every line of its history, in order (a line being written is skipped until it is whole)."""
@@ -198,22 +172,6 @@ class Server:
                 except ValueError:
                     pass
         return out
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return open(self.log_path).read()[-chars:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 # -- the page (Playwright's async API: the pages scenario presses every page's mouse at once) ---------------------
@@ -962,7 +920,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         servers = [Server(t, os.path.join(tmp, f"server-{t.role}")) for t in trees]
         for s in servers:
-            s.wait_serving()
+            s.wait_serving(SERVER_START_TIMEOUT_S)
             log(f"{s.tree.role} tree {s.tree.commit} serves {s.url}")
         asyncio.run(run_all(servers, args, scenarios, transports, results, out, env, log))
     except KeyboardInterrupt:

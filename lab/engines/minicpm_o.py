@@ -25,7 +25,6 @@ was written.
 """
 from __future__ import annotations
 
-import math
 import threading
 import uuid
 from typing import Iterator
@@ -33,7 +32,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from lab.audio import AudioChunk
+from lab.audio import AudioChunk, resampled
 from lab.engines.base import BuildReport
 import lab.engines.torch_common as tc
 from lab.errors import Cancelled, LabError
@@ -86,17 +85,7 @@ def load(spec: VariantSpec):
 
 
 def to_input_rate(audio: np.ndarray, sample_rate: int, where: str) -> np.ndarray:
-    """Mono float32 at 16 kHz, the only rate MiniCPM-o's audio encoder takes."""
-    audio = np.asarray(audio, np.float32)
-    if sample_rate == INPUT_SAMPLE_RATE_HZ:
-        return audio
-    try:
-        from scipy.signal import resample_poly
-    except ImportError as e:
-        raise LabError(where, f"is {sample_rate} Hz and MiniCPM-o takes {INPUT_SAMPLE_RATE_HZ} Hz; resampling needs "
-                              f"scipy (`pip install scipy`), or upload 16 kHz audio") from e
-    g = math.gcd(INPUT_SAMPLE_RATE_HZ, int(sample_rate))
-    return resample_poly(audio, INPUT_SAMPLE_RATE_HZ // g, int(sample_rate) // g).astype(np.float32)
+    return resampled(audio, sample_rate, INPUT_SAMPLE_RATE_HZ, where, 'MiniCPM-o')
 
 
 def _host_samples(audio_wav) -> np.ndarray:

@@ -36,7 +36,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from lab.audio import AudioChunk, ChunkEmitter, frames_for
+from lab.audio import AudioChunk, ChunkEmitter, frames_for, resampled
 from lab.engines import torch_common as tc
 from lab.engines.kv import GrowingKV, run_layers, static_kv_for
 from lab.engines.sampling import pick
@@ -190,17 +190,7 @@ def _quantize_random(cls, model, spec: VariantSpec):
 
 
 def to_input_rate(audio: np.ndarray, sample_rate: int, where: str) -> np.ndarray:
-    """Mono float32 at 16 kHz, the rate of the audio encoder's features."""
-    audio = np.asarray(audio, np.float32)
-    if sample_rate == INPUT_SAMPLE_RATE_HZ:
-        return audio
-    try:
-        from scipy.signal import resample_poly
-    except ImportError as e:
-        raise LabError(where, f"is {sample_rate} Hz and Qwen2.5-Omni takes {INPUT_SAMPLE_RATE_HZ} Hz; resampling "
-                              f"needs scipy (`pip install scipy`), or upload 16 kHz audio") from e
-    g = math.gcd(INPUT_SAMPLE_RATE_HZ, int(sample_rate))
-    return resample_poly(audio, INPUT_SAMPLE_RATE_HZ // g, int(sample_rate) // g).astype(np.float32)
+    return resampled(audio, sample_rate, INPUT_SAMPLE_RATE_HZ, where, 'Qwen2.5-Omni')
 
 
 class QwenOmniEngine(tc.TorchEngine):
