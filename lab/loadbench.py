@@ -489,7 +489,7 @@ def _numbers(text: str | None, flag: str, integer: bool) -> list:
     return values
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lab.bench --endpoint URL", description=__doc__.split("\n")[0])
     p.add_argument("--endpoint", required=True, help="the server's base URL (http://HOST:PORT, /v1 optional), or "
                    "inproc: the preset's engine built in this process")
@@ -521,7 +521,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets-dir", help="inproc: the presets folder (default: LAB_PRESETS_DIR or presets/)")
     p.add_argument("--out", default="results/load", help="folder for load.json and the charts")
     p.add_argument("--warmup", type=int, default=2, help="requests sent (and not counted) before the first level")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         concurrency = _numbers(args.concurrency, "--concurrency", True)
         rates = _numbers(args.rate, "--rate", False)

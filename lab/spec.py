@@ -276,6 +276,21 @@ def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
     if spec.chunk_growth < 1.0:
         raise LabError(where, f"chunk_growth: {spec.chunk_growth} would shrink chunks; use 1.0 or more")
 
+    _validate_axes_of_one_family(spec, where)
+    if not fam["torch"]:
+        defaults = VariantSpec(family=spec.family)
+        for axis in ("device", "dtype", "attention", "compile", "kernels", "quantization"):
+            if getattr(spec, axis) != getattr(defaults, axis):
+                raise LabError(where, f"{axis}: {spec.family} runs on ONNX Runtime on the CPU, so {axis} does not "
+                                      f"apply; remove the field")
+        return spec
+
+    _validate_torch(spec, where)
+    return spec
+
+
+def _validate_axes_of_one_family(spec: VariantSpec, where: str) -> None:
+    """The fields that only some families (or the batched engine) take, and the thread count."""
     if spec.threads != "auto" and not (spec.threads.isdigit() and int(spec.threads) >= 1):
         raise LabError(where, f"threads: {spec.threads!r} is not a thread count; use threads: 1, 2 (any count of 1 "
                               f"or more) or auto")
@@ -294,14 +309,10 @@ def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
     if spec.decode != "inline" and spec.family != "pocket_tts":
         raise LabError(where, f"decode: {spec.decode} is implemented for pocket_tts only (csm decodes inside its "
                               f"frame graph on the GPU); remove the field")
-    if not fam["torch"]:
-        defaults = VariantSpec(family=spec.family)
-        for axis in ("device", "dtype", "attention", "compile", "kernels", "quantization"):
-            if getattr(spec, axis) != getattr(defaults, axis):
-                raise LabError(where, f"{axis}: {spec.family} runs on ONNX Runtime on the CPU, so {axis} does not "
-                                      f"apply; remove the field")
-        return spec
 
+
+def _validate_torch(spec: VariantSpec, where: str) -> None:
+    """What the torch families' axes need of each other: quantization, attention kernels, compile, Triton."""
     if spec.quantization.startswith("bnb"):
         if spec.device != "cuda":
             raise LabError(where, f"quantization: {spec.quantization} needs a CUDA GPU (bitsandbytes kernels); "
@@ -334,4 +345,3 @@ def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
         raise LabError(where, f"attention: {spec.attention} with compile: {spec.compile}: the compiled and graphed "
                               f"steps attend over fixed-size KV buffers through a mask, and flash kernels take no "
                               f"mask; use attention: sdpa (or eager), or compile: off")
-    return spec

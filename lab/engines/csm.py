@@ -114,6 +114,18 @@ class CsmEngine(tc.TorchEngine):
                                           self.model.depth_decoder.model: self.num_codebooks},
                                          stacked_heads=(self.model.depth_decoder.codebooks_head,))
 
+        self._wrap_steps(spec)
+        self.use_graphs = self.graphed   # False runs the very same step without replaying graphs (for checks)
+        self.frame_graphs: dict[tuple, tuple] = {}     # sampling settings -> (graph, its codes output)
+        self.decode_graphs: dict[int, tuple] = {}      # frames per chunk -> (graph, codes input, audio output)
+        if self.graphed:
+            self.hidden_in = torch.zeros(1, self.config.hidden_size, dtype=width_dtype, device=self.device)
+            self.uniform_in = torch.zeros(self.num_codebooks, self.audio_ids, device=self.device)
+        self.last_codes: torch.Tensor | None = None  # (frames, codebooks) of the last request, for checks
+
+    def _wrap_steps(self, spec: VariantSpec) -> None:
+        """The frame's pieces as the spec's compile asks: eager, compiled by inductor, or compiled ahead of time;
+        then the attention kernel's context around the model's steps."""
         self.prefill_step, self.backbone_step = self._backbone_step, self._backbone_step
         self.head, self.depth_first, self.depth_step = self._head, self._depth_first, self._depth_step
         if spec.compile in COMPILED:
@@ -136,13 +148,6 @@ class CsmEngine(tc.TorchEngine):
         # The attention kernel choice wraps the model's steps only, never the codec or the caller's code.
         self.prefill_step = tc.with_attention(spec, self.prefill_step, prompt=True)
         self.frame = tc.with_attention(spec, self._frame)
-        self.use_graphs = self.graphed   # False runs the very same step without replaying graphs (for checks)
-        self.frame_graphs: dict[tuple, tuple] = {}     # sampling settings -> (graph, its codes output)
-        self.decode_graphs: dict[int, tuple] = {}      # frames per chunk -> (graph, codes input, audio output)
-        if self.graphed:
-            self.hidden_in = torch.zeros(1, self.config.hidden_size, dtype=width_dtype, device=self.device)
-            self.uniform_in = torch.zeros(self.num_codebooks, self.audio_ids, device=self.device)
-        self.last_codes: torch.Tensor | None = None  # (frames, codebooks) of the last request, for checks
 
     # -- the frame step: written once; compile and CUDA graphs wrap it ---------------------------
     def _frame(self, hidden: torch.Tensor, uniform: torch.Tensor | None, temperature: float, top_k: int

@@ -158,21 +158,7 @@ class MiniCPMOEngine(tc.TorchEngine):
             user_audio = validate_user_audio(request.user_audio, request.user_audio_sample_rate)
         timeline.sync = self.sync
         timeline.mark("request")
-        session_id = uuid.uuid4().hex   # a new id makes the first prefill start a fresh KV cache
-        self.model.reset_session()
-        if self.spec.init_tts == "request":
-            self.init_tts_once()
-        torch.manual_seed(request.seed)   # the TTS samples from the global generator
-        self.last_text = ""
-        timeline.mark("session")
-
-        for content in self.prefill_contents(request, user_audio):
-            self.model.streaming_prefill(session_id=session_id, msgs=[{"role": "user", "content": content}],
-                                         tokenizer=self.tokenizer)
-        timeline.mark("prefill")
-        responses = self.model.streaming_generate(session_id=session_id, tokenizer=self.tokenizer,
-                                                  generate_audio=True, **self._sampling(request))
-        timeline.mark("generator")
+        responses = self._start(request, user_audio, timeline)
 
         budget_samples, pending_text, index, items = 0, "", 0, 0
         try:
@@ -213,6 +199,25 @@ class MiniCPMOEngine(tc.TorchEngine):
             close = getattr(responses, "close", None)
             if close is not None:
                 close()
+
+    def _start(self, request: Request, user_audio, timeline: Timeline):
+        """A fresh session, the prompt prefilled, and the model's generator of (text, audio) items."""
+        session_id = uuid.uuid4().hex   # a new id makes the first prefill start a fresh KV cache
+        self.model.reset_session()
+        if self.spec.init_tts == "request":
+            self.init_tts_once()
+        torch.manual_seed(request.seed)   # the TTS samples from the global generator
+        self.last_text = ""
+        timeline.mark("session")
+        for content in self.prefill_contents(request, user_audio):
+            self.model.streaming_prefill(session_id=session_id, msgs=[{"role": "user", "content": content}],
+                                         tokenizer=self.tokenizer)
+        timeline.mark("prefill")
+        responses = self.model.streaming_generate(session_id=session_id, tokenizer=self.tokenizer,
+                                                  generate_audio=True, **self._sampling(request))
+        timeline.mark("generator")
+        return responses
+
 
 def build(spec: VariantSpec, progress) -> MiniCPMOEngine:
     clock, baseline_bytes, (model, tokenizer), load_s = tc.begin_build(spec, progress, lambda: load(spec))

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -193,6 +194,38 @@ def to_input_rate(audio: np.ndarray, sample_rate: int, where: str) -> np.ndarray
     return resampled(audio, sample_rate, INPUT_SAMPLE_RATE_HZ, where, 'Qwen2.5-Omni')
 
 
+@dataclass(eq=False)
+class _Run:
+    """One request's state between the engine's stages: sampling, caps, the DiT's noise, the prompt's states, the
+    tokens and codes so far (device tensors; the host reads codes once per chunk), and how far speech has gone."""
+    temperature: float
+    top_k: int
+    draw: Callable = None            # n -> uniforms for one pick, or None (greedy)
+    pair_graph: Any = None
+    talker_graph: Any = None
+    max_codes: int = 0
+    max_tokens: int = 0
+    noise: Any = None
+    talker_embeds: Any = None
+    prompt_hidden: Any = None
+    token: Any = None                # the thinker's next token
+    tokens: list = field(default_factory=list)
+    code: Any = None                 # the talker's latest code
+    codes: list = field(default_factory=list)
+    seen: Any = None                 # codes the talker has said (its repetition penalty)
+    done: Any = None
+    index: Any = None
+    block: Any = None                # the codes as the host last read them
+    thinker_running: bool = True
+    ended_at: int | None = None      # where the talker's end code is, once the host has seen it
+    available: int = 0               # codes that may be spoken
+    emitted: int = 0                 # codes already spoken
+
+    @property
+    def sampled(self) -> bool:
+        return self.temperature > 0
+
+
 class QwenOmniEngine(tc.TorchEngine):
     """The thinker one token ahead of the talker, `_pair_step`, then the talker alone, `_talker_step`; each written
     once and run eagerly (compile: off, growing KV), compiled by inductor, or replayed from a CUDA graph (static KV);
@@ -215,7 +248,15 @@ class QwenOmniEngine(tc.TorchEngine):
         self.codes_per_block = max(1, dit_config.block_size // self.mel_per_code)
         self.tokenizer = None if processor else tc.ByteTokenizer(260, reserved=4)
 
-        voice = model.speaker_map.get(SPEAKER) or next(iter(model.speaker_map.values()))
+        self._codes_and_voice(model.speaker_map, talker_config, dit_config)
+        self._steps(spec)
+        self.last_text = ""                                 # what the thinker said in the last request
+        self.last_tokens: list[int] = []                    # its token ids
+        self.last_codes: torch.Tensor | None = None         # the talker's codes of the last request, for checks
+
+    def _codes_and_voice(self, speakers: dict, talker_config, dit_config) -> None:
+        """The voice, the thinker's end ids and token cap, the talker's special codes and what it may pick."""
+        voice = speakers.get(SPEAKER) or next(iter(speakers.values()))
         self.cond = voice["cond"].to(self.device).float()
         self.ref_mel = voice["ref_mel"].to(self.device).float()
         eos = self.thinker.generation_config.eos_token_id
@@ -240,6 +281,11 @@ class QwenOmniEngine(tc.TorchEngine):
             allowed[self.codec_bos] = False
             self.talker_logit_mask = torch.zeros(1, vocab, device=self.device).masked_fill(~allowed, float("-inf"))
 
+
+    def _steps(self, spec: VariantSpec) -> None:
+        """The KV caches and the step functions as the spec's compile asks: eager over growing caches, or static
+        caches with inductor-compiled or CUDA-graphed one-token steps (and the graphs' input buffers)."""
+        embed = self.text_stack.embed_tokens
         self.graphed = spec.compile == "cuda-graphs"
         self.static = spec.compile != "off"   # compiled and graphed steps need fixed shapes: static KV buffers
         width_dtype = embed.weight.dtype if embed.weight.dtype.is_floating_point else tc.DTYPES[spec.dtype]
@@ -269,9 +315,6 @@ class QwenOmniEngine(tc.TorchEngine):
             self.seen_in = torch.zeros(1, self.talker.codebook_size, dtype=torch.bool, device=self.device)
             self.uniform_thinker = torch.zeros(1, self.thinker.vocab_size, device=self.device)
             self.uniform_talker = torch.zeros(1, self.talker.codebook_size, device=self.device)
-        self.last_text = ""                                 # what the thinker said in the last request
-        self.last_tokens: list[int] = []                    # its token ids
-        self.last_codes: torch.Tensor | None = None         # the talker's codes of the last request, for checks
 
     # -- the steps: written once; compile and CUDA graphs wrap them -----------------------------------
     def _thinker_forward(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -497,123 +540,141 @@ class QwenOmniEngine(tc.TorchEngine):
             user_audio = validate_user_audio(request.user_audio, request.user_audio_sample_rate)
         timeline.sync = self.sync
         timeline.mark("request")
-        temperature, top_k = request.temperature, request.top_k
-        sampled = temperature > 0
+        run = self._session(request)
+        timeline.mark("session")
+        self._prefill(run, request, user_audio)
+        timeline.mark("prefill")
+        self._first_codes(run, timeline)
+        emitter = ChunkEmitter(self.spec, timeline, self.sample_rate)
+        for step in range(1, run.max_codes + 1):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            finished = step == run.max_codes
+            if not finished:
+                self._step(run)
+                timeline.frame()
+            # A chunk is due when its codes and the window's look-ahead after them exist, or at the end.
+            if not finished and len(run.codes) < run.emitted + emitter.target_frames + self.spec.lookahead_frames:
+                continue
+            finished = self._look(run) or finished
+            yield from self._due_chunks(run, emitter, timeline, finished)
+            if finished:
+                break
+        self.last_codes = torch.cat(run.codes, dim=1)[0, :run.available].cpu()
+
+    def _session(self, request: Request) -> "_Run":
+        """The request's sampling, graphs, caches reset, caps and the DiT's noise: everything before the prompt."""
+        run = _Run(request.temperature, request.top_k)
         if self.graphed:   # captured before the resets below: capturing runs the steps
-            pair_graph, talker_graph = self.graphed_steps(temperature, top_k)
+            run.pair_graph, run.talker_graph = self.graphed_steps(run.temperature, run.top_k)
         generator = torch.Generator(self.device).manual_seed(request.seed)
+        run.draw = (lambda n: torch.rand(1, n, generator=generator, device=self.device)) if run.sampled \
+            else (lambda n: None)
         self.thinker_kv.reset()
         self.talker_kv.reset()
-        max_codes = frames_for(request.max_audio_s, self.code_rate_hz)
-        max_tokens = self.thinker_max_tokens
+        run.max_codes = frames_for(request.max_audio_s, self.code_rate_hz)
+        run.max_tokens = self.thinker_max_tokens
         if self.spec.weights != "pretrained":
-            max_tokens = min(max_tokens, max(2, math.ceil(request.max_audio_s * RANDOM_REPLY_TOKENS_PER_S)))
-        self.token_cap.fill_(max_tokens)
+            run.max_tokens = min(run.max_tokens, max(2, math.ceil(request.max_audio_s * RANDOM_REPLY_TOKENS_PER_S)))
+        self.token_cap.fill_(run.max_tokens)
         # The DiT's initial noise for every mel frame the answer may have, from the request's seed, on the CPU's
         # generator: a position has the same noise in every window, and a prefix of it is what a whole decode of
         # that length draws (torch's CPU normal fill goes in blocks of 16 values; mel_dim is a multiple of 16).
-        noise = torch.randn(1, (max_codes + self.spec.lookahead_frames) * self.mel_per_code, self.dit.mel_dim,
-                            generator=torch.Generator().manual_seed(request.seed)).to(self.device)
-        timeline.mark("session")
+        run.noise = torch.randn(1, (run.max_codes + self.spec.lookahead_frames) * self.mel_per_code, self.dit.mel_dim,
+                                generator=torch.Generator().manual_seed(request.seed)).to(self.device)
+        return run
 
+    def _prefill(self, run: "_Run", request: Request, user_audio) -> None:
+        """The prompt (and a spoken turn through the audio encoder) into the thinker, and its first token."""
         ids, lengths, features, mask = self.build_prompt(request, user_audio)
         prompt_len = ids.shape[1]
-        if self.static and prompt_len + min(max_tokens, max_codes) + 2 > MAX_THINKER_POSITIONS:
+        if self.static and prompt_len + min(run.max_tokens, run.max_codes) + 2 > MAX_THINKER_POSITIONS:
             raise LabError("max_audio_s", f"the prompt ({prompt_len} positions) and the answer do not fit the static "
                                           f"KV cache ({MAX_THINKER_POSITIONS} positions); use a shorter context or "
                                           f"spoken turn, or compile: off")
-        embeds, talker_embeds = self._prompt_embeds(ids, features, mask)
-        prompt_hidden = self.prefill(embeds, lengths)
-        logits = self.thinker.lm_head(prompt_hidden[:, -1]).float()
-        draw = (lambda n: torch.rand(1, n, generator=generator, device=self.device)) if sampled else (lambda n: None)
-        token = pick(logits, temperature, top_k, draw(self.thinker.vocab_size))[:, None]
-        timeline.mark("prefill")
+        embeds, run.talker_embeds = self._prompt_embeds(ids, features, mask)
+        run.prompt_hidden = self.prefill(embeds, lengths)
+        logits = self.thinker.lm_head(run.prompt_hidden[:, -1]).float()
+        run.token = pick(logits, run.temperature, run.top_k, run.draw(self.thinker.vocab_size))[:, None]
 
-        if bool(torch.isin(token, self.thinker_eos)):
+    def _first_codes(self, run: "_Run", timeline: Timeline) -> None:
+        """The thinker's second token (the "generator" phase ends there), then the talker's prompt and its first
+        code; the graphs' inputs set."""
+        if bool(torch.isin(run.token, self.thinker_eos)):
             raise LabError("model", "the thinker ended its answer at its first token, so there is nothing to speak; "
                                     "try another prompt or seed")
-        tokens = [token]
-        logits, reply = self.with_steps(lambda: self.thinker_forward(token))
-        token = pick(logits, temperature, top_k, draw(self.thinker.vocab_size))[:, None]
+        run.tokens = [run.token]
+        first = run.token
+        logits, reply = self.with_steps(lambda: self.thinker_forward(first))
+        run.token = pick(logits, run.temperature, run.top_k, run.draw(self.thinker.vocab_size))[:, None]
         timeline.mark("generator")
-
-        seen = torch.zeros(1, self.talker.codebook_size, dtype=torch.bool, device=self.device)
-        seen[0, [self.codec_mask, self.codec_pad, self.codec_bos]] = True   # the talker prompt's codec ids
-        talker_prompt = self._talker_prompt(prompt_hidden, talker_embeds, reply)
-        code = self._talker_pick(self.with_steps(lambda: self.talker_forward(talker_prompt), prompt=True), seen,
-                                 temperature, top_k, draw(self.talker.codebook_size))[:, None]
-        done = torch.zeros(1, 1, dtype=torch.bool, device=self.device)
-        index = torch.ones((), dtype=torch.long, device=self.device)
+        run.seen = torch.zeros(1, self.talker.codebook_size, dtype=torch.bool, device=self.device)
+        run.seen[0, [self.codec_mask, self.codec_pad, self.codec_bos]] = True   # the talker prompt's codec ids
+        talker_prompt = self._talker_prompt(run.prompt_hidden, run.talker_embeds, reply)
+        run.code = self._talker_pick(self.with_steps(lambda: self.talker_forward(talker_prompt), prompt=True),
+                                     run.seen, run.temperature, run.top_k,
+                                     run.draw(self.talker.codebook_size))[:, None]
+        run.done = torch.zeros(1, 1, dtype=torch.bool, device=self.device)
+        run.index = torch.ones((), dtype=torch.long, device=self.device)
         if self.graphed:
-            self.code_in.copy_(code)
-            self.token_in.copy_(token)
-            self.done_in.copy_(done)
-            self.index_in.copy_(index)
-            self.seen_in.copy_(seen)
+            for buffer, value in ((self.code_in, run.code), (self.token_in, run.token), (self.done_in, run.done),
+                                  (self.index_in, run.index), (self.seen_in, run.seen)):
+                buffer.copy_(value)
+        run.codes = [run.code]
 
-        emitter = ChunkEmitter(self.spec, timeline, self.sample_rate)
-        codes = [code]            # every code so far, device tensors (1, 1); the host reads them once per chunk
-        emitted = 0               # codes already spoken
-        thinker_running = True
-        ended_at = None           # index of the talker's end code, once the host has seen it
-        target = emitter.target_frames
-        for step in range(1, max_codes + 1):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled()
-            finished = step == max_codes
-            if not finished:
-                if self.graphed:
-                    if sampled:
-                        self.uniform_talker.copy_(draw(self.talker.codebook_size))
-                    if thinker_running:
-                        if sampled:
-                            self.uniform_thinker.copy_(draw(self.thinker.vocab_size))
-                        tokens.append(self.token_in.clone())   # token k, which this replay reads
-                        pair_graph.replay()
-                    else:
-                        talker_graph.replay()
-                    code = self.code_in.clone()
-                elif thinker_running:
-                    code, next_token, done, index = self.pair_step(
-                        code, token, done, index, seen, temperature, top_k, draw(self.thinker.vocab_size),
-                        draw(self.talker.codebook_size))
-                    tokens.append(token)
-                    token = next_token
-                else:
-                    code = self.talker_step(code, self.pad_embed, seen, temperature, top_k,
-                                            draw(self.talker.codebook_size))
-                codes.append(code)
-                timeline.frame()
-            # A chunk is due when its codes and the window's look-ahead after them exist, or at the end.
-            if not finished and len(codes) < emitted + target + self.spec.lookahead_frames:
-                continue
-            # The host looks at the codes here, once per chunk.
-            block = torch.cat(codes, dim=1)[0]
-            ends = torch.isin(block, self.talker_eos).nonzero()
-            if len(ends):
-                ended_at, finished = int(ends[0, 0]), True
-            available = ended_at if ended_at is not None else len(codes)
-            if thinker_running:
-                thinker_done = bool(self.done_in if self.graphed else done)
-                thinker_running = not thinker_done
-            while emitted < available and (finished or available - emitted >= target + self.spec.lookahead_frames):
-                end = min(available, emitted + target)
-                if emitted == 0:
-                    timeline.mark("first_frame")
-                first, last = self.window(emitted, end, available)
-                window_codes = block[None, first:last]
-                samples = self._decode_window(window_codes, noise[:, first * self.mel_per_code:
-                                                                  last * self.mel_per_code],
-                                              emitted - first, end - first)
-                chunk = emitter.emit(samples)
-                chunk.text = self._text(tokens, emitted == 0, max_tokens)
-                yield chunk
-                emitted = end
-                emitter.take()
-                target = emitter.target_frames
-            if finished:
-                break
-        self.last_codes = torch.cat(codes, dim=1)[0, :available].cpu()
+    def _step(self, run: "_Run") -> None:
+        """One code more: the thinker's and the talker's step together while the thinker speaks, then the talker
+        alone; replayed from a CUDA graph, or run as it is."""
+        if self.graphed:
+            if run.sampled:
+                self.uniform_talker.copy_(run.draw(self.talker.codebook_size))
+            if run.thinker_running:
+                if run.sampled:
+                    self.uniform_thinker.copy_(run.draw(self.thinker.vocab_size))
+                run.tokens.append(self.token_in.clone())   # token k, which this replay reads
+                run.pair_graph.replay()
+            else:
+                run.talker_graph.replay()
+            run.code = self.code_in.clone()
+        elif run.thinker_running:   # the thinker's uniforms are drawn first, then the talker's
+            run.code, next_token, run.done, run.index = self.pair_step(
+                run.code, run.token, run.done, run.index, run.seen, run.temperature, run.top_k,
+                run.draw(self.thinker.vocab_size), run.draw(self.talker.codebook_size))
+            run.tokens.append(run.token)
+            run.token = next_token
+        else:
+            run.code = self.talker_step(run.code, self.pad_embed, run.seen, run.temperature, run.top_k,
+                                        run.draw(self.talker.codebook_size))
+        run.codes.append(run.code)
+
+    def _look(self, run: "_Run") -> bool:
+        """The host reads the codes, once per chunk: whether the talker has ended, and whether the thinker has."""
+        run.block = torch.cat(run.codes, dim=1)[0]
+        ends = torch.isin(run.block, self.talker_eos).nonzero()
+        if len(ends):
+            run.ended_at = int(ends[0, 0])
+        run.available = run.ended_at if run.ended_at is not None else len(run.codes)
+        if run.thinker_running:
+            run.thinker_running = not bool(self.done_in if self.graphed else run.done)
+        return run.ended_at is not None
+
+    def _due_chunks(self, run: "_Run", emitter: ChunkEmitter, timeline: Timeline, finished: bool
+                    ) -> Iterator[AudioChunk]:
+        """Every chunk whose codes, and the look-ahead after them, are there (every one left, at the end)."""
+        ahead = self.spec.lookahead_frames
+        while run.emitted < run.available and (finished or run.available - run.emitted >= emitter.target_frames + ahead):
+            end = min(run.available, run.emitted + emitter.target_frames)
+            if run.emitted == 0:
+                timeline.mark("first_frame")
+            first, last = self.window(run.emitted, end, run.available)
+            samples = self._decode_window(run.block[None, first:last],
+                                          run.noise[:, first * self.mel_per_code:last * self.mel_per_code],
+                                          run.emitted - first, end - first)
+            chunk = emitter.emit(samples)
+            chunk.text = self._text(run.tokens, run.emitted == 0, run.max_tokens)
+            yield chunk
+            run.emitted = end
+            emitter.take()
 
     def with_steps(self, fn, prompt: bool = False):
         """`fn` run under the spec's attention context (`prompt`: a prompt-length forward)."""
