@@ -45,7 +45,7 @@ class HistoryTab:
         records = quality.merged(history.read(journal))
         names = sorted({*self.lab.catalog.statuses[False], *(r["preset"] for r in records if "preset" in r)})
         chosen = history.filter_runs(records, picked or None, weights or None, kind or "all", text_contains or "")
-        exports = history.export(chosen, self.lab.history_export_dir, f"history: {len(chosen)} runs")
+        exports = report.export_history(chosen, self.lab.history_export_dir, f"history: {len(chosen)} runs")
         kept = f"; ⚠️ {journal.problem}" if journal.problem else ""
         note = f"{len(chosen)} of {len(records)} records (file: `{journal.shown}`{html.escape(kept)})"
         newest_first = [{"when": datetime.datetime.fromtimestamp(r.get("time", 0)).strftime("%Y-%m-%d %H:%M:%S"),
