@@ -62,8 +62,8 @@ class AppProcess:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
+            try:   # uvicorn's graceful shutdown waits on Gradio's open streams: a test server need not
+                self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
