@@ -27,7 +27,8 @@ def project_modules(root: Path) -> dict[str, Path]:
 
 def imported_names(name: str, path: Path) -> set[str]:
     """Every module name an import in the file can load, wherever the import stands (module level, a function, an
-    `if TYPE_CHECKING:`): `from a import b` names `a` and `a.b`, as ../shared/tools/importgraph.py counts them."""
+    `if TYPE_CHECKING:`): `from a import b` names `a` and `a.b`, so a lazy import is an arrow as much as a
+    top-level one (docs/DESIGN.md, "Layers")."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
