@@ -13,6 +13,7 @@ from lab.errors import Cancelled, LabError
 from lab.measure.metrics import PHASES, Timeline
 from lab.request import Request
 from lab.spec import VariantSpec
+from engine_checks import assert_cancel_stops_at_the_next_frame
 
 TEXT = "The quick brown fox jumps over the lazy dog."   # more than four words: 2 frames after end of speech
 FRAME_S = 1920 / 24000
@@ -109,15 +110,7 @@ def test_stops_at_end_of_speech_like_generate(engine, monkeypatch):
 
 
 def test_cancel_stops_generation_between_frames(engine):
-    cancel, timeline = threading.Event(), Timeline()
-    stream = engine.stream(Request(text=TEXT, max_audio_s=5.0), timeline, cancel)
-    next(stream)
-    frames_at_cancel = len(timeline.frames)
-    cancel.set()
-
-    with pytest.raises(Cancelled):
-        next(stream)
-    assert len(timeline.frames) == frames_at_cancel
+    assert_cancel_stops_at_the_next_frame(engine, Request(text=TEXT, max_audio_s=5.0))
 
 
 def test_build_reports_size_and_the_stand_in_tokenizer(engine):

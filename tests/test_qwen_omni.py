@@ -2,7 +2,6 @@
 
 One engine is built per module (tiny weights, built in seconds); each test resets what it changes.
 """
-import threading
 
 import numpy as np
 import pytest
@@ -10,10 +9,11 @@ import torch
 
 from lab import engines
 from lab.engines import qwen_omni as qo
-from lab.errors import Cancelled, LabError
+from lab.errors import LabError
 from lab.measure.metrics import PHASES, Timeline, figures
 from lab.request import ContextTurn, Request
 from lab.spec import VariantSpec, from_dict
+from engine_checks import assert_cancel_stops_at_the_next_frame
 
 WHOLE = dict(first_chunk_frames=64, chunk_growth=1.0, max_chunk_frames=64)   # one chunk covers the answer
 TINY = VariantSpec(family="qwen2.5-omni", name="qwen-omni-tiny", weights="tiny", threads="1", first_chunk_frames=4,
@@ -141,15 +141,7 @@ def test_per_segment_prefill_gives_the_batched_answer(engine):
 
 
 def test_stop_ends_generation_at_the_next_step(engine):
-    cancel = threading.Event()
-    timeline = Timeline()
-    stream = engine.stream(Request("Keep talking.", max_audio_s=3.0), timeline, cancel)
-    next(stream)
-    steps_then = len(timeline.frames)
-    cancel.set()
-    with pytest.raises(Cancelled):
-        next(stream)
-    assert len(timeline.frames) == steps_then
+    assert_cancel_stops_at_the_next_frame(engine, Request("Keep talking.", max_audio_s=3.0))
     assert not engine.busy()
 
 
