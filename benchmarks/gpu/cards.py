@@ -117,7 +117,7 @@ def child_parity(out_path: str) -> None:
     import torch
 
     from lab import engines
-    from lab.metrics import Timeline
+    from lab.measure.metrics import Timeline
     from lab.request import Request
 
     base = gpu_specs()["csm-triton-cuda-graphs"]
@@ -236,7 +236,7 @@ def collect(rows_path: str, start: float) -> dict:
     rows = [json.loads(line) for line in open(rows_path)] if os.path.exists(rows_path) else []
     cells: dict = {}
     for row in rows:
-        if "card" in row:   # the last line of a cell wins; a lone "started" is a cell killed mid-way
+        if "preset" in row and "check" not in row:   # the last line of a cell wins; a lone "started" is a cell killed mid-way
             cells.setdefault(row["card"], {})[row["preset"]] = row
     for card in cells.values():
         for row in card.values():

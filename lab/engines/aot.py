@@ -97,10 +97,11 @@ class AheadOfTime:
             self.loaded += 1
         else:
             # The weights stay out of the package: it loads them from the model below (user-managed: no copy).
+            # Written aside and renamed, so a killed build leaves no half package; the packager wants a .pt2 name.
+            part = path[:-len(".pt2")] + ".part.pt2"
             torch._inductor.aoti_compile_and_package(
-                exported, package_path=path + ".part",
-                inductor_configs={"aot_inductor.package_constants_in_so": False})
-            os.replace(path + ".part", path)
+                exported, package_path=part, inductor_configs={"aot_inductor.package_constants_in_so": False})
+            os.replace(part, path)
         package = torch._inductor.aoti_load_package(path)
         package.load_constants({**exported.state_dict, **exported.constants}, check_full_update=True,
                                user_managed=True)

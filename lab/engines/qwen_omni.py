@@ -104,6 +104,27 @@ def tiny_config():
                              token2wav_config={"dit_config": dit, "bigvgan_config": bigvgan})
 
 
+def real_size_config():
+    """Qwen2.5-Omni-7B's sizes, as its published config.json gives them, for random weights at real size.
+    transformers' defaults differ where it matters: their talker is thinker-sized (hidden 3584, 28 layers: a 15B
+    model in all), their thinker ties its output head, and their thinker config lacks the vision markers that
+    generate()'s position ids read."""
+    from transformers import Qwen2_5OmniConfig
+
+    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
+    text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                tie_word_embeddings=False, rope_parameters=rope)
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584)
+    thinker = dict(text_config=text, vision_config=vision, audio_token_index=151646, image_token_index=151655, video_token_index=151656,
+                   audio_start_token_id=151647, audio_end_token_id=151648, user_token_id=872,
+                   vision_start_token_id=151652, vision_end_token_id=151653)
+    talker = dict(vocab_size=8448, embedding_size=3584, hidden_size=896, intermediate_size=18944,
+                  num_hidden_layers=24, num_attention_heads=12, num_key_value_heads=4, head_dim=128,
+                  max_position_embeddings=32768, tie_word_embeddings=False, rope_parameters=rope)
+    return Qwen2_5OmniConfig(thinker_config=thinker, talker_config=talker)
+
+
 def _drop_vision(model) -> None:
     """No image or video input reaches the model, so its vision tower is dead weight (about 0.7B parameters)."""
     model.thinker.model.visual = None
@@ -152,7 +173,7 @@ def random_speaker(model) -> dict:
 def load(spec: VariantSpec):
     """(model on its device, processor or None): the real checkpoint with its processor and voices, or random/tiny
     weights (a byte-level stand-in tokenizer and Whisper's feature extractor then make the prompt)."""
-    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
+    from transformers import Qwen2_5OmniForConditionalGeneration
 
     cls = Qwen2_5OmniForConditionalGeneration
     if spec.weights == "pretrained":
@@ -161,7 +182,7 @@ def load(spec: VariantSpec):
         _drop_vision(model)
         processor = tc.load_processor(spec)
     else:
-        config = tiny_config() if spec.weights == "tiny" else Qwen2_5OmniConfig()
+        config = tiny_config() if spec.weights == "tiny" else real_size_config()
         model = _random_model(cls, config, spec)
         model.speaker_map = {SPEAKER: random_speaker(model)}
         if spec.quantization.startswith("bnb"):
