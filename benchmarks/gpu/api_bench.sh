@@ -11,7 +11,8 @@
 # Needs the wheels the app needs in .whl/ (docs/GPU.md: transformers 5.24, gradio 6.31 and its dependencies,
 # fastapi, uvicorn, websockets), carried with the call:
 #   device run: command "LAB_COMMIT=<sha> bash benchmarks/gpu/api_bench.sh", carry [".whl"], timeout_s 600
-# Writes under $OUT (at most 8 files, 2 folders down): log.txt, nvidia-smi.txt, and per part load.json + its chart.
+# Writes under $OUT (at most 9 files, 2 folders down): log.txt, nvidia-smi.txt, server.json (the server's own
+# records per part), and per part load.json + its chart.
 # PARTS picks parts (default "poisson concurrency slo"); SLO_PROBES caps the search's levels. The other variables
 # below resize the goals, e.g. for a smoke run on the CPU: MODEL=csm-tiny-batched LAB_PRESETS_DIR=tests/presets
 # RATE=2 ARRIVALS_S=3 STREAMS=4 STREAM_S=1 UTTERANCE_S=1 SEARCH_RANGE=1,4 SLO_PROBES=2 CLIENT_PROCESSES=2 PYTHON=venv/bin/python PORT=<free port>.
@@ -67,9 +68,11 @@ curl -sS -o /dev/null -w "first request: HTTP %{http_code} in %{time_total} s\n"
     -H 'Content-Type: application/json' -d "{\"model\": \"$MODEL\", \"input\": \"Warm up.\", \"max_audio_s\": 2}"
 
 TEXT="Streaming speech should start at once and keep pace with the listener, even on a busy machine tonight."
+MARKS=$WORK/marks.txt   # "part first-record-line": which server records each part made
 bench() {   # part name, then the bench's own arguments
     local part=$1; shift
     echo "[$(date +%T)] part $part"
+    echo "$part $(( $(wc -l < "$WORK/history.jsonl" 2>/dev/null || echo 0) + 1 ))" >> "$MARKS"
     "$PYTHON" -m lab.bench --endpoint "$URL" --model "$MODEL" --text "$TEXT" --processes "$CLIENT_PROCESSES" \
         --timeout-s 240 --out "$OUT/$part" "$@"
 }
@@ -85,3 +88,24 @@ for part in $PARTS; do
     esac
 done
 echo "[$(date +%T)] server-side records: $(wc -l < "$WORK/history.jsonl") runs"
+# The server's own view of each part (its TTFB runs from the request's arrival at the server, so client TTFB less
+# this is what HTTP and the client cost), to server.json.
+"$PYTHON" - "$WORK/history.jsonl" "$MARKS" "$OUT/server.json" <<'EOF2'
+import json, sys
+from lab.measure.metrics import summarize
+records = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+marks = [line.split() for line in open(sys.argv[2])]
+out = {}
+for i, (part, first) in enumerate(marks):
+    end = int(marks[i + 1][1]) - 1 if i + 1 < len(marks) else len(records)
+    runs = [r for r in records[int(first) - 1:end] if r.get("source") == "api"]
+    pick = lambda key: [r.get(key) for r in runs]  # noqa: E731
+    phase = lambda name: [(r.get("phases_ms") or {}).get(name) for r in runs]  # noqa: E731
+    out[part] = {"runs": len(runs), "ttfb_ms": summarize(pick("ttfb_ms")), "steady_rtf": summarize(pick("steady_rtf")),
+                 "wait_for_slot_ms": summarize(phase("session")), "prefill_ms": summarize(phase("prefill"))}
+    s, f = out[part], lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    print(f"server side, {part}: {len(runs)} runs, TTFB p50 {f(s['ttfb_ms']['median'], '.0f')} p95 "
+          f"{f(s['ttfb_ms']['p95'], '.0f')} ms, steady RTF p99 {f(s['steady_rtf']['p99'], '.3f')}, wait for a slot "
+          f"p95 {f(s['wait_for_slot_ms']['p95'], '.0f')} ms")
+json.dump(out, open(sys.argv[3], "w"), indent=1)
+EOF2
