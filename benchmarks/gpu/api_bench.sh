@@ -3,8 +3,9 @@
 #   1. poisson:     Poisson 100 requests/s of 6 s utterances for 30 s  -> audible TTFA p95 <= 150 ms, C100 = 100%
 #   2. concurrency: 1024 concurrent streams of 20 s each                -> steady RTF p99 <= 0.5, no underrun
 #   3. slo:         the highest Poisson rate whose audible TTFA p95 <= 150 ms with C100 = 100% (bisection)
-# CSM-1B sizes with random weights (latency only: the audio is noise), preset csm-batched-cuda-graphs, asked for as
-# the model id "csm-batched-cuda-graphs:random". `python app.py` serves page and API on 127.0.0.1:7860; the load
+# CSM-1B sizes with random weights (latency only: the audio is noise), preset csm-batched-inductor-cuda-graphs (the
+# one the in-process figures the goals cite came from; about 240 s of inductor build), asked for as the model id
+# "csm-batched-inductor-cuda-graphs:random" (MODEL= picks another; 7cb70f1's run used csm-batched-cuda-graphs). `python app.py` serves page and API on 127.0.0.1:7860; the load
 # bench (`python -m lab.bench --endpoint`) runs in CLIENT_PROCESSES processes and records each one's CPU use, so a
 # saturated client shows (client CPU in every level's line and JSON, and the send lag behind the schedule).
 #
@@ -21,7 +22,7 @@ OUT=${OUT:-/tmp/api-bench-out}
 PARTS=${PARTS:-"poisson concurrency slo"}
 CLIENT_PROCESSES=${CLIENT_PROCESSES:-8}
 SLO_PROBES=${SLO_PROBES:-7}
-MODEL=${MODEL:-csm-batched-cuda-graphs:random}
+MODEL=${MODEL:-csm-batched-inductor-cuda-graphs:random}
 RATE=${RATE:-100} ARRIVALS_S=${ARRIVALS_S:-30} UTTERANCE_S=${UTTERANCE_S:-6}
 STREAMS=${STREAMS:-1024} STREAM_S=${STREAM_S:-20}
 SLO_MS=${SLO_MS:-150} SEARCH_RANGE=${SEARCH_RANGE:-25,400}
