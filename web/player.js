@@ -659,17 +659,36 @@
     forms[kind] = { names: names, values: values.slice() };
     return [];
   };
+  // Gradio's own click handling (its event's request, the status of every output, a copy of the form: 60-110 ms
+  // of this thread on 2 cores) would run in the same task, while the start is on its way and the voice is being
+  // made; the page would then take the first chunk late. So a click that sent its start is kept from Gradio and
+  // handed to it again (the same button, clicked by script) once the voice is scheduled, as afterVoice did for its
+  // request. The click's time stays the zero.
+  var handingBack = null; // the click event given back to Gradio, which this listener lets through
+  var holding = {};       // kind -> true while its click waits to be given back (later clicks are dropped)
   document.addEventListener("click", function (event) {
+    if (event === handingBack) return;
     var button = event.target && event.target.closest ? event.target.closest("#compare-btn, #ab-play") : null;
     if (!button || button.disabled) return;
     var kind = CLICK_KINDS[button.id];
+    if (holding[kind]) { event.stopImmediatePropagation(); return; }
     lab.lastClick = { id: button.id, t_ms: event.timeStamp, dispatched_ms: performance.now() };
     var form = forms[kind];
     delete early[kind];
     if (!form || pending[kind]) return;
     var field = sendStart(kind, form.names, form.values, event.timeStamp);
     early[kind] = { field: field, key: JSON.stringify(form.values), t_ms: event.timeStamp };
+    if (field.split(":")[2] === "socket" && lab.voiceOverSocket) {
+      event.stopImmediatePropagation();
+      holding[kind] = true;
+      whenVoiced(field.split(":")[1], function () { delete holding[kind]; handBack(button); });
+    }
   }, true);
+
+  function handBack(button) {
+    handingBack = new MouseEvent("click", { bubbles: true, cancelable: true, view: window });
+    try { button.dispatchEvent(handingBack); } finally { handingBack = null; }
+  }
 
   function stopPlayers() {
     document.querySelectorAll("audio").forEach(function (a) {
@@ -678,11 +697,10 @@
     lab.reset();
   }
 
-  // Players back to 0, then the start with the values by name (inputs as Gradio sends them); returns what the
+  // The start with the values by name, then players back to 0 (inputs as Gradio sends them); returns what the
   // Gradio event carries in the listener field: "listener:comparison id:socket" ("listener:id:" when it could not
   // be sent, e.g. with a recording to upload: the server then starts it from the event).
   function sendStart(kind, names, values, clickMs) {
-    stopPlayers();
     var id = randomId();
     lab.clicks[id] = clickMs;
     var inputs = {};
@@ -698,6 +716,7 @@
       t_click_s: serverMs === null ? null : serverMs / 1000,
       t_send_s: sendServerMs === null ? null : sendServerMs / 1000,
     });
+    stopPlayers(); // after the send: nothing of the new comparison can arrive before this task ends
     note(kind + " " + id + (sent ? " started over the socket" : " left to the page's event"));
     return lab.listenerId + ":" + id + ":" + (sent ? "socket" : "");
   }
@@ -728,19 +747,26 @@
   // runs in this thread, where the socket's messages wait for it: it goes after the click's first voice. Resolves
   // to `value` once a chunk of the comparison is scheduled, it has ended, or VOICE_WAIT_MS have passed.
   var VOICE_WAIT_MS = 1500;
-  var awaitingVoice = {}; // comparison id -> resolve
+  var awaitingVoice = {}; // comparison id -> callbacks waiting for its first voice
+  var voiced = {};        // comparison id -> true once its voice was scheduled (or it ended)
+  function whenVoiced(id, callback) {
+    if (voiced[id]) { callback(); return; }
+    var done = false;
+    var once = function () { if (!done) { done = true; callback(); } };
+    (awaitingVoice[id] = awaitingVoice[id] || []).push(once);
+    setTimeout(once, VOICE_WAIT_MS);
+  }
   lab.afterVoice = function (listenerField, value) {
     var id = String(listenerField).split(":")[1];
     if (!id || String(listenerField).split(":")[2] !== "socket" || !lab.voiceOverSocket) return value;
-    return new Promise(function (resolve) {
-      var done = function () { delete awaitingVoice[id]; resolve(value); };
-      awaitingVoice[id] = done;
-      setTimeout(done, VOICE_WAIT_MS);
-    });
+    return new Promise(function (resolve) { whenVoiced(id, function () { resolve(value); }); });
   };
   function voiceArrived(comparisonId) {
-    var resolve = awaitingVoice[comparisonId];
-    if (resolve) resolve();
+    if (!comparisonId || voiced[comparisonId]) return;
+    voiced[comparisonId] = true;
+    var waiting = awaitingVoice[comparisonId] || [];
+    delete awaitingVoice[comparisonId];
+    waiting.forEach(function (callback) { callback(); });
   }
 
   function sinceClickMs(run, perfMs) {

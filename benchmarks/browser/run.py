@@ -293,11 +293,12 @@ def is_run(r: dict) -> bool:
 
 # -- the tap: click -> sound -------------------------------------------------------------------------------------
 def tap_click(snap: dict, button: str) -> dict | None:
-    """The click on `button` (its `click` event; its `pointerdown` where no click came)."""
+    """The click on `button` (its `click` event; its `pointerdown` where no click came). The person's click, not
+    the copy the page hands Gradio once the voice is scheduled (web/player.js: not trusted, and later)."""
     for kind in ("click", "pointerdown"):
         found = [c for c in snap["clicks"] if c["button"] == button and c["type"] == kind]
         if found:
-            return found[0]
+            return ([c for c in found if c.get("trusted")] or found)[0]
     return None
 
 

@@ -200,9 +200,11 @@ class CompareTab:
             view = CompareView(list(chosen.specs), chosen.runs, chosen.request.user_audio is not None, transport,
                                report.environment_title(env.environment()), place)
             lab.latest[key] = view
-            # An earlier Stop's note goes with the comparison it stopped.
+            # An earlier Stop's note goes with the comparison it stopped; a Stop of this one, which may come before
+            # this first redraw (the page hands Gradio the click once the voice plays), keeps its note.
+            note = gr.skip() if comparison.cancel.is_set() else ""
             yield self.ui({**errors_cleared(chosen), **view.start(), **slots_for(chosen.specs, transport),
-                           "stop_note": ""})
+                           "stop_note": note})
             for values in view.updates(comparison.run.follow()):
                 yield self.ui(values)
         finally:
