@@ -51,10 +51,6 @@ def serve(demo, host: str, port: int, hub: PcmHub, api=None, **launch_kwargs: An
     import uvicorn
 
     app = build_app(demo, hub, host=host, port=port, api=api, **launch_kwargs)
-    if os.environ.get("LAB_SWITCH_INTERVAL_S"):   # an experiment's knob: how long a thread may hold the GIL
-        import sys
-
-        sys.setswitchinterval(float(os.environ["LAB_SWITCH_INTERVAL_S"]))
     print(f"* Running on http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", flush=True)
     # ws_ping keeps idle sockets alive through proxies (Spaces); the page reconnects anyway if one drops.
     uvicorn.run(app, host=host, port=port, log_level="warning", ws_ping_interval=20, ws_ping_timeout=20)

@@ -116,8 +116,8 @@ def real_size_config():
                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
                 tie_word_embeddings=False, rope_parameters=rope)
     vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584)
-    thinker = dict(text_config=text, vision_config=vision, audio_token_index=151646, image_token_index=151655, video_token_index=151656,
-                   audio_start_token_id=151647, audio_end_token_id=151648, user_token_id=872,
+    thinker = dict(text_config=text, vision_config=vision, audio_token_index=151646, image_token_index=151655,
+                   video_token_index=151656, audio_start_token_id=151647, audio_end_token_id=151648, user_token_id=872,
                    vision_start_token_id=151652, vision_end_token_id=151653)
     talker = dict(vocab_size=8448, embedding_size=3584, hidden_size=896, intermediate_size=18944,
                   num_hidden_layers=24, num_attention_heads=12, num_key_value_heads=4, head_dim=128,
