@@ -678,10 +678,11 @@
     if (!form || pending[kind]) return;
     var field = sendStart(kind, form.names, form.values, event.timeStamp);
     early[kind] = { field: field, key: JSON.stringify(form.values), t_ms: event.timeStamp };
-    if (field.split(":")[2] === "socket" && lab.voiceOverSocket) {
+    var parts = field.split(":"); // listener, comparison id, "socket" when the start went over it
+    if (parts[2] === "socket" && lab.voiceOverSocket) {
       event.stopImmediatePropagation();
       holding[kind] = true;
-      whenVoiced(field.split(":")[1], function () { delete holding[kind]; handBack(button); });
+      whenVoiced(parts[1], function () { delete holding[kind]; handBack(button); });
     }
   }, true);
 
@@ -751,10 +752,10 @@
   var voiced = {};        // comparison id -> true once its voice was scheduled (or it ended)
   function whenVoiced(id, callback) {
     if (voiced[id]) { callback(); return; }
-    var done = false;
-    var once = function () { if (!done) { done = true; callback(); } };
+    var timer = null;
+    var once = function () { if (timer !== null) { clearTimeout(timer); timer = null; callback(); } };
     (awaitingVoice[id] = awaitingVoice[id] || []).push(once);
-    setTimeout(once, VOICE_WAIT_MS);
+    timer = setTimeout(once, VOICE_WAIT_MS);
   }
   lab.afterVoice = function (listenerField, value) {
     var id = String(listenerField).split(":")[1];
