@@ -83,15 +83,27 @@ def _is_resnet(m: nn.Module) -> bool:
 
 
 def conv_transpose(conv: nn.ConvTranspose1d, x: torch.Tensor) -> torch.Tensor:
-    """`conv(x)` for a transposed convolution whose kernel is a whole number of strides (all of Mimi's decoder's),
-    dense or depthwise, as each input step's taps (one matrix product, or products for depthwise) and their
-    overlap-add, because cuDNN serves some of these layers with a slow grouped dgrad kernel at many rows
-    (docs/RESULTS.md#the-batched-csm-engine-h200-unless-named). Any other transposed convolution is the conv's own."""
+    """`conv(x)`: on CUDA as taps and overlap-add where the layer allows (`overlap_add_conv_transpose`), because
+    cuDNN serves some of Mimi's layers with a slow grouped dgrad kernel at many rows
+    (docs/RESULTS.md#the-batched-csm-engine-h200-unless-named); on the CPU the conv's own kernel, which is faster
+    there (docs/RESULTS.md#the-default-cpu-presets-against-earlier-trees)."""
+    if x.is_cuda and overlaps_whole_strides(conv):
+        return overlap_add_conv_transpose(conv, x)
+    return conv(x)
+
+
+def overlaps_whole_strides(conv: nn.ConvTranspose1d) -> bool:
+    """A dense or depthwise transposed conv whose kernel is a whole number of strides (all of Mimi's decoder's)."""
+    depthwise = conv.groups == conv.in_channels == conv.out_channels
+    return ((depthwise or conv.groups == 1) and conv.kernel_size[0] % conv.stride[0] == 0 and conv.padding[0] == 0
+            and conv.output_padding[0] == 0 and conv.dilation[0] == 1)
+
+
+def overlap_add_conv_transpose(conv: nn.ConvTranspose1d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` for a conv that `overlaps_whole_strides`, as each input step's taps (one matrix product, or
+    products for depthwise) and their overlap-add."""
     cin, cout, kernel, stride = conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0]
     depthwise = conv.groups == cin == cout
-    if not ((depthwise or conv.groups == 1) and kernel % stride == 0 and conv.padding[0] == 0
-            and conv.output_padding[0] == 0 and conv.dilation[0] == 1):
-        return conv(x)
     rows, _, steps = x.shape
     if depthwise:    # (rows, channels, steps, kernel), in float32
         taps = x.float()[..., None] * conv.weight.float()[None, :, 0, None, :]
