@@ -169,8 +169,9 @@ def stream_run(engine, spec: VariantSpec, request: Request, cold: bool, run: int
     }
     if getattr(engine, "last_text", None) is not None:   # models that answer (minicpm_o): what it said
         record["reply_text"] = engine.last_text
-    if getattr(engine, "prefill_threads", None):   # what its prefill ran on, which may differ from threads (pocket_tts)
-        record["prefill_threads"] = engine.prefill_threads
+    for burst in ("prefill_threads", "decode_threads"):   # what they ran on, which may differ from threads (pocket_tts)
+        if getattr(engine, burst, None):
+            record[burst] = getattr(engine, burst)
     return record, np.concatenate(parts)
 
 

@@ -181,15 +181,15 @@ def test_threads_axis_sets_torch_threads_for_each_request(engine):
         one.close()
 
 
-def test_prefill_takes_every_core_only_while_they_are_free(monkeypatch):
+def test_prefill_and_decode_take_every_core_only_while_they_are_free(monkeypatch):
     from lab import session
 
     one = pocket_tts.build(tiny_spec(threads="1"), lambda stage, seconds: None)
     try:
-        for load, prefill_threads in ((0.0, pocket_tts.tc.ALL_THREADS), (pocket_tts.tc.ALL_THREADS, 1)):
+        for load, burst_threads in ((0.0, pocket_tts.tc.ALL_THREADS), (pocket_tts.tc.ALL_THREADS, 1)):
             monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
             record, _ = session.run_once(one, one.spec, Request(text=TEXT, max_audio_s=0.5))
-            assert record["prefill_threads"] == prefill_threads
+            assert record["prefill_threads"] == record["decode_threads"] == burst_threads
             assert record["threads"] == torch.get_num_threads() == 1   # the frames, and what the request leaves
     finally:
         one.close()

@@ -153,7 +153,8 @@ class PocketTTSEngine(tc.TorchEngine):
         self.stand_in = None if processor is not None else tc.ByteTokenizer(
             vocab_size=min(self._placeholder_ids()), bos_id=None)
         self._latents: list[torch.Tensor] = []  # the latest request's normalised latents, one (1, latent_dim) a frame
-        self.prefill_threads = 0   # the CPU threads the latest request's prefill ran on (tc.prefill_threads)
+        self.prefill_threads = 0   # the CPU threads the latest request's prefill ran on (tc.free_cores)
+        self.decode_threads = 0    # the most its chunks' decodes ran on (inline decode: tc.free_cores)
 
     def _placeholder_ids(self) -> list[int]:
         c = self.model.config
@@ -206,9 +207,16 @@ class PocketTTSEngine(tc.TorchEngine):
             # The frames of the next chunk are made on a thread of their own while this one decodes the last: on
             # two cores the codec's share of a frame (about 40% of it, int8 on one thread) leaves the loop's path.
             chunks = ahead(chunks, threads=self.threads)
+        self.decode_threads = 0
         for latents, first in chunks:
             # No pinned kernel here: the codec's windowed attention passes a mask, which the flash kernel refuses.
-            yield emitter.emit(self.decode(latents, first))
+            if self.spec.decode == "thread":   # the frame loop has the other core
+                samples = self.decode(latents, first)
+            else:
+                with tc.free_cores() as threads:
+                    samples = self.decode(latents, first)
+                self.decode_threads = max(self.decode_threads, threads)
+            yield emitter.emit(samples)
 
     @torch.no_grad()
     def _latent_chunks(self, request: Request, timeline: Timeline, cancel: threading.Event | None,
@@ -226,7 +234,7 @@ class PocketTTSEngine(tc.TorchEngine):
         prompt_ids, frames_after_eos = self.build_prompt(request)
         max_frames = self.max_frames(request, prompt_ids)
         kv.reserve(prompt_ids.shape[1] + max_frames)
-        with tc.prefill_threads() as self.prefill_threads:
+        with tc.free_cores() as self.prefill_threads:
             hidden = self.prefill(self.model, prompt_ids, kv)
         timeline.mark("prefill")
 

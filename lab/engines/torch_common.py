@@ -157,16 +157,18 @@ def use_threads(spec: VariantSpec) -> int:
     return threads
 
 
-# Every core the process may use (OMP_NUM_THREADS where it is set): what a prompt's prefill takes where they are free.
+# Every core the process may use (OMP_NUM_THREADS where it is set): what a prompt's prefill and a chunk's codec decode
+# take where they are free.
 ALL_THREADS = torch.get_num_threads()
 
 
 @contextlib.contextmanager
-def prefill_threads():
-    """Every core for a prompt's prefill, in the calling thread, when the machine's load leaves them free; the
-    thread's count again after it. Yields the count it runs on. The prefill is large matrix products before the first
-    chunk, with nothing else of the request beside it, so a free core shortens the TTFB; where the other cores are
-    busy it is slower on them all, and the frames (small products) keep the spec's count either way."""
+def free_cores():
+    """Every core for a burst of large kernels (a prompt's prefill, a chunk's codec decode), in the calling thread,
+    when the machine's load leaves them free; the thread's count again after it. Yields the count it runs on. Such a
+    burst runs with nothing else of the request beside it, so a free core shortens it (the first chunk's: the TTFB);
+    where the other cores are busy it is slower on them all, and the frames (small products) keep the spec's count
+    either way (docs/RESULTS.md#two-cores-and-threads)."""
     threads = torch.get_num_threads()
     if threads >= ALL_THREADS or os.getloadavg()[0] > ALL_THREADS - 0.5:
         yield threads
