@@ -159,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def plan(args: argparse.Namespace) -> planning.Plan:
     """The command line's comparison or sweep, planned as the page plans its forms (lab.planning)."""
-    return planning.plan(availability.Catalog(presets.PRESETS_DIR), args.presets, args.text, args.seed,
+    return planning.plan(availability.Catalog(presets.directory()), args.presets, args.text, args.seed,
                          args.max_seconds, args.runs, weights=args.weights, user_audio=args.user_audio,
                          extra_specs=load_files(args.preset_file), streams=args.streams, max_chars=args.max_chars)
 

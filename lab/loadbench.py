@@ -245,7 +245,7 @@ class InProcess:
         from lab.manager import ModelManager
 
         name, _, weights = model.partition(":")
-        spec = presets.load(name, presets_dir or presets.PRESETS_DIR)
+        spec = presets.load(name, presets_dir or presets.directory())
         self.spec = spec.with_weights(weights) if weights else spec
         self.engine = ModelManager().get(self.spec)
         self.pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
@@ -557,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     target = None
     if inproc:
         print(f"building {args.model} in this process…", file=sys.stderr, flush=True)
-        target = InProcess(args.model, args.presets_dir or os.environ.get("LAB_PRESETS_DIR"),
+        target = InProcess(args.model, args.presets_dir,
                            max([*concurrency, *([int(search_range[1])] if args.search == "concurrency" and
                                                 args.slo_ttfa_ms else []), 64]))
     results = bench(options, concurrency, rates, args.slo_ttfa_ms, args.search, search_range, args.warmup, target,

@@ -12,6 +12,12 @@ from lab.spec import VariantSpec, from_dict
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
 
 
+def directory() -> str:
+    """The presets folder every front end reads: LAB_PRESETS_DIR where it is set (your own presets, a remote
+    server's among them; the tests' tests/presets/), else presets/."""
+    return os.environ.get("LAB_PRESETS_DIR") or PRESETS_DIR
+
+
 def load_file(path: str) -> VariantSpec:
     where = os.path.relpath(path) if os.path.isabs(path) else path
     try:

@@ -24,7 +24,12 @@ FAMILIES = {
     # MiniCPM-o's runnable kin, inside transformers: thinker, talker and token2wav (lab/engines/qwen_omni.py).
     "qwen2.5-omni": {"model": "Qwen/Qwen2.5-Omni-7B", "torch": True, "weights": ("pretrained", "random", "tiny"),
                      "user_audio": True},
+    # A speech server elsewhere, through OpenAI's POST /v1/audio/speech (lab/engines/remote.py): `model` is its id
+    # there.
+    "remote": {"model": "", "torch": False, "weights": ("pretrained",), "user_audio": False},
 }
+# Where the families that are not torch run: what an axis they do not take is told.
+RUNS_ON = {"hibari": "runs on ONNX Runtime on the CPU", "remote": "runs on its server"}
 # Model ids whose repository code the lab may run (trust_remote_code), each only at a preset's pinned revision.
 # Adding an id here means someone read that repo's Python at the revision the preset pins.
 TRUST_REMOTE_CODE_ALLOWLIST = frozenset({"openbmb/MiniCPM-o-2_6"})
@@ -82,6 +87,9 @@ class VariantSpec:
     # after each chunk that its window waits for (0: a chunk is decoded as soon as its own codes exist).
     dit_steps: int = 10
     lookahead_frames: int = 0
+    # remote: the server's base URL (it answers POST /v1/audio/speech), and the voice to ask for where it has voices.
+    endpoint: str = ""
+    voice: str = ""
 
     def identity(self) -> dict:
         """What makes the variant: every field but the labels, with the family's default model filled in."""
@@ -281,7 +289,7 @@ def validate(spec: VariantSpec, where: str = "spec") -> VariantSpec:
         defaults = VariantSpec(family=spec.family)
         for axis in ("device", "dtype", "attention", "compile", "kernels", "quantization"):
             if getattr(spec, axis) != getattr(defaults, axis):
-                raise LabError(where, f"{axis}: {spec.family} runs on ONNX Runtime on the CPU, so {axis} does not "
+                raise LabError(where, f"{axis}: {spec.family} {RUNS_ON[spec.family]}, so {axis} does not "
                                       f"apply; remove the field")
         return spec
 
@@ -306,9 +314,28 @@ def _validate_axes_of_one_family(spec: VariantSpec, where: str) -> None:
         raise LabError(where, "attention: triton is the batched engine's kernel (one program per stream row over that "
                               "row's mask); set max_streams above 1, or for one stream use kernels: triton with "
                               "attention: sdpa")
+    _validate_remote(spec, where)
     if spec.decode != "inline" and spec.family != "pocket_tts":
         raise LabError(where, f"decode: {spec.decode} is implemented for pocket_tts only (csm decodes inside its "
                               f"frame graph on the GPU); remove the field")
+
+
+def _validate_remote(spec: VariantSpec, where: str) -> None:
+    if spec.family != "remote":
+        for field_name in ("endpoint", "voice"):
+            if getattr(spec, field_name):
+                raise LabError(where, f"{field_name}: is for family: remote (a speech server elsewhere); remove "
+                                      f"the field")
+        return
+    if not spec.endpoint.startswith(("http://", "https://")):
+        raise LabError(where, f"endpoint: {spec.endpoint!r} is not a server's URL; give its base URL, e.g. "
+                              f"endpoint: http://127.0.0.1:8000 (it must answer POST /v1/audio/speech)")
+    if not spec.model:
+        raise LabError(where, "model: family: remote asks the server for a model by its id; set model: to one of "
+                              "the ids its GET /v1/models lists")
+    if spec.threads != "auto":
+        raise LabError(where, f"threads: family: remote {RUNS_ON['remote']}, so threads does not apply; remove "
+                              f"the field")
 
 
 def _validate_torch(spec: VariantSpec, where: str) -> None:

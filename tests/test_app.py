@@ -419,7 +419,8 @@ def test_browser_a_second_user_waits_and_sees_their_place_in_the_queue(browser, 
     # pocket-tts-random, else the plain reason (the estimate itself is tests/test_session.py's).
     second.wait_for_selector("#overall:has-text('1 comparison ahead (')", timeout=30_000)
     waiting = second.inner_text("#overall")
-    assert re.search(r"\(about \d+ s left, from this server's measured runs|\(no measured runs of their presets", waiting), waiting
+    assert re.search(r"\(about \d+ s left, from this server's measured runs|\(no measured runs of their presets",
+                     waiting), waiting
     first.click("#stop-btn")                       # the first user's stop lets the second one through
     second.wait_for_selector("#overall:has-text('done:')", timeout=120_000)
     assert "hibari" in second.inner_text("#slot-0")

@@ -56,7 +56,7 @@ class LabApp:
     @classmethod
     def from_env(cls) -> "LabApp":
         """The objects as `python app.py` makes them, from LAB_* variables (README, "Configuration")."""
-        presets_dir = os.environ.get("LAB_PRESETS_DIR", presets.PRESETS_DIR)
+        presets_dir = presets.directory()
         journals = [history.Journal(os.environ.get(var, os.path.join("runs", name)), var)
                     for var, name in (("LAB_HISTORY", "history.jsonl"), ("LAB_VOTES", "votes.jsonl"))]
         for journal in journals:

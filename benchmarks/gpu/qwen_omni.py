@@ -3,14 +3,15 @@
     LAB_COMMIT=<sha> python benchmarks/gpu/qwen_omni.py --out DIR [--budget-s 540] [--runs 3]
     python benchmarks/gpu/qwen_omni.py --out /tmp/h27-smoke --smoke     # tiny weights on the CPU, to try it here
 
-Qwen2.5-Omni-7B at real size (qwen_omni.real_size_config(): the 7B's published sizes), random weights (latency only: the audio is noise),
-bf16, vision tower left out. One model is built and every row's engine wraps it (attention, compile, prefill, CUDA
-graphs, DiT steps and chunking are the engine's; bitsandbytes rows load their own quantized copy, last, if the
-package is there and time is left). Each row: a text prompt -> first audio, and a 5 s spoken turn -> first audio,
-`--runs` warm runs each after one cold run, with TTFB, the phases (PHASE_NAMES), RTF, steady RTF and peak memory;
-transformers' generate(return_audio=True) on the same prompts is the "x generate()" baseline (its first audio is
-its whole waveform). Rows are time-boxed: one that would not fit the budget is skipped and named. Writes
-DIR/qwen_omni.json and DIR/qwen_omni.png (TTFB stacked by phase per row, the notes' MiniCPM-o figures drawn beside).
+Qwen2.5-Omni-7B at real size (qwen_omni.real_size_config(): the 7B's published sizes), random weights (latency
+only: the audio is noise), bf16, vision tower left out. One model is built and every row's engine wraps it
+(attention, compile, prefill, CUDA graphs, DiT steps and chunking are the engine's; bitsandbytes rows load their
+own quantized copy, last, if the package is there and time is left). Each row: a text prompt -> first audio, and
+a 5 s spoken turn -> first audio, `--runs` warm runs each after one cold run, with TTFB, the phases (PHASE_NAMES),
+RTF, steady RTF and peak memory; transformers' generate(return_audio=True) on the same prompts is the
+"x generate()" baseline (its first audio is its whole waveform). Rows are time-boxed: one that would not fit the
+budget is skipped and named. Writes DIR/qwen_omni.json and DIR/qwen_omni.png (TTFB stacked by phase per row, the
+notes' MiniCPM-o figures drawn beside).
 """
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from lab.spec import VariantSpec
 
 FAMILY_MODULES = {"csm": "lab.engines.csm", "pocket_tts": "lab.engines.pocket_tts", "hibari": "lab.engines.hibari",
-                  "minicpm_o": "lab.engines.minicpm_o", "qwen2.5-omni": "lab.engines.qwen_omni"}
+                  "minicpm_o": "lab.engines.minicpm_o", "qwen2.5-omni": "lab.engines.qwen_omni",
+                  "remote": "lab.engines.remote"}
 # Keyed here rather than chosen in csm.py, so the one-stream engine never imports its batched subclass.
 BATCHED_MODULES = {"csm": "lab.engines.csm_batched"}
 
