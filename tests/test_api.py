@@ -281,3 +281,63 @@ def test_the_load_bench_spreads_load_over_client_processes_and_records_their_cpu
         assert level["ok"] == level["requests"] >= 4 and level["client"]["processes"] == 2
         assert all(0 <= u < 1.5 for u in level["client"]["cpu_util"])
     assert poisson["mode"] == "open" and poisson["rate_hz"] == 4 and poisson["send_lag_ms"]["median"] < 100
+
+
+def socket_url(server) -> str:
+    return server["url"].replace("http://", "ws://") + "v1/audio/speech"
+
+
+def socket_speech(ws, body: dict) -> tuple[dict, bytes, dict]:
+    """One request on the API's WebSocket: (speech.started, the PCM frames joined, the closing event)."""
+    ws.send(json.dumps(body))
+    started, pcm = json.loads(ws.recv(timeout=300)), b""
+    if started["type"] == "error":
+        return started, b"", started
+    while isinstance(message := ws.recv(timeout=300), bytes):
+        pcm += message
+    return started, pcm, json.loads(message)
+
+
+def test_the_websocket_streams_the_post_s_audio_and_stays_open_for_the_next_request(server, client):
+    from websockets.sync.client import connect
+
+    body = {"model": "hibari", "input": "Thanks for calling the lab.", "voice": "heart"}
+    with connect(socket_url(server)) as ws:
+        refused, _, _ = socket_speech(ws, {**body, "response_format": "wav"})
+        assert refused["type"] == "error" and refused["error"]["param"] == "response_format"
+        started, pcm, done = socket_speech(ws, body)            # the same socket, after an error
+        assert (started["type"], started["sample_rate"], done["type"]) == ("speech.started", 24000, "speech.audio.done")
+        assert done["request_id"] == started["request_id"] and done["audio_s"] == pytest.approx(len(pcm) / 2 / 24000)
+        again, pcm_again, _ = socket_speech(ws, body)
+    # speech.audio.done comes once the model is free: the POST does not find the line full (LAB_MAX_WAITING=1)
+    posted = client.audio.speech.create(model="hibari", voice="heart", input=body["input"], response_format="pcm")
+    assert pcm == pcm_again == posted.content                 # seeded: the socket's audio is the POST's, byte for byte
+    assert record_of(server, started["request_id"])["source"] == "api"
+
+
+def test_a_websocket_client_that_goes_stops_its_generation(server):
+    from websockets.sync.client import connect
+
+    text = "A long one on the socket, then gone."
+    with connect(socket_url(server)) as ws:
+        ws.send(json.dumps({"model": "csm-tiny", "input": text, "max_audio_s": 60}))
+        assert json.loads(ws.recv(timeout=300))["type"] == "speech.started"
+        assert isinstance(ws.recv(timeout=300), bytes)
+    record = cancelled_api_record(server, text)
+    assert record["audio_s"] < 50
+
+
+def test_speech_cancel_stops_the_socket_s_run_and_the_socket_serves_the_next(server):
+    from websockets.sync.client import connect
+
+    text = "A long one on the socket, cancelled."
+    with connect(socket_url(server)) as ws:
+        ws.send(json.dumps({"model": "csm-tiny", "input": text, "max_audio_s": 60}))
+        assert json.loads(ws.recv(timeout=300))["type"] == "speech.started"
+        ws.send(json.dumps({"type": "speech.cancel"}))
+        while isinstance(message := ws.recv(timeout=300), bytes):
+            pass
+        assert json.loads(message)["error"]["code"] == "cancelled"
+        _, pcm, done = socket_speech(ws, {"model": "csm-tiny", "input": "Short.", "max_audio_s": 1})
+        assert done["type"] == "speech.audio.done" and len(pcm) > 0
+    assert cancelled_api_record(server, text)["audio_s"] < 50

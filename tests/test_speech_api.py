@@ -129,3 +129,16 @@ def test_the_slo_search_finds_the_highest_passing_load(integer, limit):
         assert limit * 0.95 <= answer <= limit
     assert len(tried) <= 12 and all(passed == (v <= limit) for v, passed in tried)
     assert loadbench.slo_search(lambda v: False, 1, 200, integer)[0] is None
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "hibari", "input": "Hi.", "response_format": "wav"}, "response_format"),
+    ({"model": "hibari", "input": "Hi.", "stream": False}, "stream"),
+    ({"model": "hibari", "input": "Hi.", "stream_format": "sse"}, "stream_format"),
+    ({"model": "nope", "input": "Hi."}, "model"),
+])
+def test_the_websocket_takes_the_post_s_fields_and_answers_only_in_pcm(catalog, body, param):
+    with pytest.raises(ApiError) as e:
+        speech_api.parse_socket(body, catalog)
+    assert e.value.param == param and e.value.message.startswith(f"{param}: ")
+    assert speech_api.parse_socket({"model": "hibari", "input": "Hi."}, catalog).response_format == "pcm"

@@ -1,6 +1,7 @@
 """The standard speech API's routes on the page's own server (same host and port): OpenAI's
-`POST /v1/audio/speech` and `GET /v1/models`. What a request means, how it is checked, planned and framed is
-lab.serving.speech_api's; this module only moves bytes between HTTP and the run loop.
+`POST /v1/audio/speech` and `GET /v1/models`, and a WebSocket on the speech path for clients that keep one open
+(docs/API.md). What a request means, how it is checked, planned and framed is lab.serving.speech_api's; this module
+only moves bytes between HTTP or the socket and the run loop.
 
 Audio goes out as the run loop makes it: its hook (`Stream.on_event`, in the loop's thread) hands each chunk to
 this server's event loop, and the response body sends it as one HTTP chunk. A client that goes away sets the run's
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lab.serving import speech_api
@@ -83,6 +84,16 @@ def attach(app: FastAPI, service: SpeechService) -> None:
         return StreamingResponse(_body(speech, first, items, watcher, comparison), headers=headers,
                                  media_type=speech_api.media_type(speech))
 
+    @app.websocket(SPEECH_PATH)
+    async def speech_socket(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            while True:
+                if not await _socket_request(websocket, await websocket.receive_text(), service):
+                    return
+        except WebSocketDisconnect:
+            return
+
     added = app.router.routes[before:]
     del app.router.routes[before:]
     app.router.routes[0:0] = added
@@ -131,3 +142,82 @@ async def _whole(speech: Speech, first: tuple, items: asyncio.Queue, watcher: as
     pcm = b"".join(parts)
     head = speech_api.wav_header(sample_rate, len(pcm)) if speech.response_format == "wav" else b""
     return Response(head + pcm, media_type=speech_api.media_type(speech), headers=headers)
+
+
+async def _socket_request(websocket: WebSocket, text: str, service: SpeechService) -> bool:
+    """One request on the socket, answered as speech.started (rate and id), a binary frame of 16-bit PCM per chunk,
+    and speech.audio.done, or an error event; the socket stays open for the next. While audio streams, a
+    speech.cancel frame or the client's going stops the run at its next frame. False once the client has gone."""
+    try:
+        speech = speech_api.parse_socket(json.loads(text or "null"), service.catalog)
+    except ValueError as e:
+        return await _send_error(websocket, ApiError(400, f"body: is not JSON ({e}); send a JSON object", None,
+                                                     "invalid_json"))
+    except ApiError as e:
+        return await _send_error(websocket, e)
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue = asyncio.Queue()
+    stream = Stream(speech, lambda item: loop.call_soon_threadsafe(items.put_nowait, item), to_int16_bytes,
+                    speech_api.new_request_id())
+    comparison = service.begin(speech, stream)
+    watcher = asyncio.create_task(_watch_socket(websocket, comparison.cancel))
+    try:
+        refused = await asyncio.to_thread(comparison.wait_planned)
+        if refused is not None:
+            return await _send_error(websocket, speech_api.from_lab(refused))
+        started, done = False, None
+        while True:
+            kind, *rest = await items.get()
+            if kind == "audio":
+                if not started:
+                    started = True
+                    await websocket.send_json({"type": "speech.started", "request_id": stream.request_id,
+                                               "sample_rate": rest[0], "format": "pcm_s16le"})
+                await websocket.send_bytes(rest[1])
+            elif kind == "done":   # sent at the end, once the model is free for this socket's next request
+                done = {"type": "speech.audio.done", "request_id": stream.request_id, "audio_s": rest[0].get("audio_s")}
+            elif kind in ("stopped", "failed"):
+                message = rest[0] if kind == "failed" else "the run was stopped before its end"
+                await _send_error(websocket, ApiError(500, f"model: {speech.model}: {message}", "model",
+                                                      "run_failed" if kind == "failed" else "cancelled",
+                                                      "server_error"))
+            elif kind == "end":   # the loop has let go of the model
+                if watcher.done() and (watcher.exception() is not None or watcher.result()):
+                    return False
+                if done is not None:
+                    await websocket.send_json(done)
+                return True
+    except WebSocketDisconnect:
+        comparison.cancel.set()
+        return False
+    finally:
+        watcher.cancel()
+
+
+async def _watch_socket(websocket: WebSocket, cancel) -> bool:
+    """While a request streams: sets `cancel` when the client goes (returns True) or sends speech.cancel; any
+    other frame is answered that one request runs at a time."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            cancel.set()
+            return True
+        try:
+            kind = json.loads(message.get("text") or "null").get("type")
+        except (ValueError, AttributeError):
+            kind = None
+        if kind == "speech.cancel":
+            cancel.set()
+        else:
+            await _send_error(websocket, ApiError(409, "body: a request is still streaming on this socket; send "
+                                                       "the next after its speech.audio.done, or send "
+                                                       "{\"type\": \"speech.cancel\"} to stop it", None, "busy"))
+
+
+async def _send_error(websocket: WebSocket, e: ApiError) -> bool:
+    """An error event, OpenAI's error object inside; False if the client has gone."""
+    try:
+        await websocket.send_json({"type": "error", "status": e.status, **e.body()})
+        return True
+    except (WebSocketDisconnect, RuntimeError):
+        return False

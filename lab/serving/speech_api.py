@@ -177,6 +177,21 @@ def parse(body, catalog) -> Speech:
                   body.get("seed", 0), body.get("max_audio_s", DEFAULT_MAX_AUDIO_S))
 
 
+def parse_socket(body, catalog) -> Speech:
+    """One request on the WebSocket (a JSON text frame): the POST body's fields, answered in binary 16-bit PCM
+    frames, so `response_format` is pcm and `stream` and `stream_format` do not apply."""
+    if isinstance(body, dict):
+        for name in ("stream", "stream_format"):
+            if name in body:
+                raise ApiError(400, f"{name}: does not apply on the WebSocket, which streams binary PCM frames; "
+                                    f"leave it out", name, "unknown_parameter")
+        if body.get("response_format", "pcm") != "pcm":
+            raise ApiError(400, f"response_format: {body['response_format']!r} is not sent on the WebSocket; its "
+                                f"frames are 16-bit PCM at the rate speech.started names: use pcm or leave it out",
+                           "response_format", "unsupported_format")
+    return parse(body, catalog)
+
+
 def _voice(given, spec) -> tuple[str, int]:
     """(voice, CSM speaker id) for the request's `voice`: left out, "default" or one of the preset's voices."""
     if isinstance(given, dict):   # OpenAI's custom-voice object
@@ -257,8 +272,9 @@ def new_request_id() -> str:
 
 class SpeechService:
     """Starts API requests through the page's own pieces, handed in where the app is built: `plan` (lab.planning's
-    door over the page's catalog: (names, text, seed, max_audio_s, runs, weights) -> Plan), the run loop (`run_presets`), the model's `line`, the `history`, the quality
-    `worker`, the `comparisons` clicks start too, and `background` (lab.serving.background.Background)."""
+    door over the page's catalog: (names, text, seed, max_audio_s, runs, weights) -> Plan), the run loop
+    (`run_presets`), the model's `line`, the `history`, the quality `worker`, the `comparisons` clicks start too,
+    and `background` (lab.serving.background.Background)."""
 
     def __init__(self, catalog, plan, run_presets, manager, line, history, quality, comparisons, background):
         self.catalog, self.plan, self.run_presets, self.manager = catalog, plan, run_presets, manager
