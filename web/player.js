@@ -165,6 +165,14 @@
     return performance.now() + (ctxTimeS - ctx.currentTime) * 1000 + outputLatencyS() * 1000;
   }
 
+  // Whether the device's output has reached context time ctxTimeS (getOutputTimestamp's contextTime is what is
+  // leaving the speakers now); without that API, whether currentTime less the output latency has.
+  function outputPassed(ctxTimeS) {
+    var ts = ctx.getOutputTimestamp ? ctx.getOutputTimestamp() : null;
+    if (ts && ts.contextTime > 0) return ts.contextTime >= ctxTimeS;
+    return ctx.currentTime - outputLatencyS() >= ctxTimeS;
+  }
+
   function jitterS() {
     var input = document.querySelector("#jitter-ms input");
     if (input && input.value !== "" && isFinite(Number(input.value))) lab.jitterMs = Math.max(0, Number(input.value));
@@ -315,11 +323,14 @@
     var heardCtxS = run.firstAudibleCtxS !== null ? run.firstAudibleCtxS : run.firstStartCtxS;
     var heardPerfMs = heardCtxS === null ? null : perfAtCtxTime(heardCtxS);
     var waitMs = heardPerfMs === null ? 0 : heardPerfMs - performance.now();
-    // Sent once the first audible sample has been played; a context that does not run (autoplay blocked)
-    // still gets its report, after a bound, marked with ctx_state.
-    if (waitMs > 0 && performance.now() - run.startPerfMs < HEARD_WAIT_LIMIT_MS) {
+    // Sent once the device's output has passed the first audible sample, and mapped to the page's clock with the
+    // output timestamp from after it: while the audio thread is starved (many pages on two cores) the timestamp
+    // pair stops moving, and an earlier one put the sound up to 366 ms too early (docs/RESULTS.md, "8 pages at
+    // once"). A context that does not run (autoplay blocked) still gets its report, after a bound, without a figure.
+    var notYetOut = heardCtxS !== null && !outputPassed(heardCtxS);
+    if ((waitMs > 0 || notYetOut) && performance.now() - run.startPerfMs < HEARD_WAIT_LIMIT_MS) {
       clearTimeout(run.timer);
-      run.timer = setTimeout(function () { maybeReport(slot, run); }, Math.min(waitMs + 5, 1000));
+      run.timer = setTimeout(function () { maybeReport(slot, run); }, Math.min(Math.max(waitMs, 10) + 5, 1000));
       return;
     }
     // A context that never ran played nothing: no heard figure rather than a made-up one.
