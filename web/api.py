@@ -42,6 +42,16 @@ def _framed(speech: Speech, sample_rate: int, pcm: bytes, first: bool) -> bytes:
     return speech_api.audio_delta(audio) if speech.stream_format == "sse" else audio
 
 
+def _begin(speech: Speech, service: SpeechService) -> tuple[asyncio.Queue, Stream, object]:
+    """Starts a request, POST's or the socket's: the queue this event loop reads its items from (the run loop's
+    thread hands them over), its Stream, and its comparison."""
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue = asyncio.Queue()
+    stream = Stream(speech, lambda item: loop.call_soon_threadsafe(items.put_nowait, item), to_int16_bytes,
+                    speech_api.new_request_id())
+    return items, stream, service.begin(speech, stream)
+
+
 def attach(app: FastAPI, service: SpeechService) -> None:
     """Adds the API's routes in front of the app's other routes, so a Gradio app mounted at "/" never takes them."""
     before = len(app.router.routes)
@@ -61,11 +71,7 @@ def attach(app: FastAPI, service: SpeechService) -> None:
             speech = speech_api.parse(body, service.catalog)
         except ApiError as e:
             return error_response(e)
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue = asyncio.Queue()
-        stream = Stream(speech, lambda item: loop.call_soon_threadsafe(items.put_nowait, item), to_int16_bytes,
-                        speech_api.new_request_id())
-        comparison = service.begin(speech, stream)
+        items, stream, comparison = _begin(speech, service)
         watcher = asyncio.create_task(_watch(request, comparison.cancel))
         refused = await asyncio.to_thread(comparison.wait_planned)
         if refused is not None:
@@ -155,11 +161,7 @@ async def _socket_request(websocket: WebSocket, text: str, service: SpeechServic
                                                      "invalid_json"))
     except ApiError as e:
         return await _send_error(websocket, e)
-    loop = asyncio.get_running_loop()
-    items: asyncio.Queue = asyncio.Queue()
-    stream = Stream(speech, lambda item: loop.call_soon_threadsafe(items.put_nowait, item), to_int16_bytes,
-                    speech_api.new_request_id())
-    comparison = service.begin(speech, stream)
+    items, stream, comparison = _begin(speech, service)
     watcher = asyncio.create_task(_watch_socket(websocket, comparison.cancel))
     try:
         refused = await asyncio.to_thread(comparison.wait_planned)
