@@ -78,7 +78,7 @@ class RemoteEngine(Engine):
         finally:
             conn.close()   # also how a cancelled or capped run tells the server to stop
 
-    def _open(self, request: Request, timeline: Timeline | None = None
+    def _open(self, request: Request, timeline: Timeline
               ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Sends the request; returns the connection and the response once its headers are in (status 200), else
         raises a LabError with the server's own message."""
@@ -89,14 +89,12 @@ class RemoteEngine(Engine):
         try:
             conn.request("POST", self.url.path.rstrip("/") + "/v1/audio/speech", json.dumps(body),
                          {"Content-Type": "application/json", "Accept": "audio/pcm"})
-            if timeline is not None:
-                timeline.mark("session")
+            timeline.mark("session")
             response = conn.getresponse()
         except OSError as e:
             conn.close()
             raise unreachable(self.spec.endpoint, e) from e
-        if timeline is not None:
-            timeline.mark("prefill")
+        timeline.mark("prefill")
         if response.status != 200:
             message = server_message(response.read())
             conn.close()
@@ -161,7 +159,7 @@ def build(spec: VariantSpec, progress) -> RemoteEngine:
     engine = RemoteEngine(spec, OPENAI_PCM_RATE, rate_named=False)
 
     def warm_up():   # read to its end, so the server finishes it rather than seeing a client go
-        conn, response = engine._open(Request("Warm up."))
+        conn, response = engine._open(Request("Warm up."), Timeline())
         try:
             rate = response.getheader("X-Sample-Rate")
             while response.read1(READ_BYTES):
